@@ -1,0 +1,51 @@
+"""The ``itpn-ds`` console script.
+
+Each subcommand lives in a module that defines ``add_arguments(parser, command)`` and ``main(args) -> int``
+(``args.command`` holds the subcommand name, so one module can serve several subcommands).
+Modules are imported only when their subcommand runs, so ``itpn-ds --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make-shards": ("data_tools.make_shards", "preprocess images into WebDataset shards + DALI index + manifest"),
+    "verify-shards": ("data_tools.verify_shards", "check shard checksums, sample counts and index files"),
+    "extract-teacher": ("data_tools.extract_teacher", "compute CLIP targets for K views per image into Arrow files"),
+    "plan-cache": ("data_tools.plan_cache", "bytes and files a teacher cache needs"),
+    "plan-scaling": ("itpn_ds.scaling", "memory and throughput plan for a model at a GPU count"),
+    "pretrain": ("itpn_ds.engine.commands", "iTPN pre-training on DeepSpeed"),
+    "finetune": ("itpn_ds.engine.commands", "fine-tune a classifier on DeepSpeed"),
+    "evaluate": ("itpn_ds.engine.commands", "top-1/top-5 evaluation of a checkpoint"),
+    "export": ("itpn_ds.engine.commands", "export a checkpoint to one safetensors file + JSON metadata"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="itpn-ds", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints help or the "invalid choice" error and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"itpn-ds {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub, name)
+    args = sub.parse_args(rest)
+    args.command = name
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
