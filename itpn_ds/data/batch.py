@@ -18,6 +18,8 @@ class Batch:
     view_ids:        (B,) int64 view id of each sample (pre-training).
     teacher_images:  (B, 3, R, R) float32 RGB in [0, 1] at the teacher's resolution (online teacher only).
     targets:         (B, T, D) float32 cached teacher targets (cached teacher only).
+    valid:           (B,) bool; False marks padding that fills the epoch's last step so that every rank
+                     takes the same number of steps. Losses and metrics ignore padded samples.
     """
 
     images: torch.Tensor
@@ -27,6 +29,7 @@ class Batch:
     view_ids: torch.Tensor | None = None
     teacher_images: torch.Tensor | None = None
     targets: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
