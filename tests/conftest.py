@@ -5,6 +5,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = [
+    "tests.fixtures.mlflow",
     "tests.fixtures.images",
     "tests.fixtures.teacher",
 ]
