@@ -6,6 +6,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = [
     "tests.fixtures.mlflow",
+    "tests.fixtures.slurm",
     "tests.fixtures.images",
     "tests.fixtures.teacher",
 ]
