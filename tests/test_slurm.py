@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -23,3 +24,35 @@ def test_allreduce_check_runs_one_rank_per_node_through_the_sbatch_script(slurm_
     assert {r["node"] for r in reports} == {"c1", "c2"}
     assert all(r["launcher"] == "slurm" and r["world_size"] == 2 and r["sum"] == 3.0 for r in reports)
     assert len({r["master"] for r in reports}) == 1  # every task derived the same rendezvous
+
+
+def test_usr1_stops_all_ranks_together_then_the_job_requeues_itself_and_resumes(slurm_cluster, tmp_path):
+    """The launch layer's preemption round trip, with a second USR1 arriving while the ranks stop."""
+    state, out = tmp_path / "state", tmp_path / "ranks"
+    state.mkdir()
+    job = slurm_cluster.sbatch(SLURM / "allreduce_check.sbatch", "--steps", "60", "--step-seconds", "0.2",
+                               "--state", str(state), "--out", str(out),
+                               options=("-N", "2", "--ntasks-per-node", "1", f"--output={tmp_path}/%j.out"))
+    log = tmp_path / f"{job}.out"
+    deadline = time.monotonic() + 90
+    while not (out / "rank0.json").exists() and time.monotonic() < deadline:  # the ranks are in the loop
+        time.sleep(0.2)
+    assert (out / "rank0.json").exists(), log.read_text() if log.exists() else "no log"
+    slurm_cluster.scancel("--batch", "--signal=USR1", job)
+    slurm_cluster.scancel("--batch", "--signal=USR1", job)
+
+    pending = slurm_cluster.wait_state(job, {"PENDING"}, timeout_s=60)  # requeued by the batch script
+    assert pending["Restarts"] == "1", log.read_text()
+    stopped_at = json.loads((state / "step.json").read_text())["step"]
+    assert 0 < stopped_at < 60 and not (state / "done.json").exists()
+    slurm_cluster.scontrol("update", f"jobid={job}", "StartTime=now")  # skip SLURM's requeue delay
+
+    info = slurm_cluster.wait_done(job, timeout_s=120)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    assert json.loads((state / "done.json").read_text()) == {"resumed_from": stopped_at, "steps": 60}
+    assert text.count('"preempted_at"') == 2  # both ranks stopped, at the same step
+    assert {json.loads(line)["preempted_at"] for line in text.splitlines() if '"preempted_at"' in line} == {
+        stopped_at}
+    assert "requeueing job" in text
+    assert [json.loads(p.read_text())["restart"] for p in sorted(out.glob("rank*.json"))] == [1, 1]

@@ -13,8 +13,8 @@
 #    which resumes from the run directory. Any other code is the job's exit code.
 #
 # Environment knobs (see docs/launch.md): ITPN_DS_PYTHON, ITPN_DS_MAX_REQUEUES, ITPN_DS_STEP_WAIT_S,
-# ITPN_DS_SRUN_ARGS, and the usual OMP_NUM_THREADS, NCCL_*, DS_ACCELERATOR, MASTER_ADDR/MASTER_PORT (these
-# two override the derived rendezvous).
+# ITPN_DS_SRUN_ARGS, ITPN_DS_REQUEUE_EXIT_CODE (for a program other than the engine), and the usual
+# OMP_NUM_THREADS, NCCL_*, DS_ACCELERATOR, MASTER_ADDR/MASTER_PORT (these two override the rendezvous).
 
 ITPN_STEP_PID=""
 ITPN_USR1_PENDING=0
@@ -50,6 +50,7 @@ itpn_setup_env() {
 }
 
 itpn_requeue_exit_code() {  # the engine's documented "checkpoint saved, please requeue" exit status
+  if [ -n "${ITPN_DS_REQUEUE_EXIT_CODE:-}" ]; then echo "$ITPN_DS_REQUEUE_EXIT_CODE"; return; fi
   "$PY" -c 'from itpn_ds.engine.preemption import PREEMPTED_EXIT_CODE; print(PREEMPTED_EXIT_CODE)'
 }
 
