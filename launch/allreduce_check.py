@@ -8,6 +8,8 @@ With ``--steps N --state DIR`` it runs N all-reduce steps and checks the signal 
 a long job trusts it: SIGUSR1 on any rank sets a flag, the ranks agree at the next step (an all-reduce of
 the flag), rank 0 records the step in DIR atomically, and every rank exits with ``--preempted-exit-code``,
 which the sbatch scripts answer with a requeue; the requeued job starts again from the recorded step.
+With ``--tracking-dir DIR`` rank 0 also logs each step to MLflow (``$MLFLOW_TRACKING_URI``, else a sqlite
+file in DIR): the requeued job must continue the same MLflow run.
 
     sbatch -N 2 --ntasks-per-node 8 --gpus-per-node 8 launch/slurm/allreduce_check.sbatch
 """
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from itpn_ds.distributed import DistEnv, detect, export
+from itpn_ds.tracking import NoOpTracker, Tracker, TrackingConfig, build_tracker
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--step-seconds", type=float, default=0.5, help="pause between steps")
     parser.add_argument("--state", type=Path, default=None, help="where the preemption check records its step")
     parser.add_argument("--preempted-exit-code", type=int, default=85)
+    parser.add_argument("--tracking-dir", type=Path, default=None, help="log the steps to MLflow (rank 0)")
     args = parser.parse_args()
     if args.steps and args.state is None:
         parser.error("--steps needs --state")
@@ -49,10 +53,9 @@ def all_reduce_sum(value: float, device: str) -> float:
     return tensor.item()
 
 
-def run_steps(args: argparse.Namespace, env: DistEnv, device: str) -> int:
-    """The preemption round trip; returns the process exit status."""
-    requested = []
-    signal.signal(signal.SIGUSR1, lambda signum, frame: requested.append(signum))
+def run_steps(args: argparse.Namespace, env: DistEnv, device: str, tracker: Tracker,
+              requested: list[int]) -> int:
+    """The preemption round trip (``requested`` fills up with the signals received); returns the exit status."""
     state_file = args.state / "step.json"
     start = json.loads(state_file.read_text())["step"] if state_file.exists() else 0
     for step in range(start, args.steps):
@@ -63,8 +66,11 @@ def run_steps(args: argparse.Namespace, env: DistEnv, device: str) -> int:
                 os.replace(tmp, state_file)
             dist.barrier()
             print(json.dumps({"rank": env.rank, "preempted_at": step}), flush=True)
+            tracker.close("KILLED")
             return args.preempted_exit_code
+        tracker.log_metrics({"check/step": float(step)}, step)
         time.sleep(args.step_seconds)
+    tracker.close("FINISHED")
     if env.is_main:
         (args.state / "done.json").write_text(json.dumps({"resumed_from": start, "steps": args.steps}))
     return 0
@@ -72,6 +78,9 @@ def run_steps(args: argparse.Namespace, env: DistEnv, device: str) -> int:
 
 def main() -> int:
     args = parse_args()
+    requested: list[int] = []
+    if args.steps:  # from the start: USR1's default action would kill the process
+        signal.signal(signal.SIGUSR1, lambda signum, frame: requested.append(signum))
     env = detect()
     export(env)
     use_cuda = torch.cuda.is_available()
@@ -90,7 +99,14 @@ def main() -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"rank{env.rank}.json").write_text(json.dumps(report))
-    status = 1 if total != expected else run_steps(args, env, device) if args.steps else 0
+    if total != expected:
+        status = 1
+    elif args.steps:
+        tracker = NoOpTracker() if args.tracking_dir is None else build_tracker(
+            TrackingConfig(experiment="allreduce-check"), env.rank, args.tracking_dir, env)
+        status = run_steps(args, env, device, tracker, requested)
+    else:
+        status = 0
     dist.destroy_process_group()
     return status
 

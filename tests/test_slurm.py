@@ -5,11 +5,24 @@ import json
 import time
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.fixtures.slurm import REPO
 
 pytestmark = pytest.mark.slurm
 SLURM = REPO / "launch" / "slurm"
+
+
+def wait_for(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return condition()
+
+
+def steps_logged(journal) -> int:
+    """Steps rank 0 has handed to its tracker so far (lines of the tracking journal)."""
+    return journal.read_text().count('"check/step"') if journal.exists() else 0
 
 
 def test_allreduce_check_runs_one_rank_per_node_through_the_sbatch_script(slurm_cluster, tmp_path):
@@ -27,32 +40,38 @@ def test_allreduce_check_runs_one_rank_per_node_through_the_sbatch_script(slurm_
 
 
 def test_usr1_stops_all_ranks_together_then_the_job_requeues_itself_and_resumes(slurm_cluster, tmp_path):
-    """The launch layer's preemption round trip, with a second USR1 arriving while the ranks stop."""
-    state, out = tmp_path / "state", tmp_path / "ranks"
+    """The launch layer's preemption round trip, a second USR1 arriving while the ranks stop, and the
+    requeued job continuing the same MLflow run (sqlite store in the run directory)."""
+    state, out, run_dir = tmp_path / "state", tmp_path / "ranks", tmp_path / "run"
     state.mkdir()
-    job = slurm_cluster.sbatch(SLURM / "allreduce_check.sbatch", "--steps", "60", "--step-seconds", "0.2",
-                               "--state", str(state), "--out", str(out),
+    job = slurm_cluster.sbatch(SLURM / "allreduce_check.sbatch", "--steps", "40", "--step-seconds", "0.2",
+                               "--state", str(state), "--out", str(out), "--tracking-dir", str(run_dir),
                                options=("-N", "2", "--ntasks-per-node", "1", f"--output={tmp_path}/%j.out"))
     log = tmp_path / f"{job}.out"
-    deadline = time.monotonic() + 90
-    while not (out / "rank0.json").exists() and time.monotonic() < deadline:  # the ranks are in the loop
-        time.sleep(0.2)
-    assert (out / "rank0.json").exists(), log.read_text() if log.exists() else "no log"
+    journal = run_dir / "tracking" / "journal.jsonl"
+    assert wait_for(lambda: steps_logged(journal) >= 3, timeout_s=90), log.read_text() if log.exists() else ""
     slurm_cluster.scancel("--batch", "--signal=USR1", job)
     slurm_cluster.scancel("--batch", "--signal=USR1", job)
 
     pending = slurm_cluster.wait_state(job, {"PENDING"}, timeout_s=60)  # requeued by the batch script
     assert pending["Restarts"] == "1", log.read_text()
     stopped_at = json.loads((state / "step.json").read_text())["step"]
-    assert 0 < stopped_at < 60 and not (state / "done.json").exists()
+    assert 0 < stopped_at < 40 and not (state / "done.json").exists()
     slurm_cluster.scontrol("update", f"jobid={job}", "StartTime=now")  # skip SLURM's requeue delay
 
     info = slurm_cluster.wait_done(job, timeout_s=120)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
-    assert json.loads((state / "done.json").read_text()) == {"resumed_from": stopped_at, "steps": 60}
-    assert text.count('"preempted_at"') == 2  # both ranks stopped, at the same step
-    assert {json.loads(line)["preempted_at"] for line in text.splitlines() if '"preempted_at"' in line} == {
-        stopped_at}
+    assert json.loads((state / "done.json").read_text()) == {"resumed_from": stopped_at, "steps": 40}
+    stops = [json.loads(line)["preempted_at"] for line in text.splitlines() if '"preempted_at"' in line]
+    assert stops == [stopped_at, stopped_at]  # both ranks, the same step
     assert "requeueing job" in text
     assert [json.loads(p.read_text())["restart"] for p in sorted(out.glob("rank*.json"))] == [1, 1]
+
+    record = json.loads((run_dir / "tracking" / "run.json").read_text())
+    client = MlflowClient(record["tracking_uri"])
+    run = client.get_run(record["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["slurm_restart_count"] == "1"
+    assert run.data.tags["slurm_job_id"] == job and run.data.tags["world_size"] == "2"
+    assert [m.step for m in client.get_metric_history(record["run_id"], "check/step")] == list(range(40))
+    assert len(client.search_runs([run.info.experiment_id])) == 1
