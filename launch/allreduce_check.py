@@ -2,7 +2,8 @@
 
 Runs under any launcher ``itpn_ds.distributed.detect`` knows (srun, torchrun, deepspeed). Backend: nccl
 with CUDA, gloo otherwise. Each rank prints one JSON line (rank, local rank, world, master, node, sum);
-with ``--out DIR`` it also writes ``DIR/rank<r>.json``. Exit status 1 if a sum is wrong.
+with ``--out DIR`` it also writes ``DIR/rank<r>.json`` (``DIR/task<i>-rank<r>.json`` in array task i).
+Exit status 1 if a sum is wrong.
 
 With ``--steps N --state DIR`` it runs N all-reduce steps and checks the signal path of a cluster before
 a long job trusts it: SIGUSR1 on any rank sets a flag, the ranks agree at the next step (an all-reduce of
@@ -98,7 +99,9 @@ def main() -> int:
     print(json.dumps(report), flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"rank{env.rank}.json").write_text(json.dumps(report))
+        array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        prefix = f"task{array_task}-" if array_task is not None else ""
+        (args.out / f"{prefix}rank{env.rank}.json").write_text(json.dumps(report))
     if total != expected:
         status = 1
     elif args.steps:

@@ -75,3 +75,19 @@ def test_usr1_stops_all_ranks_together_then_the_job_requeues_itself_and_resumes(
     assert run.data.tags["slurm_job_id"] == job and run.data.tags["world_size"] == "2"
     assert [m.step for m in client.get_metric_history(record["run_id"], "check/step")] == list(range(40))
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_array_tasks_each_get_their_own_rendezvous(slurm_cluster, tmp_path):
+    """Two array tasks of two ranks each, side by side: separate worlds, separate ports, all sums right."""
+    out = tmp_path / "ranks"
+    job = slurm_cluster.sbatch(SLURM / "allreduce_check.sbatch", "--out", str(out),
+                               options=("--array=0-1", "-N", "1", "--ntasks-per-node", "2",
+                                        f"--output={tmp_path}/%A_%a.out"))
+    for task in (0, 1):
+        info = slurm_cluster.wait_done(f"{job}_{task}", timeout_s=120)
+        assert info["JobState"] == "COMPLETED", (tmp_path / f"{job}_{task}.out").read_text()
+    reports = {p.name: json.loads(p.read_text()) for p in out.glob("task*-rank*.json")}
+    assert sorted(reports) == ["task0-rank0.json", "task0-rank1.json", "task1-rank0.json", "task1-rank1.json"]
+    assert all(r["world_size"] == 2 and r["sum"] == 3.0 for r in reports.values())
+    masters = {name[:5]: r["master"] for name, r in reports.items()}
+    assert masters["task0"] != masters["task1"]
