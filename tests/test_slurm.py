@@ -57,7 +57,7 @@ def test_usr1_stops_all_ranks_together_then_the_job_requeues_itself_and_resumes(
     assert pending["Restarts"] == "1", log.read_text()
     stopped_at = json.loads((state / "step.json").read_text())["step"]
     assert 0 < stopped_at < 40 and not (state / "done.json").exists()
-    slurm_cluster.scontrol("update", f"jobid={job}", "StartTime=now")  # skip SLURM's requeue delay
+    slurm_cluster.release_requeued(job)
 
     info = slurm_cluster.wait_done(job, timeout_s=120)
     text = log.read_text()
