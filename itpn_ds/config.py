@@ -1,0 +1,451 @@
+"""Typed run configuration: dataclasses per component, YAML recipes over the defaults, dotted overrides.
+
+A run is described by :class:`RunConfig`. A recipe is a YAML file holding only what differs from the
+defaults (``itpn_ds/recipes/NAME.yaml``, or any path); ``key=value`` overrides with dotted keys
+(``optim.lr=1e-3``, ``data.micro_batch=32``) are applied on top, values parsed as YAML. Unknown keys and
+values of the wrong type are rejected with the full dotted key. The resolved configuration is written
+into the run directory (``config.yaml``) so a run can be repeated from it alone.
+
+The generic machinery (``from_dict``, ``to_dict``, ``apply_overrides``) works on any dataclass, so the
+components' own configs (``TrackingConfig``) compose in without change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from itpn_ds.tracking.config import TrackingConfig
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+TASKS = ("pretrain", "finetune")
+OBJECTIVES = ("clip", "pixel")
+TEACHER_MODES = ("cache", "online")
+PRECISIONS = ("bf16", "fp16", "fp32")
+CHECKPOINTING_POLICIES = ("off", "every", "every_k")
+OPTIMIZERS = ("auto", "adamw", "fused_adam", "cpu_adam")
+RESUME_POLICIES = ("auto", "never")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: names the file or key and what is wrong."""
+
+
+@dataclass
+class ModelConfig:
+    """The network. ``name`` is a timm model name registered by ``itpn_ds.models``; ``kwargs`` go to
+    ``timm.create_model`` (e.g. ``img_size``, ``embed_dim``, ``depth``, ``teacher_dim``, ``num_classes``).
+
+    grad_checkpointing: activation checkpointing of backbone and pyramid blocks: ``off``, ``every`` block,
+                        or ``every_k`` (every ``checkpoint_every_k``-th block).
+    """
+
+    name: str = "clip_tpn_base_3324_patch16_224"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    drop_path_rate: float = 0.1
+    grad_checkpointing: str = "off"
+    checkpoint_every_k: int = 2
+
+    def __post_init__(self) -> None:
+        _check_choice("model.grad_checkpointing", self.grad_checkpointing, CHECKPOINTING_POLICIES)
+        if self.checkpoint_every_k < 1:
+            raise ConfigError(f"model.checkpoint_every_k must be >= 1, got {self.checkpoint_every_k}")
+
+
+@dataclass
+class DataConfig:
+    """Where the samples come from and how they are batched (the loader builder reads the rest).
+
+    shards:       directory with the shard manifest (``itpn-ds make-shards`` output) for training.
+    val_shards:   same for evaluation (fine-tuning / evaluate); empty: no evaluation.
+    micro_batch:  samples per rank per forward/backward.
+    num_threads:  DALI CPU threads per rank.
+    loader:       ``dali`` or ``torch`` (the PyTorch fallback loader).
+    options:      extra keyword arguments of the data side's loader configuration.
+    """
+
+    shards: str = ""
+    val_shards: str = ""
+    micro_batch: int = 32
+    num_threads: int = 2
+    loader: str = "dali"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.micro_batch < 1:
+            raise ConfigError(f"data.micro_batch must be >= 1, got {self.micro_batch}")
+        _check_choice("data.loader", self.loader, ("dali", "torch"))
+
+
+@dataclass
+class TeacherConfig:
+    """CLIP targets for pre-training: from the Arrow cache (default) or computed online.
+
+    cache:       teacher cache directory (``itpn-ds extract-teacher`` output), mode ``cache``.
+    checkpoint:  CLIP checkpoint file, mode ``online``.
+    arch:        open_clip architecture name (``ViT-L-14``) or a model-config JSON path.
+    resolution:  teacher input size in pixels (196 for ViT-L/14 against a 224 student).
+    """
+
+    mode: str = "cache"
+    cache: str = ""
+    checkpoint: str = ""
+    arch: str = "ViT-L-14"
+    resolution: int = 196
+
+    def __post_init__(self) -> None:
+        _check_choice("teacher.mode", self.mode, TEACHER_MODES)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with per-step cosine schedules of lr and weight decay after a linear lr warmup.
+
+    lr is the peak rate for the actual global batch (no implicit scaling). ``layer_decay`` < 1 scales the
+    lr of layer i by ``layer_decay ** (num_layers - i)`` (fine-tuning). ``clip_grad`` 0 disables clipping.
+    ``optimizer`` ``auto`` picks FusedAdam on CUDA, DeepSpeedCPUAdam with optimizer offload, torch AdamW
+    otherwise.
+    """
+
+    optimizer: str = "auto"
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 10.0
+    warmup_steps: int = -1
+    weight_decay: float = 0.05
+    weight_decay_end: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    layer_decay: float = 1.0
+    clip_grad: float = 3.0
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas must hold two numbers, got {self.betas}")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.clip_grad < 0:
+            raise ConfigError(f"optim.clip_grad must be >= 0 (0 = off), got {self.clip_grad}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed JSON (``ds_configs/zero2.json`` or a path) and the run values that fill its "auto"s.
+
+    precision:   ``bf16``, ``fp16`` (dynamic loss scaling) or ``fp32``; must agree with the JSON where the
+                 JSON sets one explicitly.
+    zero_stage:  -1 keeps the JSON's stage; 0-3 overrides it (a JSON with a different explicit stage is
+                 an error only when it also says ``"stage"`` differently and this is set).
+    """
+
+    config: str = "zero2"
+    precision: str = "bf16"
+    zero_stage: int = -1
+
+    def __post_init__(self) -> None:
+        _check_choice("deepspeed.precision", self.precision, PRECISIONS)
+        if self.zero_stage not in (-1, 0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage must be -1 (from the JSON) or 0-3, got {self.zero_stage}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Length and batching of the run.
+
+    epochs:      passes over the training set; ``max_steps`` > 0 stops earlier (optimizer steps).
+    grad_accum:  micro-batches per optimizer step; global batch = micro_batch x grad_accum x world size.
+    """
+
+    epochs: int = 300
+    max_steps: int = -1
+    grad_accum: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"schedule.epochs must be >= 1, got {self.epochs}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"schedule.grad_accum must be >= 1, got {self.grad_accum}")
+
+
+@dataclass
+class PretrainConfig:
+    """Pre-training objective. ``clip``: SmoothL1 (beta ``smooth_l1_beta``) between teacher targets and
+    both main and auxiliary outputs over all tokens, loss = main + aux_weight x aux. ``pixel``: the pixel
+    model's own normalized-pixel loss on masked patches."""
+
+    objective: str = "clip"
+    smooth_l1_beta: float = 2.0
+    aux_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_choice("pretrain.objective", self.objective, OBJECTIVES)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning specifics.
+
+    init:            a checkpoint to start from: a run directory / checkpoint directory of our pre-training
+                     (any ZeRO stage and world size), an exported ``.safetensors``, or an official ``.pth``.
+    mixup, cutmix:   timm Mixup alphas (0 disables); label_smoothing applies with or without them.
+    ema_decay:       0 disables the exponential moving average of the weights; it is evaluated too.
+    eval_every_epochs: top-1/top-5 on ``data.val_shards`` every this many epochs and at the end.
+    """
+
+    init: str = ""
+    num_classes: int = 1000
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.0
+    eval_every_epochs: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under ``<run_dir>/checkpoints``: every ``every_steps`` optimizer steps (0: only at the
+    end and on preemption), the last ``keep_last`` kept. ``resume``: ``auto`` continues from the latest
+    checkpoint of the run directory when there is one, ``never`` refuses a run directory that has one."""
+
+    every_steps: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("checkpoint.resume", self.resume, RESUME_POLICIES)
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class NonFiniteConfig:
+    """A step whose loss or gradient norm is not finite is skipped; after ``max_consecutive`` such steps in
+    a row the run rolls back to the last good checkpoint and skips the batches that caused them."""
+
+    max_consecutive: int = 3
+    max_rollbacks: int = 5
+
+
+@dataclass
+class TelemetryConfig:
+    """Per-step metrics. ``peak_tflops`` is one device's dense peak (bf16 on a GPU) for MFU; 0 looks it
+    up from the device name (H100/H200/A100), and on the CPU MFU is not reported unless it is given."""
+
+    log_every: int = 10
+    peak_tflops: float = 0.0
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests and drills (real code paths, never on in recipes).
+
+    inject_nan_at_steps: optimizer steps (1-based, counted over the whole run) whose loss is made NaN.
+    kill_at_step:        [rank, step]: that rank SIGKILLs itself before the given optimizer step.
+    """
+
+    inject_nan_at_steps: list[int] = field(default_factory=list)
+    kill_at_step: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kill_at_step and len(self.kill_at_step) != 2:
+            raise ConfigError(f"debug.kill_at_step must be [rank, step], got {self.kill_at_step}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one ``itpn-ds pretrain|finetune|evaluate`` run needs."""
+
+    task: str = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(enabled=False))
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("task", self.task, TASKS)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A recipe name (``itpn_base_clip_l_pretrain``) or a YAML path -> an existing file."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} does not exist")
+        return path
+    packaged = RECIPES_DIR / f"{recipe}.yaml"
+    if not packaged.is_file():
+        names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise ConfigError(f"no recipe named {recipe!r}; packaged recipes: {', '.join(names)}")
+    return packaged
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults <- recipe YAML <- ``key=value`` overrides, validated into a :class:`RunConfig`."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if recipe:
+        path = recipe_path(recipe)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(loaded).__name__}")
+        data = loaded or {}
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source} (+ overrides {list(overrides)}): {exc}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["optim.lr=1e-3", "debug.inject_nan_at_steps=[3]"]`` set into a nested dict (values as YAML)."""
+    out = _deepcopy_dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (dotted key, e.g. optim.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys{' of ' + prefix if prefix else ''}: "
+                          f"{', '.join(names)}")
+    kwargs = {name: _coerce(hints[name], value, _join(prefix, name)) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain YAML-safe values (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write the resolved configuration as YAML (loadable again with ``load_config(path)``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value if value is not None else {}, key)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        item_hints = args[:1] if origin is list or (len(args) == 2 and args[1] is Ellipsis) else args
+        if origin is tuple and item_hints is args and len(args) != len(value):
+            raise ConfigError(f"{key} must hold {len(args)} values, got {list(value)}")
+        items = [_coerce(item_hints[min(i, len(item_hints) - 1)], v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _deepcopy_dict(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy_dict(v) if isinstance(v, dict) else v for k, v in data.items()}
