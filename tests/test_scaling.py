@@ -92,3 +92,114 @@ def test_checkpointing_keeps_only_block_inputs_and_adds_one_recompute():
     assert none.saved == 4 * per_block and none.recompute == 0 and none.working == per_block
     assert every.saved == 4 * 2 * 10 * 4 * 2 and every.recompute == per_block
     assert math.isclose(none.peak, 5 * per_block)
+
+
+# ---- the activation model against the bytes autograd really saves --------------------------------------------
+
+TOLERANCE = 0.15
+# Small real models from timm with the same block anatomy as iTPN's main blocks: ViT (fused CPU attention)
+# and BEiT (relative position bias and layer scale; the bias needs a gradient, so the CPU takes the math path).
+VALIDATION_MODELS = [
+    ("vit_tiny_patch16_224", dict(img_size=96, embed_dim=128, depth=4, num_heads=4, init_values=0.1), 96, "cpu"),
+    ("beit_base_patch16_224", dict(img_size=64, embed_dim=128, depth=4, num_heads=4, init_values=0.1), 64, "math"),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, image_size, kernel", VALIDATION_MODELS, ids=[m[0] for m in VALIDATION_MODELS])
+@pytest.mark.parametrize("policy", ["none", "every-2", "every"])
+def test_activation_model_matches_measured_saved_bytes(name, kwargs, image_size, kernel, policy):
+    import timm
+
+    from itpn_ds.scaling.spec import example_forward, find_blocks, trace
+    from itpn_ds.scaling.validate import checkpointed, saved_bytes
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, drop_path_rate=0.1, **kwargs).train()  # fp32 on the CPU
+    blocks, other, _ = trace(model, example_forward(model, image_size, batch=1))
+    checkpoint = CheckpointPolicy.parse(policy)
+    batch = 4
+    forward = example_forward(model, image_size, batch=batch)
+    with checkpointed([block for _, block in find_blocks(model)], checkpoint):
+        measured = saved_bytes(model, lambda: forward().sum())
+    modelled = activation_bytes(blocks, other, batch, checkpoint, dtype_bytes=4, kernel=kernel).saved
+    assert abs(modelled - measured) <= TOLERANCE * measured, (modelled, measured)
+
+
+def test_checkpointing_is_measured_not_assumed():
+    """The measurement sees checkpointing: every block checkpointed saves far less than none."""
+    import timm
+
+    from itpn_ds.scaling.spec import example_forward, find_blocks
+    from itpn_ds.scaling.validate import checkpointed, saved_bytes
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, embed_dim=64, depth=2, num_heads=2).train()
+    forward = example_forward(model, 64, batch=2)
+    plain = saved_bytes(model, lambda: forward().sum())
+    with checkpointed([block for _, block in find_blocks(model)], CheckpointPolicy(1)):
+        every = saved_bytes(model, lambda: forward().sum())
+    assert every < plain / 2
+    assert not any("forward" in vars(block) for _, block in find_blocks(model))  # unwrapped afterwards
+
+
+# ---- counts from the real module, and the CLI -------------------------------------------------------------
+
+def test_spec_counts_equal_the_real_module():
+    import timm
+
+    from itpn_ds.scaling.spec import student_spec
+
+    kwargs = dict(img_size=96, embed_dim=128, depth=3, num_heads=4)
+    spec = student_spec("vit_tiny_patch16_224", 96, **kwargs)
+    real = timm.create_model("vit_tiny_patch16_224", **kwargs)
+    assert spec.n_params == sum(p.numel() for p in real.parameters())
+    assert [b.tokens for b in spec.blocks] == [37] * 3  # 6 x 6 patches + class token
+    assert spec.largest_block_params == sum(p.numel() for p in real.blocks[0].parameters())
+    assert spec.recompute_flops(CheckpointPolicy(1)) == sum(b.forward_flops for b in spec.blocks)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from itpn_ds.cli import main
+
+    code = main(["plan-scaling", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+SMALL = ("--model", "vit_base_patch16_224", "--zero", "1", "3", "--checkpoint", "none", "every")
+
+
+def test_cli_prints_a_table_and_writes_json(capsys, tmp_path):
+    out_json = tmp_path / "plan.json"
+    code, out, _ = run_cli(capsys, *SMALL, "--gpus", "64", "256", "--show", "all", "--json", str(out_json))
+    assert code == 0
+    assert "| GPUs | ZeRO | ckpt | micro |" in out
+    import json
+
+    rows = json.loads(out_json.read_text())["rows"]
+    assert {r["gpus"] for r in rows} == {64, 256}
+    for r in rows:
+        assert r["global_batch"] == r["micro_batch"] * r["gpus"] * r["accum_steps"] == 2048
+        assert r["steps_per_epoch"] == math.ceil(1_281_167 / 2048)
+        assert r["fits"] == (r["bytes"]["total"] <= r["bytes"]["capacity"])
+
+
+def test_cli_best_and_largest(capsys):
+    code, out, _ = run_cli(capsys, *SMALL, "--gpus", "64", "--show", "best")
+    assert code == 0 and out.count("| 64 |") == 1
+    code, out, _ = run_cli(capsys, *SMALL, "--gpus", "64", "--show", "largest", "--gpu-memory-gib", "20")
+    assert code == 0 and out.count("| 64 |") == 4  # one row per (stage, policy)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--model", "no_such_model_224"), "unknown model"),
+        (("--gpus", "0"), "GPU count must be >= 1"),
+        (("--gpus", "64", "--micro-batch", "3"), "divides the global batch"),
+        (("--checkpoint", "sometimes"), "checkpoint policy"),
+        (("--utilization", "1.5"), "utilization"),
+    ],
+)
+def test_cli_rejects_bad_input_clearly(capsys, argv, message):
+    code, _, err = run_cli(capsys, *SMALL, *argv)
+    assert code == 2 and message in err

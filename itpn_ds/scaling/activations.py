@@ -13,9 +13,10 @@ Counted per image in elements of the activation dtype (bf16 on GPU), from what e
   The relative position bias is one ``(heads, s, s)`` tensor per block shared by the whole batch.
   ``kernel`` names the path: ``cuda`` (flash / memory-efficient; the output is laid out (B, s, heads,
   head_dim), so ``proj`` saves a view of it), ``cpu`` (CPU flash: the output is (B, heads, s, head_dim), so
-  ``proj`` saves a contiguous copy) and ``math`` (the path taken with a bias that needs a gradient on the
-  CPU: the ``(heads, s, s)`` probabilities, scaled copies of q and k and the output copy, no log-sum-exp).
-  The tests measure the ``cpu`` and ``math`` paths; ``cuda`` differs from ``cpu`` only by the copy.
+  ``proj`` saves a contiguous copy as well) and ``math`` (the path taken on the CPU with a bias that needs a
+  gradient: copies of q, k, v instead of the qkv storage, the ``(heads, s, s)`` probabilities instead of
+  the log-sum-exp and the bias, and the output copy). The tests measure the ``cpu`` and ``math`` paths;
+  ``cuda`` differs from ``cpu`` by the copy only.
 
 A checkpointed block keeps only its input (the recompute source). Backward then needs, besides what is
 saved, a working set: the gradients of one block's tensors, and with checkpointing that block's
@@ -116,14 +117,18 @@ def block_saved(block: BlockShape, kernel: AttentionKernel, dtype_bytes: int) ->
     fp32 = 2 * s  # norm statistics
     fixed = 0
     if block.kind == "attention":
-        elements += s * ((2 + ls) * c + 3 * c + c)  # norm in/out, gamma input, qkv, attention output
+        # norm in/out, gamma input; then q, k, v (one qkv storage, or the math path's three copies) and the
+        # attention output that proj saves
+        elements += s * ((2 + ls) * c + 3 * c + c)
         fp32 += 2 * s + _logsumexp_elements(s, block.heads, kernel)
-        if kernel != "cuda":
-            elements += s * c  # contiguous copy of the attention output for proj
+        if kernel == "cpu":
+            elements += s * c  # CPU flash keeps its (B, heads, s, hd) output and proj a contiguous copy
         if kernel == "math":
-            elements += block.heads * s * s + 2 * s * c  # probabilities; scaled copies of q and k
+            elements += block.heads * s * s  # the probabilities
         if block.relative_position_bias:
-            fixed += block.heads * s * s * dtype_bytes + s * s * INDEX_BYTES
+            fixed += s * s * INDEX_BYTES  # the gather index into the bias table
+            if kernel != "math":
+                fixed += block.heads * s * s * dtype_bytes  # the bias, an input the fused kernel saves
     return elements * dtype_bytes + fp32 * FP32_BYTES, fixed
 
 
