@@ -1,0 +1,222 @@
+"""Checkpoints of a run directory: atomic publication, keep-last-k, auto-resume, resharding.
+
+Layout under ``<run_dir>/checkpoints``::
+
+    step_00000120/              one checkpoint (a DeepSpeed tag directory)
+        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's engine state (any ZeRO stage)
+        rank00000.pt ...        per rank: RNG states (python, numpy, torch CPU/CUDA), loader position
+        meta.json               step, epoch, trainer counters, world size, ZeRO stage, precision, model
+    latest                      the tag of the newest complete checkpoint (one line)
+    .tmp-step_00000140/         a save in progress (never read; removed at the next start)
+
+A save writes everything into ``.tmp-<tag>``, all ranks barrier, then rank 0 renames the directory to
+``<tag>`` and replaces ``latest`` through a temporary file and ``os.replace``. A crash or SIGKILL at any
+moment leaves ``latest`` pointing at the previous complete checkpoint. Old checkpoints beyond
+``keep_last`` are deleted only after the new one is published.
+
+Resharding: a checkpoint records its world size and ZeRO stage. Loading it under another world size or
+stage goes through DeepSpeed's universal checkpoint format (converted once, next to the checkpoint, as
+``<tag>_universal``, atomically too); the loader position is per rank and cannot be resharded, so such a
+resume restarts the interrupted epoch from its beginning (said in the log).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+META = "meta.json"
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found, read or used; the message names the path."""
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A published checkpoint: its directory, tag and metadata."""
+
+    root: Path
+    tag: str
+    meta: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.tag
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    """Saves, publishes, prunes and finds the checkpoints of one run directory."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int, rank: int, world_size: int) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+
+    # ----------------------------------------------------------------------------------------- saving
+    def save(self, engine: Any, step: int, meta: dict[str, Any], rank_state: dict[str, Any]) -> CheckpointRef:
+        """Collective: every rank calls it. Returns the published checkpoint."""
+        tag = tag_for_step(step)
+        tmp_tag = f"{TMP_PREFIX}{tag}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.root / tmp_tag, ignore_errors=True)
+        _barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
+        tmp_dir = self.root / tmp_tag
+        torch.save({**rank_state, "rng": rng_state()}, tmp_dir / rank_file(self.rank))
+        full_meta = {**meta, "step": step, "tag": tag, "world_size": self.world_size}
+        if self.rank == 0:
+            _atomic_write_text(tmp_dir / META, json.dumps(full_meta, indent=2, sort_keys=True))
+        _barrier()
+        if self.rank == 0:
+            final = self.root / tag
+            if final.exists():  # a re-save of the same step after a rollback
+                shutil.rmtree(final)
+            os.replace(tmp_dir, final)
+            _atomic_write_text(self.root / LATEST, tag + "\n")
+            self._prune()
+        _barrier()
+        return CheckpointRef(self.root, tag, full_meta)
+
+    def _prune(self) -> None:
+        tags = self.published_tags()
+        for tag in tags[:-self.keep_last]:
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+            shutil.rmtree(self.root / f"{tag}_universal", ignore_errors=True)
+
+    def remove_incomplete(self) -> None:
+        """Delete saves that never got published (rank 0, at start-up)."""
+        if self.rank == 0 and self.root.is_dir():
+            for path in self.root.glob(f"{TMP_PREFIX}*"):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        _barrier()
+
+    # ---------------------------------------------------------------------------------------- finding
+    def published_tags(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
+
+    def latest(self) -> CheckpointRef | None:
+        """The checkpoint ``latest`` names, or None when the run has none."""
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        return read_checkpoint(self.root / pointer.read_text().strip())
+
+    # ---------------------------------------------------------------------------------------- loading
+    def load(self, engine: Any, ref: CheckpointRef, zero_stage: int) -> dict[str, Any] | None:
+        """Load engine state; returns this rank's extra state (RNG, loader) or None when resharded.
+
+        Universal loading must have been enabled in the DeepSpeed config (see :func:`needs_universal`).
+        """
+        resharded = needs_universal(ref, self.world_size, zero_stage)
+        load_dir, tag = ref.root, ref.tag
+        if resharded:
+            load_dir, tag = ensure_universal(ref, self.rank), f"{ref.tag}_universal"
+        path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint in {load_dir / tag}")
+        if resharded:
+            return None
+        state_file = ref.path / rank_file(self.rank)
+        if not state_file.is_file():
+            raise CheckpointError(f"{state_file} is missing: checkpoint {ref.path} is incomplete")
+        return torch.load(state_file, weights_only=False)
+
+
+def read_checkpoint(path: str | Path) -> CheckpointRef:
+    """A checkpoint directory (``.../checkpoints/step_N``), a ``checkpoints`` directory or a run directory."""
+    path = Path(path)
+    if (path / "checkpoints" / LATEST).is_file():
+        path = path / "checkpoints"
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    meta_file = path / META
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint of this engine: {META} is missing (give a run "
+                              "directory, its checkpoints/ directory or a checkpoints/step_N directory)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_file} is corrupt: {exc}") from exc
+    return CheckpointRef(path.parent, path.name, meta)
+
+
+def needs_universal(ref: CheckpointRef, world_size: int, zero_stage: int) -> bool:
+    """Whether loading ``ref`` here needs DeepSpeed's universal format (world size or stage changed)."""
+    return ref.meta["world_size"] != world_size or ref.meta["zero_stage"] != zero_stage
+
+
+def ensure_universal(ref: CheckpointRef, rank: int) -> Path:
+    """Convert ``ref`` to DeepSpeed's universal format once (rank 0; others wait); returns its parent."""
+    out = ref.root / f"{ref.tag}_universal"
+    if rank == 0 and not out.is_dir():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = ref.root / f"{TMP_PREFIX}{ref.tag}_universal"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            ds_to_universal(Namespace(input_folder=str(ref.path), output_folder=str(tmp), num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=True, no_strict=False))
+        except Exception as exc:  # noqa: BLE001 - re-raised with the checkpoint named
+            raise CheckpointError(f"cannot convert {ref.path} (world size {ref.meta['world_size']}, ZeRO stage "
+                                  f"{ref.meta['zero_stage']}) to DeepSpeed's universal format: {exc}") from exc
+        os.replace(tmp, out)
+    _barrier()
+    return ref.root

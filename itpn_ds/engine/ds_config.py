@@ -1,0 +1,84 @@
+"""The DeepSpeed JSON for a run: a file from ``ds_configs/`` with its "auto" values filled from the run.
+
+Run-dependent values (micro-batch, accumulation, global batch, clipping, precision, ZeRO stage) belong to
+the run configuration. The JSON may leave them ``"auto"`` (the shipped files do) or state them; a stated
+value that disagrees with the run is an error naming the key and both values, never silently overridden.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from itpn_ds.config import ConfigError, RunConfig
+
+DS_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+AUTO = "auto"
+
+
+def ds_config_path(name: str) -> Path:
+    """``zero2`` -> ``ds_configs/zero2.json``; a path is used as is."""
+    path = Path(name)
+    if path.suffix != ".json":
+        path = DS_CONFIGS_DIR / f"{name}.json"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in DS_CONFIGS_DIR.glob("*.json"))
+        raise ConfigError(f"deepspeed.config: {path} does not exist (shipped: {', '.join(shipped)})")
+    return path
+
+
+def load_ds_json(name: str) -> dict[str, Any]:
+    path = ds_config_path(name)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {exc}") from exc
+
+
+def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The dict handed to ``deepspeed.initialize``: the JSON with every "auto" resolved from ``cfg``."""
+    source = str(ds_config_path(cfg.deepspeed.config))
+    ds = copy.deepcopy(load_ds_json(cfg.deepspeed.config))
+    micro, accum = cfg.data.micro_batch, cfg.schedule.grad_accum
+    _settle(ds, "train_micro_batch_size_per_gpu", micro, "data.micro_batch", source)
+    _settle(ds, "gradient_accumulation_steps", accum, "schedule.grad_accum", source)
+    _settle(ds, "train_batch_size", micro * accum * world_size,
+            f"data.micro_batch x schedule.grad_accum x world size ({micro} x {accum} x {world_size})", source)
+    _settle(ds, "gradient_clipping", cfg.optim.clip_grad, "optim.clip_grad", source)
+
+    precision = cfg.deepspeed.precision
+    for section, wanted in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        block = ds.setdefault(section, {})
+        _settle(block, "enabled", wanted, f"deepspeed.precision={precision}", source, key_name=f"{section}.enabled")
+
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if cfg.deepspeed.zero_stage >= 0:
+        stated = zero.get("stage", 0)
+        if stated not in (AUTO, cfg.deepspeed.zero_stage) and "stage" in zero:
+            raise ConfigError(f"{source}: zero_optimization.stage is {stated} but the run asks for "
+                              f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; drop one of them")
+        zero["stage"] = cfg.deepspeed.zero_stage
+    elif zero.get("stage") == AUTO:
+        raise ConfigError(f"{source}: zero_optimization.stage is \"auto\"; set deepspeed.zero_stage")
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
+
+
+def _settle(block: dict[str, Any], key: str, run_value: Any, run_key: str, source: str,
+            key_name: str | None = None) -> None:
+    """Fill ``block[key]`` with the run's value when absent or "auto"; fail when it states another."""
+    stated = block.get(key, AUTO)
+    if stated != AUTO and stated != run_value:
+        raise ConfigError(f"{source}: {key_name or key} is {stated!r} but the run configuration gives "
+                          f"{run_value!r} ({run_key}); set it to \"auto\" or make them agree")
+    block[key] = run_value

@@ -1,0 +1,108 @@
+"""Checkpoint -> one safetensors file + JSON metadata that ``timm.create_model`` loads.
+
+Any ZeRO stage and world size: the fp32 weights are consolidated from the checkpoint's optimizer
+partitions (DeepSpeed's ``zero_to_fp32``), or read from the model-states file for ZeRO stage 0.
+
+Output (``OUT`` is a directory):
+    OUT/model.safetensors   fp32 state dict under the model's own parameter names
+    OUT/config.json         {"architecture": timm name, "model_kwargs": {...}, "img_size", "patch_size",
+                             "num_classes", "teacher": {...} | null, "task", "step", "source"}
+
+Loading::
+
+    import itpn_ds, json, timm
+    meta = json.load(open("OUT/config.json"))
+    model = timm.create_model(meta["architecture"], checkpoint_path="OUT/model.safetensors",
+                              **meta["model_kwargs"])
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from itpn_ds.engine.checkpoint import CheckpointError, CheckpointRef, read_checkpoint
+
+WEIGHTS = "model.safetensors"
+METADATA = "config.json"
+
+
+def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a checkpoint of any ZeRO stage / world size (on the CPU)."""
+    if glob.glob(str(ref.path / "*optim_states.pt")) and ref.meta.get("zero_stage", 0) > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
+    else:
+        files = sorted(ref.path.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise CheckpointError(f"{ref.path} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def export_metadata(ref: CheckpointRef) -> dict[str, Any]:
+    model = ref.meta["model"]
+    kwargs = dict(model["kwargs"])
+    return {
+        "architecture": model["name"],
+        "model_kwargs": kwargs,
+        "img_size": kwargs.get("img_size", 224),
+        "patch_size": kwargs.get("patch_size", 16),
+        "num_classes": kwargs.get("num_classes"),
+        "teacher": ref.meta.get("teacher") if ref.meta.get("task") == "pretrain" else None,
+        "task": ref.meta.get("task"),
+        "step": ref.meta["step"],
+        "source": str(ref.path.resolve()),
+    }
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` for ``checkpoint`` (a run, checkpoints or step dir)."""
+    ref = read_checkpoint(checkpoint)
+    state = consolidated_state_dict(ref)
+    return write_export(state, export_metadata(ref), out_dir)
+
+
+def write_export(state: dict[str, torch.Tensor], metadata: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write weights and metadata; each file through a temporary name, so a crash leaves no half file."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".tmp-{WEIGHTS}"
+    save_file({k: v.float().contiguous() for k, v in state.items()}, str(tmp),
+              metadata={"architecture": metadata["architecture"], "format": "pt"})
+    os.replace(tmp, out / WEIGHTS)
+    tmp_meta = out / f".tmp-{METADATA}"
+    tmp_meta.write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    os.replace(tmp_meta, out / METADATA)
+    return out
+
+
+def live_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The running engine's full weights on rank 0 (None elsewhere); ZeRO-3 gathers the partitions."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    if rank != 0:
+        return None
+    return {k: v.detach().float().cpu() for k, v in state.items()}
+
+
+def load_exported(out_dir: str | Path) -> torch.nn.Module:
+    """Build the exported model through timm (``import itpn_ds`` registers the names)."""
+    import timm
+
+    import itpn_ds.models  # noqa: F401 - registers the timm names
+
+    out = Path(out_dir)
+    meta = json.loads((out / METADATA).read_text())
+    return timm.create_model(meta["architecture"], checkpoint_path=str(out / WEIGHTS), **meta["model_kwargs"])

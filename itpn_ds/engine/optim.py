@@ -1,0 +1,81 @@
+"""Parameter groups and the optimizer.
+
+Groups: weight decay off for 1-d tensors (norm weights, biases), layer-scale gammas and whatever the model
+lists in ``no_weight_decay()`` (position embeddings, relative-position bias tables, tokens); with layer-wise
+lr decay (fine-tuning) one group per (layer, decay) pair, layer ids from the model's ``lr_layer_id(name)``.
+Each group carries ``lr_scale`` and ``wd_scale``, which the schedule multiplies in every step.
+
+Optimizer: FusedAdam on CUDA, DeepSpeedCPUAdam when ZeRO offloads the optimizer, torch AdamW otherwise
+(the CPU); ``optim.optimizer`` forces one.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from itpn_ds.config import ConfigError, OptimConfig
+
+
+def param_groups(model: nn.Module, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups for ``model``: [{"params", "lr_scale", "wd_scale", "name"}], no empty groups.
+
+    With ``layer_decay`` < 1 the model must expose ``lr_layer_id(name) -> int`` and ``num_lr_layers``
+    (layers 0 .. num_lr_layers - 1, the head last); layer i gets ``layer_decay ** (num_lr_layers - 1 - i)``.
+    """
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    use_layers = layer_decay < 1.0
+    if use_layers and not (hasattr(model, "lr_layer_id") and hasattr(model, "num_lr_layers")):
+        raise ConfigError(f"optim.layer_decay={layer_decay} needs a model with lr_layer_id() and num_lr_layers; "
+                          f"{type(model).__name__} has neither")
+    top = model.num_lr_layers - 1 if use_layers else 0
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not _is_no_decay(name, param, skip)
+        layer = model.lr_layer_id(name) if use_layers else 0
+        key = (layer, decay)
+        if key not in groups:
+            groups[key] = {"name": f"layer{layer}_{'decay' if decay else 'no_decay'}", "params": [],
+                           "lr_scale": layer_decay ** (top - layer) if use_layers else 1.0,
+                           "wd_scale": 1.0 if decay else 0.0}
+        groups[key]["params"].append(param)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _is_no_decay(name: str, param: torch.Tensor, skip: set[str]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return param.ndim <= 1 or name in skip or leaf in skip or leaf.startswith("gamma")
+
+
+def choose_optimizer(cfg: OptimConfig, offload: bool, cuda: bool) -> str:
+    """``adamw`` | ``fused_adam`` | ``cpu_adam`` for this run (see the module docstring)."""
+    if cfg.optimizer != "auto":
+        if offload and cfg.optimizer != "cpu_adam":
+            raise ConfigError(f"optim.optimizer={cfg.optimizer} cannot run with ZeRO optimizer offload; use cpu_adam "
+                              "or auto")
+        if cfg.optimizer == "fused_adam" and not cuda:
+            raise ConfigError("optim.optimizer=fused_adam needs CUDA; use auto or adamw on the CPU")
+        return cfg.optimizer
+    if offload:
+        return "cpu_adam"
+    return "fused_adam" if cuda else "adamw"
+
+
+def build_optimizer(groups: Iterable[dict[str, Any]], cfg: OptimConfig, kind: str) -> torch.optim.Optimizer:
+    """The optimizer over ``groups``; lr and weight decay are set by the schedule before every step."""
+    groups = list(groups)
+    common = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, **common)
+    if kind == "fused_adam":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **common)
+    if kind == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **common)
+    raise ConfigError(f"unknown optimizer kind {kind!r}")

@@ -1,0 +1,86 @@
+"""Process set-up: distributed init, device, determinism, the DeepSpeed engine.
+
+``init_distributed`` reads the launcher through ``itpn_ds.distributed.detect()`` and starts
+``deepspeed.init_distributed`` (NCCL on CUDA, gloo on the CPU). ``build_engine`` turns a model, its
+parameter groups and the run configuration into a DeepSpeed engine.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from itpn_ds import distributed
+from itpn_ds.config import ConfigError, RunConfig
+from itpn_ds.engine.ds_config import build_ds_config, offloads_optimizer, zero_stage
+from itpn_ds.engine.optim import build_optimizer, choose_optimizer, param_groups
+
+
+@dataclass(frozen=True)
+class Runtime:
+    dist: distributed.DistEnv
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size
+
+
+def init_distributed() -> Runtime:
+    """Join the process group of whichever launcher started us (a single process is a group of one)."""
+    import deepspeed
+
+    env = distributed.detect()
+    distributed.export(env)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                               verbose=False)
+    device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+    return Runtime(env, device)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: identical initial weights; data order comes from the loaders' own seeds."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_deterministic() -> None:
+    """Deterministic kernels (bitwise-reproducible runs on the CPU; on CUDA at some speed cost)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+
+
+def build_engine(model: nn.Module, cfg: RunConfig, runtime: Runtime, load_universal: bool = False) -> Any:
+    """``deepspeed.initialize`` with our parameter groups, optimizer and resolved JSON."""
+    import deepspeed
+
+    ds = build_ds_config(cfg, runtime.world_size)
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    stage = zero_stage(ds)
+    if cfg.deepspeed.precision == "fp32" and stage == 0:
+        raise ConfigError("deepspeed.precision=fp32 with ZeRO stage 0 has no non-finite gradient check in "
+                          "DeepSpeed, so bad steps could not be skipped; use bf16/fp16 or ZeRO stage >= 1")
+    kind = choose_optimizer(cfg.optim, offloads_optimizer(ds), runtime.device.type == "cuda")
+    groups = param_groups(model, cfg.optim.layer_decay)
+    optimizer = build_optimizer(groups, cfg.optim, kind)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    return engine
+
+
+def engine_zero_stage(engine: Any) -> int:
+    return int(engine.zero_optimization_stage())

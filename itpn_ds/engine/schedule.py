@@ -1,0 +1,51 @@
+"""Per-step learning-rate and weight-decay schedules.
+
+lr: linear warmup from 0 over ``warmup`` steps, then a half cosine from ``lr`` down to ``min_lr`` at the
+last step. Weight decay: a half cosine from ``weight_decay`` to ``weight_decay_end`` over the whole run.
+Both are pure functions of the optimizer-step index, so a resumed run needs only the step to continue.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from itpn_ds.config import OptimConfig
+
+
+@dataclass(frozen=True)
+class CosineSchedule:
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    total_steps: int
+    weight_decay: float
+    weight_decay_end: float
+
+    @classmethod
+    def from_config(cls, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> "CosineSchedule":
+        warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(round(cfg.warmup_epochs * steps_per_epoch))
+        return cls(cfg.lr, cfg.min_lr, min(warmup, total_steps), max(total_steps, 1), cfg.weight_decay,
+                   cfg.weight_decay_end)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+    def weight_decay_at(self, step: int) -> float:
+        progress = min(step / self.total_steps, 1.0)
+        return self.weight_decay_end + 0.5 * (self.weight_decay - self.weight_decay_end) * (
+            1 + math.cos(math.pi * progress))
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every group's lr and weight decay for ``step`` (scaled by its lr_scale / wd_scale)."""
+        lr, wd = self.lr_at(step), self.weight_decay_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["weight_decay"] = wd * group.get("wd_scale", 1.0)
+        return lr

@@ -1,0 +1,282 @@
+"""The training loop shared by pre-training and fine-tuning.
+
+One optimizer step = ``schedule.grad_accum`` micro-batches taken from a continuous stream over epochs.
+At each step boundary, in this order: preemption agreement (all-reduce), the step, the non-finite check,
+telemetry, a periodic checkpoint, and (fine-tuning) evaluation after an epoch ends.
+
+Exact resume: the data order, masks and augmentation are functions of (seed, epoch, position) on the
+data side; the loop saves the loader position, every rank's RNG states and its own counters at a step
+boundary, so a resumed run takes the same steps on the same samples with the same random numbers.
+
+Non-finite steps: DeepSpeed skips an optimizer step whose gradients are not finite (bf16/fp16 overflow
+check) and reports it through ``was_step_applied()``; a non-finite loss on any rank is detected with the
+all-reduce of the step's losses. Both count as a skipped step. After ``nonfinite.max_consecutive`` in a
+row the run reloads the last good checkpoint and marks the steps of the streak in ``skip_steps``: their
+batches are read (so the data position stays exact) but not trained on.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from itpn_ds.config import RunConfig, to_dict
+from itpn_ds.data.batch import Batch, Loader
+from itpn_ds.engine.checkpoint import CheckpointManager, CheckpointRef, set_rng_state
+from itpn_ds.engine.preemption import PreemptionFlag
+from itpn_ds.engine.schedule import CosineSchedule
+from itpn_ds.engine.tasks import Task
+from itpn_ds.engine.telemetry import StepTimer, device_peak_tflops, format_metrics, step_metrics
+from itpn_ds.tracking.base import Tracker
+
+log = logging.getLogger("itpn_ds.engine")
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is saved; the command exits with PREEMPTED_EXIT_CODE."""
+
+
+class NonFiniteError(RuntimeError):
+    """Non-finite steps that a rollback could not cure (no checkpoint, or too many rollbacks)."""
+
+
+@dataclass
+class TrainState:
+    """The loop's counters, saved in every checkpoint's meta.json.
+
+    step:                  optimizer steps done (applied or skipped); the schedule's index.
+    epoch:                 epoch of the next micro-batch.
+    skipped_steps:         non-finite steps skipped so far.
+    consecutive_nonfinite: length of the current streak of skipped steps.
+    rollbacks:             how often the run went back to a checkpoint.
+    skip_steps:            steps whose batches are consumed without training (found bad before a rollback).
+    evaluated_epochs:      epochs whose evaluation ran (fine-tuning).
+    best_top1:             best top-1 seen (fine-tuning), -1 before the first evaluation.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+    rollbacks: int = 0
+    skip_steps: list[int] = field(default_factory=list)
+    evaluated_epochs: int = 0
+    best_top1: float = -1.0
+
+
+@dataclass
+class LoopParts:
+    """What the loop drives; built by ``itpn_ds.engine.commands``."""
+
+    engine: Any
+    loader: Loader
+    task: Task
+    schedule: CosineSchedule
+    checkpoints: CheckpointManager
+    tracker: Tracker
+    device: torch.device
+    total_steps: int
+    flops_per_image: float = 0.0
+    evaluate: Callable[[], dict[str, float]] | None = None
+    on_best: Callable[[dict[str, float], int], None] | None = None
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, parts: LoopParts, rank: int, world_size: int) -> None:
+        self.cfg = cfg
+        self.p = parts
+        self.rank = rank
+        self.world_size = world_size
+        self.state = TrainState()
+        self.preemption = PreemptionFlag()
+        self.peak_tflops = device_peak_tflops(cfg.telemetry.peak_tflops)
+        self.model_dtype = next(parts.engine.module.parameters()).dtype
+        self._stream: Iterator[Batch] | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------ state I/O
+    def save(self) -> CheckpointRef:
+        meta = {"trainer": asdict(self.state), "task": self.cfg.task,
+                "zero_stage": int(self.p.engine.zero_optimization_stage()),
+                "precision": self.cfg.deepspeed.precision,
+                "model": {"name": self.cfg.model.name, "kwargs": self.cfg.model.kwargs},
+                "teacher": {"mode": self.cfg.teacher.mode, "arch": self.cfg.teacher.arch},
+                "config": to_dict(self.cfg)}
+        ref = self.p.checkpoints.save(self.p.engine, self.state.step, meta,
+                                      {"loader": self.p.loader.state_dict(), "epoch": self.state.epoch})
+        log.info("checkpoint %s saved (step %d, epoch %d)", ref.path, self.state.step, self.state.epoch)
+        return ref
+
+    def restore(self, ref: CheckpointRef) -> None:
+        """Load engine, counters, loader position and RNG from ``ref`` (all ranks)."""
+        rank_state = self.p.checkpoints.load(self.p.engine, ref, int(self.p.engine.zero_optimization_stage()))
+        self.state = TrainState(**ref.meta["trainer"])
+        self.p.loader.set_epoch(self.state.epoch)
+        if rank_state is None:
+            log.warning("checkpoint %s was written by %d ranks / ZeRO stage %d: loaded through the universal "
+                        "format; loader positions do not reshard, so epoch %d restarts from its beginning",
+                        ref.path, ref.meta["world_size"], ref.meta["zero_stage"], self.state.epoch)
+        else:
+            self.p.loader.load_state_dict(rank_state["loader"])
+            set_rng_state(rank_state["rng"])
+        self._stream = None
+        log.info("resumed from %s: step %d, epoch %d", ref.path, self.state.step, self.state.epoch)
+
+    # ------------------------------------------------------------------------------------ the stream
+    def _micro_batches(self) -> Iterator[Batch]:
+        """Micro-batches from the saved position on, across epoch ends; the loader keeps the position."""
+        while self.state.epoch < self.cfg.schedule.epochs:
+            for batch in self.p.loader:
+                yield batch
+            self.state.epoch += 1
+            self.p.loader.set_epoch(self.state.epoch)
+
+    def _next_batch(self, timer: StepTimer) -> Batch:
+        if self._stream is None:
+            self._stream = self._micro_batches()
+        start = time.perf_counter()
+        batch = next(self._stream)
+        timer.waited(time.perf_counter() - start)
+        return self._prepare(batch)
+
+    def _prepare(self, batch: Batch) -> Batch:
+        """Move to the device; images in the model's dtype (DeepSpeed does not cast inputs)."""
+        batch = batch.to(self.p.device)
+        batch.images = batch.images.to(self.model_dtype)
+        if batch.teacher_images is not None:
+            batch.teacher_images = batch.teacher_images.float()
+        return batch
+
+    # -------------------------------------------------------------------------------------- the loop
+    def run(self) -> dict[str, float]:
+        """Train to ``total_steps``; returns the last step's metrics. Raises Preempted after a
+        preemption checkpoint."""
+        engine = self.p.engine
+        every = self.cfg.checkpoint.every_steps
+        try:
+            while self.state.step < self.p.total_steps:
+                if self.preemption.agreed(self.p.device):
+                    log.warning("preemption signal (%s): checkpointing at step %d", self.preemption.received,
+                                self.state.step)
+                    self.save()
+                    raise Preempted(self.state.step)
+                self._maybe_kill()
+                self._train_step(engine)
+                if every and self.state.step % every == 0 and self.state.step < self.p.total_steps:
+                    self.save()
+                self._maybe_evaluate()
+            if self.p.checkpoints.latest() is None or self.p.checkpoints.latest().meta["step"] != self.state.step:
+                self.save()
+            self._maybe_evaluate(final=True)
+        finally:
+            self.preemption.restore()
+        return self.last_metrics
+
+    def _train_step(self, engine: Any) -> None:
+        step = self.state.step
+        timer = StepTimer()
+        lr = self.p.schedule.apply(engine.optimizer, step)
+        if step in self.state.skip_steps:
+            for _ in range(self.cfg.schedule.grad_accum):
+                self._next_batch(timer)
+            log.warning("step %d: batches skipped (they caused non-finite steps before a rollback)", step)
+            self.state.step += 1
+            return
+        totals: dict[str, torch.Tensor] = {}
+        images = 0.0
+        for _ in range(self.cfg.schedule.grad_accum):
+            batch = self._next_batch(timer)
+            result = self.p.task.forward(engine, batch)
+            loss = result.loss
+            if step + 1 in self.cfg.debug.inject_nan_at_steps:
+                loss = loss * float("nan")
+            engine.backward(loss)
+            engine.step()
+            timer.targets += result.targets_s
+            images += float(result.valid)
+            for name, value in {"loss": loss.detach(), **result.parts}.items():
+                totals[name] = totals.get(name, 0.0) + value.float() / self.cfg.schedule.grad_accum
+        losses = self._mean_over_ranks(totals)
+        finite = all(math.isfinite(v) for v in losses.values())
+        applied = engine.was_step_applied() and finite
+        self.state.step += 1
+        if applied:
+            self.state.consecutive_nonfinite = 0
+        else:
+            self._on_nonfinite(losses)
+        metrics = step_metrics(losses, lr, engine.get_global_grad_norm() if applied else None, images, timer,
+                               self.p.flops_per_image, self.peak_tflops, self.world_size, self.state.skipped_steps)
+        self.last_metrics = metrics
+        if self.state.step % self.cfg.telemetry.log_every == 0 or not applied or self.state.step == 1:
+            if self.rank == 0:
+                log.info(format_metrics(self.state.step, self.state.epoch, metrics))
+            self.p.tracker.log_metrics(metrics, step=self.state.step)
+
+    def _mean_over_ranks(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        names = sorted(totals)
+        vec = torch.stack([torch.as_tensor(totals[n], dtype=torch.float32) for n in names]).to(self.p.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(vec)
+            vec /= self.world_size
+        return {n: float(v) for n, v in zip(names, vec.tolist())}
+
+    def _on_nonfinite(self, losses: dict[str, float]) -> None:
+        self.state.skipped_steps += 1
+        self.state.consecutive_nonfinite += 1
+        log.warning("step %d: non-finite loss or gradients (loss %s): step skipped (%d in a row, %d in all)",
+                    self.state.step, losses.get("loss"), self.state.consecutive_nonfinite, self.state.skipped_steps)
+        if self.state.consecutive_nonfinite >= self.cfg.nonfinite.max_consecutive:
+            self._roll_back()
+
+    def _roll_back(self) -> None:
+        bad = list(range(self.state.step - self.state.consecutive_nonfinite, self.state.step))
+        ref = self.p.checkpoints.latest()
+        if ref is None:
+            raise NonFiniteError(f"{len(bad)} non-finite steps in a row (steps {bad}) and no checkpoint to roll "
+                                 "back to")
+        carried = TrainState(skipped_steps=self.state.skipped_steps, rollbacks=self.state.rollbacks + 1,
+                             skip_steps=sorted(set(self.state.skip_steps) | set(bad)))
+        if carried.rollbacks > self.cfg.nonfinite.max_rollbacks:
+            raise NonFiniteError(f"non-finite steps {bad} after {self.cfg.nonfinite.max_rollbacks} rollbacks; "
+                                 "giving up")
+        log.warning("rolling back to %s (step %d) after non-finite steps %s; their batches will be skipped",
+                    ref.path, ref.meta["step"], bad)
+        self.restore(ref)
+        self.state.skipped_steps = carried.skipped_steps
+        self.state.rollbacks = carried.rollbacks
+        self.state.skip_steps = carried.skip_steps
+        self.p.tracker.log_metrics({"train/rollbacks": float(carried.rollbacks)}, step=self.state.step)
+
+    def _maybe_kill(self) -> None:
+        """debug.kill_at_step: [rank, step] SIGKILLs that rank before the step (a crash drill)."""
+        kill = self.cfg.debug.kill_at_step
+        if kill and kill[0] == self.rank and kill[1] == self.state.step + 1:
+            log.warning("debug.kill_at_step: rank %d SIGKILLs itself before step %d", self.rank, kill[1])
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def _maybe_evaluate(self, final: bool = False) -> None:
+        if self.p.evaluate is None:
+            return
+        done = self.state.epoch  # epochs fully consumed
+        every = max(self.cfg.finetune.eval_every_epochs, 1)
+        if done <= self.state.evaluated_epochs or not (done % every == 0 or final):
+            return
+        self.state.evaluated_epochs = done
+        metrics = self.p.evaluate()
+        if self.rank == 0:
+            log.info("eval after epoch %d: %s", done, {k: round(v, 4) for k, v in metrics.items()})
+        self.p.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=self.state.step)
+        if metrics["top1"] > self.state.best_top1:
+            self.state.best_top1 = metrics["top1"]
+            if self.p.on_best is not None:
+                self.p.on_best(metrics, self.state.step)
+        self.last_metrics = {**self.last_metrics, **{f"eval/{k}": v for k, v in metrics.items()}}
