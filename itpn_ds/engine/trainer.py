@@ -111,7 +111,7 @@ class Trainer:
                 "config": to_dict(self.cfg)}
         ref = self.p.checkpoints.save(self.p.engine, self.state.step, meta,
                                       {"loader": self.p.loader.state_dict(), "epoch": self.state.epoch})
-        log.info("checkpoint %s saved (step %d, epoch %d)", ref.path, self.state.step, self.state.epoch)
+        self._info("checkpoint %s saved (step %d, epoch %d)", ref.path, self.state.step, self.state.epoch)
         return ref
 
     def restore(self, ref: CheckpointRef) -> None:
@@ -120,14 +120,15 @@ class Trainer:
         self.state = TrainState(**ref.meta["trainer"])
         self.p.loader.set_epoch(self.state.epoch)
         if rank_state is None:
-            log.warning("checkpoint %s was written by %d ranks / ZeRO stage %d: loaded through the universal "
+            self._info("checkpoint %s was written by %d ranks / ZeRO stage %d: loaded through the universal "
                         "format; loader positions do not reshard, so epoch %d restarts from its beginning",
-                        ref.path, ref.meta["world_size"], ref.meta["zero_stage"], self.state.epoch)
+                        ref.path, ref.meta["world_size"], ref.meta["zero_stage"], self.state.epoch,
+                       level=logging.WARNING)
         else:
             self.p.loader.load_state_dict(rank_state["loader"])
             set_rng_state(rank_state["rng"])
         self._stream = None
-        log.info("resumed from %s: step %d, epoch %d", ref.path, self.state.step, self.state.epoch)
+        self._info("resumed from %s: step %d, epoch %d", ref.path, self.state.step, self.state.epoch)
 
     # ------------------------------------------------------------------------------------ the stream
     def _micro_batches(self) -> Iterator[Batch]:
@@ -163,13 +164,13 @@ class Trainer:
         try:
             while self.state.step < self.p.total_steps:
                 if self.preemption.agreed(self.p.device):
-                    log.warning("preemption signal (%s): checkpointing at step %d", self.preemption.received,
-                                self.state.step)
+                    self._info("preemption signal: checkpointing at step %d, then exiting", self.state.step,
+                               level=logging.WARNING)
                     self.save()
                     raise Preempted(self.state.step)
                 self._maybe_kill()
-                self._train_step(engine)
-                if every and self.state.step % every == 0 and self.state.step < self.p.total_steps:
+                rolled_back = self._train_step(engine)
+                if not rolled_back and every and self.state.step % every == 0 and self.state.step < self.p.total_steps:
                     self.save()
                 self._maybe_evaluate()
             if self.p.checkpoints.latest() is None or self.p.checkpoints.latest().meta["step"] != self.state.step:
@@ -179,16 +180,18 @@ class Trainer:
             self.preemption.restore()
         return self.last_metrics
 
-    def _train_step(self, engine: Any) -> None:
+    def _train_step(self, engine: Any) -> bool:
+        """One optimizer step; True when it ended in a rollback to a checkpoint."""
         step = self.state.step
         timer = StepTimer()
         lr = self.p.schedule.apply(engine.optimizer, step)
         if step in self.state.skip_steps:
             for _ in range(self.cfg.schedule.grad_accum):
                 self._next_batch(timer)
-            log.warning("step %d: batches skipped (they caused non-finite steps before a rollback)", step)
+            self._info("step %d: batches skipped (they caused non-finite steps before a rollback)", step + 1,
+                       level=logging.WARNING)
             self.state.step += 1
-            return
+            return False
         totals: dict[str, torch.Tensor] = {}
         images = 0.0
         for _ in range(self.cfg.schedule.grad_accum):
@@ -207,17 +210,19 @@ class Trainer:
         finite = all(math.isfinite(v) for v in losses.values())
         applied = engine.was_step_applied() and finite
         self.state.step += 1
-        if applied:
-            self.state.consecutive_nonfinite = 0
-        else:
-            self._on_nonfinite(losses)
+        if not applied:
+            self.state.skipped_steps += 1
+            self.state.consecutive_nonfinite += 1
         metrics = step_metrics(losses, lr, engine.get_global_grad_norm() if applied else None, images, timer,
                                self.p.flops_per_image, self.peak_tflops, self.world_size, self.state.skipped_steps)
         self.last_metrics = metrics
         if self.state.step % self.cfg.telemetry.log_every == 0 or not applied or self.state.step == 1:
-            if self.rank == 0:
-                log.info(format_metrics(self.state.step, self.state.epoch, metrics))
+            self._info(format_metrics(self.state.step, self.state.epoch, metrics))
             self.p.tracker.log_metrics(metrics, step=self.state.step)
+        if applied:
+            self.state.consecutive_nonfinite = 0
+            return False
+        return self._on_nonfinite(losses)
 
     def _mean_over_ranks(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
         names = sorted(totals)
@@ -227,27 +232,34 @@ class Trainer:
             vec /= self.world_size
         return {n: float(v) for n, v in zip(names, vec.tolist())}
 
-    def _on_nonfinite(self, losses: dict[str, float]) -> None:
-        self.state.skipped_steps += 1
-        self.state.consecutive_nonfinite += 1
-        log.warning("step %d: non-finite loss or gradients (loss %s): step skipped (%d in a row, %d in all)",
-                    self.state.step, losses.get("loss"), self.state.consecutive_nonfinite, self.state.skipped_steps)
-        if self.state.consecutive_nonfinite >= self.cfg.nonfinite.max_consecutive:
-            self._roll_back()
+    def _info(self, msg: str, *args: Any, level: int = logging.INFO) -> None:
+        if self.rank == 0:
+            log.log(level, msg, *args)
+
+    def _on_nonfinite(self, losses: dict[str, float]) -> bool:
+        """Count a skipped step (already done by the caller); roll back after a long streak."""
+        self._info("step %d: non-finite loss or gradients (loss %s): step skipped (%d in a row, %d in all)",
+                   self.state.step, losses.get("loss"), self.state.consecutive_nonfinite, self.state.skipped_steps,
+                   level=logging.WARNING)
+        if self.state.consecutive_nonfinite < self.cfg.nonfinite.max_consecutive:
+            return False
+        self._roll_back()
+        return True
 
     def _roll_back(self) -> None:
         bad = list(range(self.state.step - self.state.consecutive_nonfinite, self.state.step))
         ref = self.p.checkpoints.latest()
         if ref is None:
-            raise NonFiniteError(f"{len(bad)} non-finite steps in a row (steps {bad}) and no checkpoint to roll "
+            raise NonFiniteError(f"{len(bad)} non-finite steps in a row (steps {[s + 1 for s in bad]}) and no "
+                                 "checkpoint to roll "
                                  "back to")
         carried = TrainState(skipped_steps=self.state.skipped_steps, rollbacks=self.state.rollbacks + 1,
                              skip_steps=sorted(set(self.state.skip_steps) | set(bad)))
         if carried.rollbacks > self.cfg.nonfinite.max_rollbacks:
-            raise NonFiniteError(f"non-finite steps {bad} after {self.cfg.nonfinite.max_rollbacks} rollbacks; "
+            raise NonFiniteError(f"non-finite steps {[s + 1 for s in bad]} after {self.cfg.nonfinite.max_rollbacks} rollbacks; "
                                  "giving up")
-        log.warning("rolling back to %s (step %d) after non-finite steps %s; their batches will be skipped",
-                    ref.path, ref.meta["step"], bad)
+        self._info("rolling back to %s (step %d) after non-finite steps %s; their batches will be skipped",
+                   ref.path, ref.meta["step"], [s + 1 for s in bad], level=logging.WARNING)
         self.restore(ref)
         self.state.skipped_steps = carried.skipped_steps
         self.state.rollbacks = carried.rollbacks
@@ -266,14 +278,13 @@ class Trainer:
     def _maybe_evaluate(self, final: bool = False) -> None:
         if self.p.evaluate is None:
             return
-        done = self.state.epoch  # epochs fully consumed
+        done = self.state.step * self.cfg.schedule.grad_accum // len(self.p.loader)  # epochs fully consumed
         every = max(self.cfg.finetune.eval_every_epochs, 1)
         if done <= self.state.evaluated_epochs or not (done % every == 0 or final):
             return
         self.state.evaluated_epochs = done
         metrics = self.p.evaluate()
-        if self.rank == 0:
-            log.info("eval after epoch %d: %s", done, {k: round(v, 4) for k, v in metrics.items()})
+        self._info("eval after epoch %d: %s", done, {k: round(v, 4) for k, v in metrics.items()})
         self.p.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=self.state.step)
         if metrics["top1"] > self.state.best_top1:
             self.state.best_top1 = metrics["top1"]

@@ -1,0 +1,197 @@
+"""``itpn-ds pretrain | finetune | evaluate | export``.
+
+    itpn-ds pretrain --config RECIPE --run-dir DIR [key=value ...]
+    itpn-ds finetune --config RECIPE --run-dir DIR finetune.init=PRETRAIN_RUN [key=value ...]
+    itpn-ds evaluate --config RECIPE --checkpoint CKPT [key=value ...]
+    itpn-ds export   --checkpoint CKPT --out DIR
+
+Exit codes: 0 done, 2 configuration error, PREEMPTED_EXIT_CODE (85) checkpoint saved after a preemption
+signal (the SLURM wrapper requeues), 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from itpn_ds.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from itpn_ds.engine import components
+from itpn_ds.engine.checkpoint import CheckpointError, CheckpointManager, needs_universal, read_checkpoint
+from itpn_ds.engine.ds_config import build_ds_config, zero_stage
+from itpn_ds.engine.export import consolidated_state_dict, export_checkpoint, live_state_dict, write_export
+from itpn_ds.engine.preemption import PREEMPTED_EXIT_CODE
+from itpn_ds.engine.runtime import build_engine, init_distributed, make_deterministic, seed_everything
+from itpn_ds.engine.schedule import CosineSchedule
+from itpn_ds.engine.tasks import ClassifyTask, ClipDistillTask, PixelTask, evaluate_classifier
+from itpn_ds.engine.trainer import LoopParts, Preempted, Trainer
+
+log = logging.getLogger("itpn_ds.engine")
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    if command == "export":
+        parser.add_argument("--checkpoint", required=True, help="run directory, its checkpoints/ or a step_N dir")
+        parser.add_argument("--out", required=True, help="output directory (model.safetensors + config.json)")
+        return
+    parser.add_argument("--config", default=None, help="recipe name (itpn_ds/recipes) or YAML path")
+    if command == "evaluate":
+        parser.add_argument("--checkpoint", required=True, help="checkpoint or export directory to evaluate")
+    else:
+        parser.add_argument("--run-dir", required=True, help="run directory: config, checkpoints, logs")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys (optim.lr=1e-3)")
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    try:
+        if args.command == "export":
+            out = export_checkpoint(args.checkpoint, args.out)
+            print(f"exported {args.checkpoint} -> {out}")
+            return 0
+        task = "finetune" if args.command in ("finetune", "evaluate") else "pretrain"
+        cfg = load_config(args.config, [f"task={task}", *args.overrides])
+        if args.command == "evaluate":
+            return evaluate(cfg, Path(args.checkpoint))
+        return train(cfg, Path(args.run_dir))
+    except (ConfigError, CheckpointError) as exc:
+        print(f"itpn-ds {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def train(cfg: RunConfig, run_dir: Path) -> int:
+    """Pre-train or fine-tune into ``run_dir``, resuming from its latest checkpoint."""
+    runtime = init_distributed()
+    make_deterministic()
+    seed_everything(cfg.schedule.seed)
+    if runtime.rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+    checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last, runtime.rank, runtime.world_size)
+    checkpoints.remove_incomplete()
+    resume = checkpoints.latest()
+    if resume is not None and cfg.checkpoint.resume == "never":
+        raise ConfigError(f"{run_dir} already holds checkpoint {resume.path} and checkpoint.resume=never")
+
+    model = components.build_model(cfg)
+    if cfg.task == "finetune" and cfg.finetune.init and resume is None:
+        init_from(model, cfg.finetune.init)
+    flops = components.forward_flops_per_image(model, cfg)
+    stage = zero_stage(build_ds_config(cfg, runtime.world_size))
+    engine = build_engine(model.to(runtime.device), cfg, runtime,
+                          load_universal=resume is not None and needs_universal(resume, runtime.world_size, stage))
+    train_loader, eval_loader = components.build_loaders(cfg, runtime.rank, runtime.world_size)
+    steps_per_epoch = len(train_loader) // cfg.schedule.grad_accum
+    total = steps_per_epoch * cfg.schedule.epochs
+    if cfg.schedule.max_steps > 0:
+        total = min(total, cfg.schedule.max_steps)
+    tracker = components.tracker_for(cfg, runtime.rank, run_dir, runtime.dist)
+    tracker.log_params(_flat(to_dict(cfg)))
+    parts = LoopParts(engine=engine, loader=train_loader, task=_task(cfg, runtime.device),
+                      schedule=CosineSchedule.from_config(cfg.optim, steps_per_epoch, total),
+                      checkpoints=checkpoints, tracker=tracker, device=runtime.device, total_steps=total,
+                      flops_per_image=flops)
+    if eval_loader is not None:
+        parts.evaluate = lambda: evaluate_classifier(engine, eval_loader, runtime.device,
+                                                     _input_dtype(engine))
+        parts.on_best = lambda metrics, step: _save_best(engine, cfg, run_dir, metrics, step, runtime.rank)
+    trainer = Trainer(cfg, parts, runtime.rank, runtime.world_size)
+    if resume is not None:
+        trainer.restore(resume)
+    status = "FAILED"
+    try:
+        trainer.run()
+        status = "FINISHED"
+        return 0
+    except Preempted:
+        status = "KILLED"
+        return PREEMPTED_EXIT_CODE
+    finally:
+        tracker.close(status)
+
+
+def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
+    """Top-1/top-5 of a checkpoint (ours, any stage) or an export directory on ``data.val_shards``."""
+    runtime = init_distributed()
+    model = components.build_model(cfg)
+    init_from(model, str(checkpoint), strict=True)
+    model.to(runtime.device)
+    _, eval_loader = components.build_loaders(cfg, runtime.rank, runtime.world_size, train=False)
+    if eval_loader is None:
+        raise ConfigError("evaluate needs data.val_shards")
+    metrics = evaluate_classifier(model, eval_loader, runtime.device, torch.float32)
+    if runtime.rank == 0:
+        print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def init_from(model: torch.nn.Module, source: str, strict: bool = False) -> None:
+    """Initialise ``model`` from our checkpoint (any ZeRO stage / world size), an export directory or
+    ``.safetensors`` file, or an official ``.pth`` (through ``itpn_ds.models.load_official_state_dict``).
+
+    Pre-training-only keys (pyramid, decoder, heads) are dropped and named in the log; with ``strict``
+    every model key must be present.
+    """
+    path = Path(source)
+    if path.suffix in (".pth", ".pt") and path.is_file():
+        from itpn_ds.models import load_official_state_dict
+
+        load_official_state_dict(model, torch.load(path, map_location="cpu", weights_only=False))
+        return
+    if path.suffix == ".safetensors" or (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(path if path.suffix == ".safetensors" else path / "model.safetensors"))
+    else:
+        state = consolidated_state_dict(read_checkpoint(path))
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    dropped = sorted(set(state) - set(usable))
+    missing = sorted(set(own) - set(usable))
+    if not usable:
+        raise CheckpointError(f"{source}: no parameter matches {type(model).__name__} by name and shape")
+    if strict and missing:
+        raise CheckpointError(f"{source}: missing {len(missing)} parameters of the model, e.g. {missing[:5]}")
+    model.load_state_dict(usable, strict=False)
+    log.info("initialised from %s: %d tensors loaded, %d dropped (%s), %d left at init (%s)", source, len(usable),
+             len(dropped), ", ".join(dropped[:8]), len(missing), ", ".join(missing[:8]))
+
+
+def _task(cfg: RunConfig, device: torch.device) -> Any:
+    if cfg.task == "finetune":
+        return ClassifyTask(label_smoothing=cfg.finetune.label_smoothing, mixup=components.build_mixup(cfg))
+    if cfg.pretrain.objective == "pixel":
+        return PixelTask()
+    teacher = components.build_online_teacher(cfg, device) if cfg.teacher.mode == "online" else None
+    return ClipDistillTask(beta=cfg.pretrain.smooth_l1_beta, aux_weight=cfg.pretrain.aux_weight, teacher=teacher)
+
+
+def _input_dtype(engine: Any) -> torch.dtype | None:
+    """The autocast dtype for evaluation: the engine's parameter dtype when it is not fp32."""
+    dtype = next(engine.module.parameters()).dtype
+    return None if dtype == torch.float32 else dtype
+
+
+def _save_best(engine: Any, cfg: RunConfig, run_dir: Path, metrics: dict[str, float], step: int, rank: int) -> None:
+    """Export the live weights to ``run_dir/best`` (rank 0 writes; a collective under ZeRO-3)."""
+    state = live_state_dict(engine)
+    if rank == 0:
+        meta = {"architecture": cfg.model.name, "model_kwargs": cfg.model.kwargs,
+                "img_size": cfg.model.kwargs.get("img_size", 224), "patch_size": cfg.model.kwargs.get("patch_size", 16),
+                "num_classes": cfg.model.kwargs.get("num_classes"), "teacher": None, "task": cfg.task, "step": step,
+                "source": str(run_dir.resolve()), "metrics": metrics}
+        write_export(state, meta, run_dir / "best")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out

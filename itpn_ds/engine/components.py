@@ -1,0 +1,113 @@
+"""The engine's seams to the other components: model, loaders, teacher, FLOPs, tracker.
+
+Each builder takes the run configuration and returns the real component from its package
+(``itpn_ds.models``, ``itpn_ds.data``, ``itpn_ds.teacher``, ``itpn_ds.tracking``). Nothing here trains.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from itpn_ds.config import ConfigError, RunConfig
+from itpn_ds.data.batch import Loader
+from itpn_ds.tracking import build_tracker
+from itpn_ds.tracking.base import Tracker
+
+
+def _import(module: str, what: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"{what} needs {module}, which cannot be imported: {exc}") from exc
+
+
+def build_model(cfg: RunConfig) -> nn.Module:
+    """``timm.create_model(model.name, drop_path_rate, **model.kwargs)`` plus the checkpointing policy."""
+    import timm
+
+    _import("itpn_ds.models", "model.name")  # registers the timm names
+    try:
+        model = timm.create_model(cfg.model.name, drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
+    except RuntimeError as exc:
+        raise ConfigError(f"model.name={cfg.model.name!r}: {exc}") from exc
+    policy = cfg.model.grad_checkpointing
+    if policy != "off":
+        every_k = 1 if policy == "every" else cfg.model.checkpoint_every_k
+        model.set_grad_checkpointing(True, every_k=every_k)
+    return model
+
+
+def forward_flops_per_image(model: nn.Module, cfg: RunConfig) -> float:
+    """Forward FLOPs of one image from the architecture (``itpn_ds.models.flops``); 0 when unknown."""
+    try:
+        flops = importlib.import_module("itpn_ds.models.flops")
+    except ImportError:
+        return 0.0
+    return float(flops.forward_flops(model, **_flops_kwargs(cfg)))
+
+
+def _flops_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    if cfg.task == "pretrain":
+        return {"mask_ratio": 0.0}
+    return {}
+
+
+def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True) -> tuple[Loader | None, Loader | None]:
+    """(train loader, eval loader) for the task; either is None when not configured."""
+    data = _import("itpn_ds.data", "data")
+    if not cfg.data.shards and train:
+        raise ConfigError("data.shards is empty: give the shard directory (itpn-ds make-shards output)")
+    common = dict(rank=rank, world_size=world_size, micro_batch=cfg.data.micro_batch, seed=cfg.schedule.seed,
+                  num_threads=cfg.data.num_threads, backend=cfg.data.loader, **cfg.data.options)
+    train_loader = eval_loader = None
+    if train and cfg.task == "pretrain":
+        views = _view_source(cfg)
+        train_loader = data.build_pretrain_loader(cfg.data.shards, views=views,
+                                                  img_size=cfg.model.kwargs.get("img_size", 224),
+                                                  teacher_resolution=cfg.teacher.resolution
+                                                  if cfg.teacher.mode == "online" else 0, **common)
+    elif train:
+        train_loader = data.build_finetune_loader(cfg.data.shards, img_size=cfg.model.kwargs.get("img_size", 224),
+                                                  **common)
+    if cfg.task == "finetune" and cfg.data.val_shards:
+        eval_loader = data.build_eval_loader(cfg.data.val_shards, img_size=cfg.model.kwargs.get("img_size", 224),
+                                             **common)
+    return train_loader, eval_loader
+
+
+def _view_source(cfg: RunConfig) -> Any:
+    if cfg.teacher.mode == "cache":
+        if not cfg.teacher.cache:
+            raise ConfigError("teacher.mode=cache needs teacher.cache (itpn-ds extract-teacher output)")
+        teacher = _import("itpn_ds.teacher", "teacher.cache")
+        return teacher.TeacherCache(Path(cfg.teacher.cache), shards=Path(cfg.data.shards))
+    from itpn_ds.data.views import SampledViews
+
+    return SampledViews(seed=cfg.schedule.seed)
+
+
+def build_online_teacher(cfg: RunConfig, device: torch.device) -> Any:
+    """The frozen CLIP teacher (teacher.mode=online): images in [0, 1] -> targets (B, T, D)."""
+    if not cfg.teacher.checkpoint:
+        raise ConfigError("teacher.mode=online needs teacher.checkpoint (a CLIP checkpoint file)")
+    teacher = _import("itpn_ds.teacher", "teacher.mode=online")
+    return teacher.load_teacher(cfg.teacher.arch, cfg.teacher.checkpoint, device=device)
+
+
+def build_mixup(cfg: RunConfig) -> Any:
+    """timm's Mixup for fine-tuning, or None when mixup and cutmix are both off."""
+    ft = cfg.finetune
+    if ft.mixup <= 0 and ft.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.label_smoothing,
+                 num_classes=ft.num_classes)
+
+
+def tracker_for(cfg: RunConfig, rank: int, run_dir: Path, dist_env: Any) -> Tracker:
+    return build_tracker(cfg.tracking, rank, run_dir, dist_env)
