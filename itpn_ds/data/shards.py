@@ -1,0 +1,437 @@
+"""Shard format, manifest, random-access reader and writer.
+
+A shard directory holds:
+
+* ``shard-NNNNN.tar``: a WebDataset tar; each sample is two consecutive members ``KEY.jpg`` (an RGB
+  JPEG) and ``KEY.cls`` (the class id as ASCII digits).
+* ``shard-NNNNN.idx``: its DALI index (the ``wds2idx`` format ``fn.readers.webdataset`` reads):
+  a first line ``v1.2 N`` then one line per sample ``jpg OFFSET SIZE KEY.jpg cls OFFSET SIZE KEY.cls``
+  (OFFSET = byte offset of the member's data in the tar).
+* ``manifest.json``: :class:`Manifest`.
+* ``shard-NNNNN.meta.json``: per-shard record of a finished shard (lets an interrupted run resume).
+* ``bad_files.tsv``: inputs that could not become samples, with the reason.
+
+Keys are the source paths relative to the input root without extension, with every character outside
+``[A-Za-z0-9_/-]`` replaced by ``_`` (a dot would end the WebDataset key).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from itpn_ds import __version__
+from itpn_ds.data.preprocess import BadImage, PreprocessOptions, prepare_image
+
+MANIFEST_NAME = "manifest.json"
+BAD_REPORT_NAME = "bad_files.tsv"
+FORMAT_VERSION = 1
+INDEX_VERSION = "v1.2"
+TAR_BLOCK = 512
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
+
+
+class ShardError(RuntimeError):
+    """A shard directory that cannot be read as written: names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One input image: its file, its sample key and its class id."""
+
+    path: str
+    key: str
+    label: int
+
+
+@dataclass
+class ShardInfo:
+    """One finished shard. ``sha256`` and ``bytes`` are of the tar file."""
+
+    tar: str
+    index: str
+    num_samples: int
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    """Everything about a shard directory. Per-sample lists are in shard order (shard 0's samples first,
+    in tar order); ``sizes`` are (width, height) in px after preprocessing."""
+
+    shards: list[ShardInfo]
+    keys: list[str]
+    labels: list[int]
+    sizes: list[tuple[int, int]]
+    classes: dict[str, int]
+    source: str
+    options: dict
+    num_bad: int = 0
+    bad_report: str = BAD_REPORT_NAME
+    tool_version: str = __version__
+    format_version: int = FORMAT_VERSION
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        _atomic_write_text(path, json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Manifest":
+        """Load ``directory/manifest.json`` (or the file itself when given a path to it)."""
+        path = Path(directory)
+        path = path if path.suffix == ".json" else path / MANIFEST_NAME
+        if not path.is_file():
+            raise ShardError(f"{path}: manifest not found (is this an `itpn-ds make-shards` output directory?)")
+        try:
+            raw = json.loads(path.read_text())
+            raw["shards"] = [ShardInfo(**s) for s in raw["shards"]]
+            raw["sizes"] = [tuple(s) for s in raw["sizes"]]
+            manifest = cls(**raw)
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ShardError(f"{path}: not a valid manifest: {exc}") from exc
+        manifest.check_consistent(path)
+        return manifest
+
+    def check_consistent(self, where: str | Path) -> None:
+        """The per-sample lists agree with each other, the shard counts and the class map."""
+        n = len(self.keys)
+        if not (len(self.labels) == len(self.sizes) == n == sum(s.num_samples for s in self.shards)):
+            raise ShardError(f"{where}: {n} keys, {len(self.labels)} labels, {len(self.sizes)} sizes and "
+                             f"{sum(s.num_samples for s in self.shards)} samples in the shards disagree")
+        ids = set(self.classes.values())
+        for key, label in zip(self.keys, self.labels):
+            if label not in ids:
+                raise ShardError(f"{where}: sample {key!r} has label {label}, outside the class map "
+                                 f"({len(self.classes)} classes)")
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+@dataclass(frozen=True)
+class SampleLocation:
+    """Where a sample's JPEG bytes lie: shard number, byte offset and size in its tar."""
+
+    shard: int
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    data: bytes
+    label: int
+    size: tuple[int, int]
+
+
+def read_index(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Parse a DALI webdataset index: [(key, {ext: (offset, size)})] in tar order."""
+    if not path.is_file():
+        raise ShardError(f"{path}: index file missing")
+    lines = path.read_text().splitlines()
+    header = lines[0].split() if lines else []
+    if len(header) != 2 or header[0] != INDEX_VERSION or not header[1].isdigit():
+        raise ShardError(f"{path}: bad index header {lines[0] if lines else ''!r}, expected '{INDEX_VERSION} N'")
+    entries = []
+    for number, line in enumerate(lines[1:], start=2):
+        fields_ = line.split()
+        if not fields_ or len(fields_) % 4:
+            raise ShardError(f"{path}:{number}: malformed index line {line!r}")
+        components = {}
+        key = None
+        for ext, offset, size, name in zip(*[iter(fields_)] * 4):
+            key = name[: -len(ext) - 1]
+            components[ext] = (int(offset), int(size))
+        entries.append((key, components))
+    if len(entries) != int(header[1]):
+        raise ShardError(f"{path}: header says {header[1]} samples, {len(entries)} lines follow")
+    return entries
+
+
+class ShardReader:
+    """Random access to the samples of a shard directory by index or key.
+
+    Reads each sample's JPEG with one ``pread`` at the offset the index gives. File handles are opened
+    lazily per process, so a reader may be shared with forked workers.
+    """
+
+    def __init__(self, directory: str | Path, manifest: Manifest | None = None) -> None:
+        self.directory = Path(directory)
+        self.manifest = manifest or Manifest.load(self.directory)
+        self.locations = self._locate()
+        self._position = {key: i for i, key in enumerate(self.manifest.keys)}
+        self._files: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def _locate(self) -> list[SampleLocation]:
+        locations = []
+        for shard_number, shard in enumerate(self.manifest.shards):
+            tar_path = self.directory / shard.tar
+            if not tar_path.is_file():
+                raise ShardError(f"{tar_path}: shard listed in the manifest is missing")
+            entries = read_index(self.directory / shard.index)
+            if len(entries) != shard.num_samples:
+                raise ShardError(f"{self.directory / shard.index}: {len(entries)} samples, the manifest says "
+                                 f"{shard.num_samples}")
+            tar_size = tar_path.stat().st_size
+            first = len(locations)
+            for i, (key, components) in enumerate(entries):
+                expected = self.manifest.keys[first + i]
+                if key != expected or "jpg" not in components:
+                    raise ShardError(f"{self.directory / shard.index}: entry {i} is {key!r} "
+                                     f"({sorted(components)}), the manifest expects {expected!r} with a jpg")
+                offset, size = components["jpg"]
+                if offset + size > tar_size:
+                    raise ShardError(f"{tar_path}: truncated: sample {key!r} ends at byte {offset + size}, "
+                                     f"the file has {tar_size}")
+                locations.append(SampleLocation(shard_number, offset, size))
+        return locations
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def index_of(self, key: str) -> int:
+        try:
+            return self._position[key]
+        except KeyError:
+            raise KeyError(f"sample {key!r} is not in {self.directory}") from None
+
+    def encoded(self, index: int) -> bytes:
+        """The JPEG bytes of sample ``index``."""
+        loc = self.locations[index]
+        data = os.pread(self._fd(loc.shard), loc.size, loc.offset)
+        if len(data) != loc.size:
+            raise ShardError(f"{self.directory / self.manifest.shards[loc.shard].tar}: short read of sample "
+                             f"{self.manifest.keys[index]!r} ({len(data)} of {loc.size} bytes)")
+        return data
+
+    def read(self, key: str) -> bytes:
+        return self.encoded(self.index_of(key))
+
+    def sample(self, index: int) -> Sample:
+        m = self.manifest
+        return Sample(m.keys[index], self.encoded(index), m.labels[index], m.sizes[index])
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(len(self)):
+            yield self.sample(i)
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # forked: descriptors' file positions are shared, reopen ours
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            self._files[shard] = os.open(self.directory / self.manifest.shards[shard].tar, os.O_RDONLY)
+        return self._files[shard]
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files = {}
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            self.close()
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def sanitize_key(relative_path: str) -> str:
+    """Sample key from a path relative to the input root: no extension, unsafe characters -> ``_``."""
+    stem = relative_path.rsplit(".", 1)[0] if "." in Path(relative_path).name else relative_path
+    return _KEY_UNSAFE.sub("_", stem.replace(os.sep, "/"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class ShardResult:
+    """What writing one shard produced (also its ``.meta.json`` sidecar)."""
+
+    info: ShardInfo | None
+    keys: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    plan_digest: str = ""
+
+
+def shard_names(number: int) -> tuple[str, str, str]:
+    base = f"shard-{number:05d}"
+    return f"{base}.tar", f"{base}.idx", f"{base}.meta.json"
+
+
+def plan_digest(items: Sequence[SourceItem], options: PreprocessOptions) -> str:
+    """Identifies a shard's inputs and options, so a resumed run redoes shards whose plan changed."""
+    text = json.dumps([[i.path, i.key, i.label] for i in items] + [asdict(options)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_shard(out_dir: Path, number: int, items: Sequence[SourceItem], options: PreprocessOptions) -> ShardResult:
+    """Preprocess ``items`` into shard ``number`` (tar + index + meta sidecar), written under temporary
+    names and renamed into place, the sidecar last. Bad inputs are recorded, not written."""
+    tar_name, idx_name, meta_name = shard_names(number)
+    result = ShardResult(info=None, plan_digest=plan_digest(items, options))
+    index_lines = []
+    tmp_tar = out_dir / f".{tar_name}.tmp"
+    with tarfile.open(tmp_tar, "w", format=tarfile.PAX_FORMAT) as tar:
+        for item in items:
+            try:
+                data, width, height = prepare_image(Path(item.path).read_bytes(), options)
+            except (BadImage, OSError) as exc:
+                result.bad.append((item.path, str(exc).replace("\t", " ").replace("\n", " ")))
+                continue
+            jpg_offset = _add_member(tar, f"{item.key}.jpg", data)
+            label_bytes = str(item.label).encode()
+            cls_offset = _add_member(tar, f"{item.key}.cls", label_bytes)
+            index_lines.append(f"jpg {jpg_offset} {len(data)} {item.key}.jpg "
+                               f"cls {cls_offset} {len(label_bytes)} {item.key}.cls")
+            result.keys.append(item.key)
+            result.labels.append(item.label)
+            result.sizes.append((width, height))
+    if index_lines:
+        _atomic_write_text(out_dir / idx_name, f"{INDEX_VERSION} {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
+        os.replace(tmp_tar, out_dir / tar_name)
+        result.info = ShardInfo(tar_name, idx_name, len(index_lines), sha256_file(out_dir / tar_name),
+                                (out_dir / tar_name).stat().st_size)
+    else:
+        tmp_tar.unlink()
+    _atomic_write_text(out_dir / meta_name, json.dumps(asdict(result)))
+    return result
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
+    """Append a regular file; returns the byte offset of its data in the tar."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
+    padded = -(-len(data) // TAR_BLOCK) * TAR_BLOCK
+    return tar.offset - padded
+
+
+def load_finished(out_dir: Path, number: int, items: Sequence[SourceItem], options: PreprocessOptions) -> ShardResult | None:
+    """The sidecar of a shard an earlier run finished with the same plan, or None."""
+    tar_name, _, meta_name = shard_names(number)
+    meta = out_dir / meta_name
+    if not meta.is_file():
+        return None
+    raw = json.loads(meta.read_text())
+    if raw["plan_digest"] != plan_digest(items, options):
+        return None
+    info = ShardInfo(**raw["info"]) if raw["info"] else None
+    if info is not None and not (out_dir / tar_name).is_file():
+        return None
+    return ShardResult(info, raw["keys"], raw["labels"], [tuple(s) for s in raw["sizes"]],
+                       [tuple(b) for b in raw["bad"]], raw["plan_digest"])
+
+
+def plan_shards(items: Sequence[SourceItem], target_bytes: int) -> list[list[SourceItem]]:
+    """Consecutive groups whose input files add up to about ``target_bytes`` (at least one item each).
+    The target applies to input bytes: re-encoding with a size cap makes the shards smaller."""
+    groups: list[list[SourceItem]] = [[]]
+    total = 0
+    for item in items:
+        size = os.path.getsize(item.path) if os.path.exists(item.path) else 0
+        if groups[-1] and total + size > target_bytes:
+            groups.append([])
+            total = 0
+        groups[-1].append(item)
+        total += size
+    return [g for g in groups if g]
+
+
+def _write_job(job: tuple[Path, int, list[SourceItem], PreprocessOptions]) -> tuple[int, ShardResult, bool]:
+    out_dir, number, items, options = job
+    finished = load_finished(out_dir, number, items, options)
+    if finished is not None:
+        return number, finished, True
+    return number, write_shard(out_dir, number, items, options), False
+
+
+def write_shards(items: Sequence[SourceItem], out_dir: str | Path, classes: dict[str, int], source: str,
+                 options: PreprocessOptions = PreprocessOptions(), target_shard_bytes: int = 1 << 30,
+                 num_workers: int = 1, progress: bool = True) -> Manifest:
+    """Write ``items`` as shards under ``out_dir`` with ``num_workers`` processes; shards finished by an
+    earlier run with the same plan are kept. Writes ``bad_files.tsv`` and ``manifest.json``."""
+    if not items:
+        raise ShardError(f"{source}: no input images")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = plan_shards(items, target_shard_bytes)
+    jobs = [(out_dir, n, g, options) for n, g in enumerate(groups)]
+    results: dict[int, ShardResult] = {}
+    started, done = time.monotonic(), 0
+    if num_workers > 1:
+        with get_context("spawn").Pool(num_workers) as pool:
+            for number, result, skipped in pool.imap_unordered(_write_job, jobs):
+                results[number] = result
+                done += len(groups[number])
+                _report_progress(progress, len(results), len(jobs), done, len(items), started, skipped)
+    else:
+        for job in jobs:
+            number, result, skipped = _write_job(job)
+            results[number] = result
+            done += len(groups[number])
+            _report_progress(progress, len(results), len(jobs), done, len(items), started, skipped)
+    manifest = _assemble(results, classes, source, options, out_dir)
+    manifest.save(out_dir)
+    return manifest
+
+
+def _report_progress(enabled: bool, shards_done: int, shards: int, done: int, total: int, started: float,
+                     skipped: bool) -> None:
+    if not enabled:
+        return
+    rate = done / max(time.monotonic() - started, 1e-9)
+    note = " (finished earlier, kept)" if skipped else ""
+    print(f"[make-shards] shard {shards_done}/{shards}{note}  samples {done}/{total}  {rate:.0f} samples/s",
+          file=sys.stderr, flush=True)
+
+
+def _assemble(results: dict[int, ShardResult], classes: dict[str, int], source: str,
+              options: PreprocessOptions, out_dir: Path) -> Manifest:
+    shards, keys, labels, sizes, bad = [], [], [], [], []
+    for number in sorted(results):
+        r = results[number]
+        bad.extend(r.bad)
+        if r.info is not None:
+            shards.append(r.info)
+            keys += r.keys
+            labels += r.labels
+            sizes += r.sizes
+    duplicates = len(keys) - len(set(keys))
+    if duplicates:
+        raise ShardError(f"{source}: {duplicates} duplicate sample keys (inputs differing only in extension "
+                         "or in characters outside [A-Za-z0-9_/-])")
+    report = "path\treason\n" + "".join(f"{path}\t{reason}\n" for path, reason in bad)
+    _atomic_write_text(out_dir / BAD_REPORT_NAME, report)
+    return Manifest(shards, keys, labels, sizes, dict(classes), source, asdict(options), num_bad=len(bad))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
