@@ -65,6 +65,8 @@ def main(args: argparse.Namespace) -> int:
 
 def train(cfg: RunConfig, run_dir: Path) -> int:
     """Pre-train or fine-tune into ``run_dir``, resuming from its latest checkpoint."""
+    if cfg.finetune.ema_decay > 0:
+        raise ConfigError("finetune.ema_decay > 0: the weight EMA is not implemented yet; set it to 0")
     runtime = init_distributed()
     make_deterministic()
     seed_everything(cfg.schedule.seed)
