@@ -1,0 +1,133 @@
+"""Patch masks for masked image modeling, deterministic from (seed, epoch, sample index).
+
+* :class:`BlockMaskGenerator`: BEiT-style block-wise masking (iTPN's CLIP objective): rectangles of at
+  least ``min_block`` patches with aspect ratio in [aspect, 1/aspect] are added until the target count
+  is reached; then the mask is topped up / trimmed at random so it holds EXACTLY ``num_masked`` patches
+  (every sample in a batch masks the same number, as the model's batched gather needs).
+* :func:`random_masking`: MAE-style per-sample random masking for the pixel objective.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from itpn_ds.data.views import key_hash
+
+
+@dataclass(frozen=True)
+class BlockMaskGenerator:
+    """Block masks on a ``height`` x ``width`` patch grid.
+
+    num_masked: patches to mask (default: 75 of 196 scaled to the grid, i.e. ~38%).
+    min_block:  smallest block in patches (scaled down for grids smaller than 14 x 14).
+    max_block:  largest block in patches (None: no limit beyond ``num_masked``).
+    aspect:     block aspect ratios are log-uniform in [aspect, 1 / aspect].
+    """
+
+    height: int
+    width: int
+    num_masked: int | None = None
+    min_block: int = 16
+    max_block: int | None = None
+    aspect: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"mask grid must be at least 1x1, got {self.height}x{self.width}")
+        if not 0 < self.aspect <= 1:
+            raise ValueError(f"aspect must be in (0, 1], got {self.aspect}")
+        if not 0 <= self.masked_count <= self.num_patches:
+            raise ValueError(f"num_masked {self.num_masked} outside 0..{self.num_patches}")
+
+    @property
+    def num_patches(self) -> int:
+        return self.height * self.width
+
+    @property
+    def masked_count(self) -> int:
+        if self.num_masked is not None:
+            return self.num_masked
+        return round(self.num_patches * 75 / 196)
+
+    @property
+    def block_min(self) -> int:
+        """``min_block`` scaled by the grid's size relative to 14 x 14 (at least 1)."""
+        return max(1, min(self.min_block, round(self.min_block * self.num_patches / 196)))
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        """(height, width) bool mask with exactly ``masked_count`` True (= masked) patches."""
+        mask = np.zeros((self.height, self.width), dtype=bool)
+        target = self.masked_count
+        stalls = 0
+        while mask.sum() < target and stalls < 10:
+            added = self._add_block(mask, target - int(mask.sum()), rng)
+            stalls = stalls + 1 if added == 0 else 0
+        return _fix_count(mask, target, rng)
+
+    def _add_block(self, mask: np.ndarray, remaining: int, rng: np.random.Generator) -> int:
+        """Try up to 10 times to mask one new block of at most ``remaining`` new patches; returns the count."""
+        max_block = remaining if self.max_block is None else min(remaining, self.max_block)
+        min_block = min(self.block_min, max_block)
+        log_aspect = (math.log(self.aspect), -math.log(self.aspect))
+        for _ in range(10):
+            area = rng.uniform(min_block, max_block)
+            ratio = math.exp(rng.uniform(*log_aspect))
+            h = int(round(math.sqrt(area * ratio)))
+            w = int(round(math.sqrt(area / ratio)))
+            if 0 < h < self.height and 0 < w < self.width:
+                top = int(rng.integers(0, self.height - h + 1))
+                left = int(rng.integers(0, self.width - w + 1))
+                region = mask[top:top + h, left:left + w]
+                new = h * w - int(region.sum())
+                if 0 < new <= max_block:
+                    region[...] = True
+                    return new
+        return 0
+
+    def batch(self, seed: int, epoch: int, indices: list[int] | np.ndarray) -> torch.Tensor:
+        """(B, height * width) bool masks for the given global sample indices in an epoch."""
+        masks = [self(mask_rng(seed, epoch, int(i))).reshape(-1) for i in indices]
+        return torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, self.num_patches, dtype=torch.bool)
+
+
+def _fix_count(mask: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
+    """Mask or unmask random patches so exactly ``target`` are masked."""
+    flat = mask.reshape(-1)
+    count = int(flat.sum())
+    if count < target:
+        flat[rng.choice(np.flatnonzero(~flat), target - count, replace=False)] = True
+    elif count > target:
+        flat[rng.choice(np.flatnonzero(flat), count - target, replace=False)] = False
+    return mask
+
+
+def mask_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one sample's mask: a function of (seed, epoch, global sample index) only."""
+    return np.random.default_rng(key_hash("mask", seed, epoch, index))
+
+
+def random_masking(batch_size: int, num_patches: int, mask_ratio: float, generator: torch.Generator | None = None,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE-style random masking: (ids_keep (B, K), ids_restore (B, N), mask (B, N) bool, True = masked).
+
+    K = int(N * (1 - mask_ratio)) visible patches per sample, chosen by argsort of uniform noise;
+    ``x_visible = x.gather(1, ids_keep)`` and ``ids_restore`` undoes the shuffle.
+    """
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    keep = int(num_patches * (1 - mask_ratio))
+    noise = torch.rand(batch_size, num_patches, generator=generator).to(device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones(batch_size, num_patches, dtype=torch.bool, device=device)
+    mask[:, :keep] = False
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_shuffle[:, :keep], ids_restore, mask
+
+
+def masking_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """A torch generator for :func:`random_masking` of one (seed, epoch, step)."""
+    return torch.Generator().manual_seed(key_hash("random-mask", seed, epoch, step) & ((1 << 63) - 1))
