@@ -17,7 +17,7 @@ def test_block_masks_have_exact_count_and_are_blocky():
     components = [ndimage.label(m.reshape(14, 14).numpy())[1] for m in masks]
     assert np.mean(components) < 8  # a few blocks, not 75 scattered patches
     positions = masks.float().mean(0)
-    assert positions.min() > 0.02 and positions.max() < 0.7  # every patch, corners included, gets masked
+    assert positions.min() > 0.02 and positions.max() < 0.85  # every patch, corners included, gets masked
 
 
 def test_masks_depend_only_on_seed_epoch_and_index():
