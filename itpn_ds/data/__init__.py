@@ -1,1 +1,41 @@
-"""Input side: shards on disk, the views sampled from them, and the DALI / torch pipelines that decode them."""
+"""Input side: shards on disk, the views sampled from them, and the DALI pipelines that decode them.
+
+The engine builds loaders through ``build_pretrain_loader``, ``build_finetune_loader`` and
+``build_eval_loader`` (keyword arguments: rank, world_size, micro_batch, seed, num_threads, backend and
+the loader's own options such as ``device``, ``on_corrupt``, ``crop_pct``, ``num_masked``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from itpn_ds.data.batch import Batch, Loader
+
+
+def _check_backend(backend: str) -> None:
+    if backend != "dali":
+        raise NotImplementedError(f"data.loader={backend!r}: only the DALI loader exists so far")
+
+
+def build_pretrain_loader(shards: str | Path, views: Any, backend: str = "dali", **kwargs: Any) -> Loader:
+    _check_backend(backend)
+    from itpn_ds.data.pretrain_pipeline import PretrainLoader
+
+    return PretrainLoader(shards, views, **kwargs)
+
+
+def build_finetune_loader(shards: str | Path, backend: str = "dali", **kwargs: Any) -> Loader:
+    _check_backend(backend)
+    from itpn_ds.data.finetune_pipeline import FinetuneLoader
+
+    return FinetuneLoader(shards, **kwargs)
+
+
+def build_eval_loader(shards: str | Path, backend: str = "dali", **kwargs: Any) -> Loader:
+    _check_backend(backend)
+    from itpn_ds.data.eval_pipeline import EvalLoader
+
+    return EvalLoader(shards, **kwargs)
+
+
+__all__ = ["Batch", "Loader", "build_pretrain_loader", "build_finetune_loader", "build_eval_loader"]

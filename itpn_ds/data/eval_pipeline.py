@@ -1,0 +1,44 @@
+"""Evaluation loader: the center crop that, resized to ``img_size``, equals resizing the shorter side to
+``img_size / crop_pct`` and center-cropping ``img_size`` (timm's eval transform), decoded box-only.
+Order is fixed (epoch 0's permutation); padding in the last step carries valid=False."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from itpn_ds.data.batch import Batch
+from itpn_ds.data.shard_loader import ShardLoader, normalize
+from itpn_ds.data.views import CropView
+
+
+def center_crop_view(width: int, height: int, crop_pct: float) -> CropView:
+    """Square box of side crop_pct x shorter side, centered (source pixels)."""
+    side = max(1, round(min(width, height) * crop_pct))
+    return CropView((width - side) // 2, (height - side) // 2, side, side, False)
+
+
+class EvalLoader(ShardLoader):
+    def __init__(self, shards: str | Path, micro_batch: int, img_size: int = 224, crop_pct: float = 0.875,
+                 **kwargs) -> None:
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        super().__init__(shards, [(img_size, "cubic")], micro_batch, **kwargs)
+        self.crop_pct = crop_pct
+
+    def set_epoch(self, epoch: int) -> None:
+        self.offset = 0
+
+    def __iter__(self):
+        self.epoch = 0
+        yield from super().__iter__()
+        self.epoch = 0
+
+    def views(self, keys: list[str], sizes: list[tuple[int, int]], indices: np.ndarray) -> tuple[list[int], list[CropView]]:
+        return [0] * len(keys), [center_crop_view(w, h, self.crop_pct) for w, h in sizes]
+
+    def make_batch(self, keys: list[str], indices: np.ndarray, view_ids: list[int], outputs: list[torch.Tensor],
+                   valid: torch.Tensor) -> Batch:
+        labels = torch.tensor([self.manifest.labels[i] for i in indices], dtype=torch.int64)
+        return Batch(images=normalize(outputs[0]), keys=keys, labels=labels, valid=valid)

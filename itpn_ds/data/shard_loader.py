@@ -1,0 +1,127 @@
+"""The part every DALI loader shares: epoch order over a shard directory, batch decoding through
+:class:`ViewDecoder` with corrupt-sample handling, and the Loader protocol's epoch/state bookkeeping.
+
+Subclasses choose each sample's view (``views``) and turn decoded pixels into a Batch (``make_batch``).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from itpn_ds.data.batch import Batch
+from itpn_ds.data.sampler import DistributedOrder
+from itpn_ds.data.shards import ShardReader
+from itpn_ds.data.view_decoder import ViewDecoder
+from itpn_ds.data.views import CropView
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CorruptSampleError(RuntimeError):
+    """A sample whose JPEG DALI cannot decode, met with ``on_corrupt='raise'``."""
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (x - mean) / std per channel."""
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - mean_t) / std_t
+
+
+class ShardLoader:
+    """Iterates this rank's share of an epoch; ``state_dict`` is the global epoch position.
+
+    on_corrupt: ``skip`` (the sample becomes a zero image with valid=False, counted in
+                ``corrupt_count`` and logged with its key) or ``raise``.
+    """
+
+    def __init__(self, shards: str | Path, decoder_outputs: list[tuple[int, str]], micro_batch: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2, device: str = "auto",
+                 on_corrupt: str = "skip") -> None:
+        if on_corrupt not in ("skip", "raise"):
+            raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
+        self.reader = ShardReader(shards)
+        self.manifest = self.reader.manifest
+        self.order = DistributedOrder(len(self.reader), micro_batch, rank, world_size, seed)
+        self.decoder = ViewDecoder(decoder_outputs, device=device, batch_size=micro_batch, num_threads=num_threads,
+                                   seed=seed)
+        self.seed = seed
+        self.on_corrupt = on_corrupt
+        self.epoch = 0
+        self.offset = 0
+        self.corrupt_count = 0
+
+    # --- Loader protocol
+    def __len__(self) -> int:
+        return self.order.steps(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.offset = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has {self.seed}")
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        for step in self.order(self.epoch, self.offset):
+            batch = self._load(step.indices, step.valid)
+            self.offset = step.next_offset
+            yield batch
+        self.offset = 0
+        self.epoch += 1
+
+    # --- for subclasses
+    def views(self, keys: list[str], sizes: list[tuple[int, int]], indices: np.ndarray) -> tuple[list[int], list[CropView]]:
+        raise NotImplementedError
+
+    def make_batch(self, keys: list[str], indices: np.ndarray, view_ids: list[int], outputs: list[torch.Tensor],
+                   valid: torch.Tensor) -> Batch:
+        raise NotImplementedError
+
+    # --- internals
+    def _load(self, indices: np.ndarray, valid: np.ndarray) -> Batch:
+        m = self.manifest
+        keys = [m.keys[i] for i in indices]
+        view_ids, views = self.views(keys, [m.sizes[i] for i in indices], indices)
+        encoded = [self.reader.encoded(int(i)) for i in indices]
+        valid_t = torch.from_numpy(valid.copy())
+        outputs = self._decode(encoded, views, keys, valid_t)
+        return self.make_batch(keys, indices, view_ids, outputs, valid_t)
+
+    def _decode(self, encoded: list[bytes], views: list[CropView], keys: list[str], valid: torch.Tensor) -> list[torch.Tensor]:
+        """Decode the batch; on a DALI error, decode sample by sample to find the corrupt ones."""
+        try:
+            return self.decoder.decode(encoded, views)
+        except RuntimeError:
+            pass
+        per_sample: list[list[torch.Tensor] | None] = []
+        for i, (data, view) in enumerate(zip(encoded, views)):
+            try:
+                per_sample.append(self.decoder.decode([data], [view]))
+            except RuntimeError as exc:
+                if self.on_corrupt == "raise":
+                    raise CorruptSampleError(f"sample {keys[i]!r} cannot be decoded: {exc}") from exc
+                self.corrupt_count += 1
+                log.warning("skipping corrupt sample %r (%d so far)", keys[i], self.corrupt_count)
+                valid[i] = False
+                per_sample.append(None)
+        shapes = [o.shape[1:] for o in self.decoder_template()]
+        return [torch.cat([s[k] if s is not None else torch.zeros(1, *shapes[k]) for s in per_sample])
+                for k in range(len(shapes))]
+
+    def decoder_template(self) -> list[torch.Tensor]:
+        """One zero (1, 3, S, S) tensor per decoder output."""
+        return [torch.zeros(1, 3, o.size, o.size) for o in self.decoder.outputs]

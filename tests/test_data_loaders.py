@@ -1,0 +1,97 @@
+"""DALI loaders on the demo shards: batch contents, view replay, exactly-once over ranks, resume, corrupt samples."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from itpn_ds.data import build_eval_loader, build_finetune_loader, build_pretrain_loader
+from itpn_ds.data.shard_loader import CorruptSampleError, IMAGENET_MEAN, IMAGENET_STD
+from itpn_ds.data.shards import Manifest, ShardReader
+from itpn_ds.data.view_decoder import ViewDecoder
+from itpn_ds.data.views import CropView, SampledViews
+
+COMMON = dict(micro_batch=8, num_threads=1, device="cpu")
+
+
+class FixedViews:
+    """A ViewSource standing in for a teacher cache: view id 7, a fixed box, targets that encode the key."""
+
+    def views(self, keys, sizes, epoch):
+        return [(7, CropView(2, 3, min(w, 60) - 2, min(h, 50) - 3, True)) for w, h in sizes]
+
+    def targets(self, keys, view_ids):
+        return torch.tensor([[[float(len(k)), float(v)]] for k, v in zip(keys, view_ids)])
+
+
+def test_pretrain_batch_replays_the_view_for_student_and_teacher(demo_shards):
+    loader = build_pretrain_loader(demo_shards, views=FixedViews(), img_size=32, teacher_resolution=28,
+                                   patch_size=8, **COMMON)
+    batch = next(iter(loader))
+    assert batch.images.shape == (8, 3, 32, 32) and batch.teacher_images.shape == (8, 3, 28, 28)
+    assert batch.bool_masked_pos.shape == (8, 16) and batch.valid.all()
+    assert (batch.view_ids == 7).all() and batch.targets[:, 0, 0].tolist() == [len(k) for k in batch.keys]
+    reader = ShardReader(demo_shards)
+    data = reader.read(batch.keys[0])
+    view = FixedViews().views([batch.keys[0]], [Manifest.load(demo_shards).sizes[reader.index_of(batch.keys[0])]], 0)[0][1]
+    student, teacher = ViewDecoder([(32, "cubic"), (28, "lanczos")], device="cpu", num_threads=1).decode([data], [view])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(batch.images[0], (student[0] - mean) / std, atol=1e-5)
+    assert torch.allclose(batch.teacher_images[0], teacher[0])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_sample_once_per_epoch_across_ranks(demo_shards, world):
+    loaders = [build_finetune_loader(demo_shards, img_size=16, rank=r, world_size=world, **COMMON) for r in range(world)]
+    keys = []
+    for loader in loaders:
+        batches = list(loader)
+        assert len(batches) == len(loader) == len(loaders[0])
+        keys += [k for b in batches for k, v in zip(b.keys, b.valid) if v]
+    assert sorted(keys) == sorted(Manifest.load(demo_shards).keys)
+
+
+def test_mid_epoch_resume_continues_with_the_unseen_samples(demo_shards):
+    loader = build_pretrain_loader(demo_shards, views=SampledViews(seed=0), img_size=16, patch_size=8, **COMMON)
+    loader.set_epoch(1)
+    it = iter(loader)
+    first = [next(it), next(it)]
+    state = loader.state_dict()
+    resumed = build_pretrain_loader(demo_shards, views=SampledViews(seed=0), img_size=16, patch_size=8, **COMMON)
+    resumed.load_state_dict(state)
+    rest, expected = list(resumed), list(it)
+    assert [b.keys for b in rest] == [b.keys for b in expected]
+    assert all(torch.equal(a.bool_masked_pos, b.bool_masked_pos) for a, b in zip(rest, expected))
+    seen = [k for b in first + rest for k, v in zip(b.keys, b.valid) if v]
+    assert sorted(seen) == sorted(Manifest.load(demo_shards).keys)
+
+
+def test_eval_center_crop_order_is_fixed(demo_shards):
+    loader = build_eval_loader(demo_shards, img_size=16, crop_pct=0.875, **COMMON)
+    once, twice = [b.keys for b in loader], [b.keys for b in loader]
+    assert once == twice and sum(len(k) for k in once) == len(loader) * 8
+
+
+def _corrupt_copy(demo_shards, tmp_path):
+    copy = tmp_path / "corrupt"
+    shutil.copytree(demo_shards, copy)
+    reader = ShardReader(copy)
+    loc = reader.locations[0]
+    tar = copy / reader.manifest.shards[loc.shard].tar
+    raw = bytearray(tar.read_bytes())
+    raw[loc.offset:loc.offset + loc.size] = b"\x00" * loc.size  # same length, garbage JPEG
+    tar.write_bytes(bytes(raw))
+    return copy, reader.manifest.keys[0]
+
+
+def test_corrupt_sample_is_skipped_counted_or_raises(demo_shards, tmp_path, caplog):
+    copy, bad_key = _corrupt_copy(demo_shards, tmp_path)
+    loader = build_finetune_loader(copy, img_size=16, **COMMON)
+    batches = list(loader)
+    assert loader.corrupt_count == 1 and bad_key in caplog.text
+    flags = {k: bool(v) for b in batches for k, v in zip(b.keys, b.valid)}
+    assert flags[bad_key] is False and sum(flags.values()) == len(flags) - 1
+    strict = build_finetune_loader(copy, img_size=16, on_corrupt="raise", **COMMON)
+    with pytest.raises(CorruptSampleError, match=bad_key):
+        list(strict)
