@@ -1,0 +1,221 @@
+"""HiViT backbone with iTPN's feature pyramid.
+
+``blocks`` is one list, as in the published code: ``mlp_depth1`` MLP-only blocks at D/4 on 4×4 sub-tokens,
+PatchMerge, ``mlp_depth2`` MLP-only blocks at D/2 on 2×2 sub-tokens, PatchMerge, then ``depth`` attention
+blocks at D on one token per 16×16 patch. Layer-wise lr decay counts every entry of that list as a layer.
+
+The pyramid (built when ``num_outs`` > 1) goes back up: 16→8 by PatchSplit plus a lateral Linear from the
+stage-2 map, ``fpn_depth`` MLP blocks; 8→4 likewise from stage 1; one MLP block per level at the output.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from timm.layers import trunc_normal_
+
+from itpn_ds.models.layers import PatchEmbed, PatchMerge, PatchSplit, attention_block, mlp_block, relative_position_index
+
+
+def drop_path_rates(total: int, max_rate: float) -> list[float]:
+    """Stochastic depth rising linearly over all ``total`` blocks of all stages."""
+    if total <= 1:
+        return [0.0] * total
+    return [max_rate * i / (total - 1) for i in range(total)]
+
+
+class GradCheckpointing:
+    """Activation-checkpointing policy shared by every block loop: off, every block, or every k-th block."""
+
+    grad_ckpt_every: int = 0
+
+    def set_grad_checkpointing(self, enable: bool = True, every_k: int = 1) -> None:
+        if every_k < 1:
+            raise ValueError(f"every_k must be >= 1, got {every_k}")
+        self.grad_ckpt_every = every_k if enable else 0
+
+    def run_block(self, index: int, block: nn.Module, *args):
+        """Call ``block(*args)``, checkpointed when the policy selects block number ``index``."""
+        if self.grad_ckpt_every and self.training and index % self.grad_ckpt_every == 0:
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+EMBEDDING_PREFIXES = ("patch_embed", "absolute_pos_embed", "pos_embed", "mask_token", "cls_token")
+
+
+class OptimizerMetadata:
+    """What the engine's parameter groups need: names without weight decay and layer ids for lr decay."""
+
+    blocks: nn.ModuleList
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names without weight decay: position embeddings, mask tokens, RPE tables, norms, biases."""
+        return {name for name, p in self.named_parameters()
+                if p.ndim <= 1 or name.endswith(EMBEDDING_PREFIXES[1:]) or "relative_position_bias_table" in name}
+
+    @property
+    def num_lr_layers(self) -> int:
+        """Layers for layer-wise lr decay: 0 = patch embed + pos embed, 1..len(blocks) = blocks, last = rest."""
+        return len(self.blocks) + 2
+
+    def lr_layer_id(self, name: str) -> int:
+        """Layer of a parameter for layer-wise lr decay (every entry of ``blocks``, merges too, is one layer)."""
+        if name.startswith(EMBEDDING_PREFIXES):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_lr_layers - 1
+
+
+class HiViT(GradCheckpointing, OptimizerMetadata, nn.Module):
+    """HiViT backbone (+ iTPN pyramid when ``num_outs`` > 1). Input (B, 3, H, W), H = W = ``img_size``."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 512,
+                 mlp_depth1: int = 3, mlp_depth2: int = 3, depth: int = 24, num_heads: int = 8,
+                 bridge_mlp_ratio: float = 3.0, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 init_values: float | None = None, ape: bool = True, rpe: bool = True, patch_norm: bool = True,
+                 num_outs: int = 1, fpn_dim: int = 256, fpn_depth: int = 1, layernorm_eps: float = 1e-6):
+        super().__init__()
+        if img_size % patch_size or patch_size % 4:
+            raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}, itself a multiple of 4")
+        if num_outs not in (1, 2, 3):
+            raise ValueError(f"num_outs must be 1, 2 or 3, got {num_outs}")
+        self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
+        self.num_features = embed_dim
+        self.depth, self.num_main_blocks, self.num_outs = depth, depth, num_outs
+        self.grid = img_size // patch_size
+        self.ape, self.rpe = ape, rpe
+        norm = partial(nn.LayerNorm, eps=layernorm_eps)
+        self.norm_layer = norm
+        dims = (embed_dim // 4, embed_dim // 2, embed_dim)
+
+        self.patch_embed = PatchEmbed(patch_size, dims[0], in_chans, norm if patch_norm else None)
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=0.02)
+        if rpe:
+            self.register_buffer("relative_position_index", relative_position_index(self.grid))
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        dpr = iter(drop_path_rates(mlp_depth1 + mlp_depth2 + depth, drop_path_rate))
+        stage = lambda dim, n: [mlp_block(dim, bridge_mlp_ratio, norm, init_values, next(dpr), drop_rate)  # noqa: E731
+                                for _ in range(n)]
+        self.blocks = nn.ModuleList([
+            *stage(dims[0], mlp_depth1), PatchMerge(dims[0], norm),
+            *stage(dims[1], mlp_depth2), PatchMerge(dims[1], norm),
+            *[attention_block(embed_dim, num_heads, mlp_ratio, norm, qkv_bias, self.grid if rpe else None,
+                              init_values, next(dpr), drop_rate, attn_drop_rate) for _ in range(depth)]])
+        if num_outs > 1:
+            self._build_pyramid(dims, fpn_dim, fpn_depth, mlp_ratio, norm)
+
+    def _build_pyramid(self, dims: tuple[int, int, int], fpn_dim: int, fpn_depth: int, mlp_ratio: float, norm) -> None:
+        self.fpn_dim = fpn_dim
+        fpn_block = lambda: mlp_block(fpn_dim, mlp_ratio, norm)  # noqa: E731
+        self.align_dim_16tofpn = nn.Linear(dims[2], fpn_dim) if dims[2] != fpn_dim else None
+        self.fpn_modules = nn.ModuleList([fpn_block() for _ in range(self.num_outs)])
+        self.align_dim_16to8 = nn.Linear(dims[1], fpn_dim, bias=False)
+        self.split_16to8 = PatchSplit(dims[2], fpn_dim, norm)
+        self.block_16to8 = nn.Sequential(*[fpn_block() for _ in range(fpn_depth)])
+        if self.num_outs > 2:
+            self.align_dim_8to4 = nn.Linear(dims[0], fpn_dim, bias=False)
+            self.split_8to4 = PatchSplit(fpn_dim, fpn_dim, norm)
+            self.block_8to4 = nn.Sequential(*[fpn_block() for _ in range(fpn_depth)])
+
+    def init_weights(self) -> None:
+        """Truncated-normal Linear weights, zero biases, unit LayerNorms (as the published models)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ---- input checks -------------------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
+            raise ValueError(f"expected images (B, {self.patch_embed.proj.in_channels}, H, W), got {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}")
+        if H != W:
+            raise ValueError(f"iTPN takes square images, got {H}x{W}")
+        if self.rpe and H // self.patch_size != self.grid:
+            raise ValueError(f"this model has a relative position bias for {self.img_size} px inputs; got {H} px "
+                             f"(rebuild it with img_size={H} and load the checkpoint, which resizes the embeddings)")
+
+    # ---- forward pieces -----------------------------------------------------------------------------------
+    @property
+    def stage_blocks(self) -> nn.ModuleList:
+        return self.blocks[:-self.num_main_blocks]
+
+    @property
+    def main_blocks(self) -> nn.ModuleList:
+        return self.blocks[-self.num_main_blocks:]
+
+    def forward_stages(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Images -> (tokens (B, N, D), [stage-1 map (B, N, 4, 4, D/4), stage-2 map (B, N, 2, 2, D/2)]).
+
+        ``ids_keep`` (B, L) keeps only those patches (MAE-style visible tokens); N becomes L.
+        """
+        self.check_input(x)
+        x = self.patch_embed(x)
+        if ids_keep is not None:
+            x = torch.gather(x, 1, ids_keep[:, :, None, None, None].expand(-1, -1, *x.shape[2:]))
+        features = []
+        for i, blk in enumerate(self.stage_blocks):
+            if isinstance(blk, PatchMerge):
+                features.append(x)
+            x = self.run_block(i, blk, x)
+        return x[..., 0, 0, :], features
+
+    def position_embedding(self, grid: int) -> torch.Tensor:
+        """(1, grid², D) absolute position embedding, bicubically resized when ``grid`` differs."""
+        pos = self.absolute_pos_embed
+        n = math.isqrt(pos.shape[1])
+        if n == grid:
+            return pos
+        pos = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False)
+        return pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+
+    def add_position(self, x: torch.Tensor, grid: int, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        if self.ape:
+            pos = self.position_embedding(grid)
+            if ids_keep is not None:
+                pos = torch.gather(pos.expand(x.shape[0], -1, -1), 1, ids_keep[:, :, None].expand(-1, -1, pos.shape[-1]))
+            x = x + pos
+        return self.pos_drop(x)
+
+    def rpe_index(self) -> torch.Tensor | None:
+        return self.relative_position_index.view(-1) if self.rpe else None
+
+    def forward_main(self, x: torch.Tensor, rpe_index: torch.Tensor | None, capture_after: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Main attention blocks on tokens (B, N, D); also returns the output of block ``capture_after``."""
+        captured = None
+        offset = len(self.stage_blocks)
+        for i, blk in enumerate(self.main_blocks):
+            x = self.run_block(offset + i, blk, x, rpe_index)
+            if i == capture_after:
+                captured = x
+        return x, captured
+
+    def forward_pyramid(self, x: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Tokens (B, N, D) + stage maps -> [(B, N, 1, 1, F), (B, N, 2, 2, F), (B, N, 4, 4, F)][:num_outs]."""
+        x = x[..., None, None, :]
+        outs = [x if self.align_dim_16tofpn is None else self.align_dim_16tofpn(x)]
+        x = self.block_16to8(self.split_16to8(x) + self.align_dim_16to8(features[1]))
+        outs.append(x)
+        if self.num_outs > 2:
+            x = self.block_8to4(self.split_8to4(x) + self.align_dim_8to4(features[0]))
+            outs.append(x)
+        return [self.run_block(i, blk, out) for i, (blk, out) in enumerate(zip(self.fpn_modules, outs))]

@@ -1,0 +1,48 @@
+"""iTPN classifier (fine-tuning) and dense backbone (pyramid outputs for detection / segmentation)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from itpn_ds.models.hivit import HiViT
+
+
+class ITPN(HiViT):
+    """``num_outs`` = 1: classifier (mean pool -> ``fc_norm`` -> ``head``); > 1: dense backbone with a pyramid."""
+
+    def __init__(self, num_classes: int = 1000, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        if self.num_outs == 1:
+            self.fc_norm = self.norm_layer(self.embed_dim)
+            self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> main-block tokens (B, N, D), N = (H/16)²."""
+        tokens, _ = self.forward_stages(x)
+        tokens = self.add_position(tokens, x.shape[-1] // self.patch_size)
+        return self.forward_main(tokens, self.rpe_index())[0]
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, N, D) -> logits (B, num_classes), or pooled features (B, D) with ``pre_logits``."""
+        pooled = self.fc_norm(tokens.mean(dim=1))
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward_pyramid_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Images -> dense maps for detection/segmentation, finest last: (B, F, H/16·s, W/16·s), s = 1, 2, 4."""
+        if self.num_outs == 1:
+            raise ValueError("this ITPN was built as a classifier (num_outs=1); build it with num_outs>1 for pyramid outputs")
+        grid = x.shape[-1] // self.patch_size
+        tokens, features = self.forward_stages(x)
+        tokens = self.forward_main(self.add_position(tokens, grid), self.rpe_index())[0]
+        return [tokens_to_map(level, grid) for level in self.forward_pyramid(tokens, features)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def tokens_to_map(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, N, s, s, C) with N = grid² -> (B, C, grid·s, grid·s)."""
+    B, _, s, _, C = x.shape
+    return x.view(B, grid, grid, s, s, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, grid * s, grid * s)

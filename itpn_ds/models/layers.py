@@ -1,0 +1,259 @@
+"""Building blocks of HiViT / iTPN.
+
+Token layouts used throughout:
+- sub-token maps: (B, N, s, s, C) with N = patches (16x16 px each) and s = 4, 2, 1 sub-tokens per side;
+  MLP-only blocks and merges act on the last dim, so masking per 16x16 patch works from the first layer.
+- tokens: (B, N, C) once the merges reach one token per patch.
+- Fast-iTPN's conv stages keep NCHW maps (B, C, H/4, W/4) until the main blocks.
+
+Parameter names equal the published implementation's, so official checkpoints load without a conversion table.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import DropPath
+
+NormLayer = Callable[[int], nn.Module]
+
+
+def relative_position_index(grid: int) -> torch.Tensor:
+    """(grid², grid²) int64 index into a ((2·grid-1)², heads) bias table for every (query, key) pair."""
+    coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (grid - 1)
+    return rel[..., 0] * (2 * grid - 1) + rel[..., 1]
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Plain softmax(q·kᵀ/√d + bias)·v in fp32; the reference the fused SDPA path is tested against."""
+    attn = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
+    if bias is not None:
+        attn = attn + bias.float()
+    return (attn.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with an optional relative-position bias, through fused SDPA kernels.
+
+    The bias ((B or 1), heads, N, N) is passed as SDPA's additive ``attn_mask``, so GPUs run the
+    memory-efficient kernel instead of materialising softmax inputs in Python.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rpe_grid: int | None = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.relative_position_bias_table = (
+            nn.Parameter(torch.zeros((2 * rpe_grid - 1) ** 2, num_heads)) if rpe_grid else None)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, C) -> q, k, v each (B, heads, N, C/heads)."""
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def position_bias(self, rpe_index: torch.Tensor | None) -> torch.Tensor | None:
+        """rpe_index (N²,) or (B, N²) -> bias (1 or B, heads, N, N), or None without a bias table."""
+        if self.relative_position_bias_table is None or rpe_index is None:
+            return None
+        n = math.isqrt(rpe_index.shape[-1])
+        bias = self.relative_position_bias_table[rpe_index.reshape(-1, n * n)]
+        return bias.view(-1, n, n, self.num_heads).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor, rpe_index: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv_heads(x)
+        bias = self.position_bias(rpe_index)
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+
+class SplitQKVAttention(Attention):
+    """Fast-iTPN attention: separate q/k/v projections, biases on q and v only, no position bias."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__(dim, num_heads, qkv_bias=False, rpe_grid=None, attn_drop=attn_drop, proj_drop=proj_drop)
+        del self.qkv
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        heads = lambda t: t.view(B, N, self.num_heads, -1).transpose(1, 2)  # noqa: E731
+        return (heads(F.linear(x, self.q_proj.weight, self.q_bias)), heads(self.k_proj(x)),
+                heads(F.linear(x, self.v_proj.weight, self.v_bias)))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> (optional sub-LN over the hidden dim) -> fc2, on the last dim of any shape."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, subln_norm: NormLayer | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.ffn_ln = subln_norm(hidden) if subln_norm else nn.Identity()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.ffn_ln(self.drop(self.act(self.fc1(x))))))
+
+
+class SwiGLU(nn.Module):
+    """SiLU(w1·x) ⊙ (w2·x) -> sub-LN -> w3 (Fast-iTPN's main-block MLP)."""
+
+    def __init__(self, dim: int, hidden: int, norm_layer: NormLayer, drop: float = 0.0):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(dim, hidden)
+        self.ffn_ln = norm_layer(hidden)
+        self.w3 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.w3(self.ffn_ln(F.silu(self.w1(x)) * self.w2(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: [attention] + MLP, with optional layer scale (gamma) and drop path.
+
+    ``attn=None`` gives HiViT's MLP-only block, which works on sub-token maps of any leading shape.
+    """
+
+    def __init__(self, dim: int, mlp: nn.Module, norm_layer: NormLayer, attn: nn.Module | None = None,
+                 init_values: float | None = None, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = norm_layer(dim) if attn is not None else None
+        self.attn = attn
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp
+        use_gamma = init_values is not None and init_values > 0
+        self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values))) if use_gamma and attn is not None else None
+        self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values))) if use_gamma else None
+
+    @staticmethod
+    def _scale(gamma: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        return x if gamma is None else gamma * x
+
+    def forward(self, x: torch.Tensor, rpe_index: torch.Tensor | None = None) -> torch.Tensor:
+        if self.attn is not None:
+            x = x + self.drop_path(self._scale(self.gamma_1, self.attn(self.norm1(x), rpe_index)))
+        return x + self.drop_path(self._scale(self.gamma_2, self.mlp(self.norm2(x))))
+
+
+def mlp_block(dim: int, mlp_ratio: float, norm_layer: NormLayer, init_values: float | None = None,
+              drop_path: float = 0.0, drop: float = 0.0) -> Block:
+    """HiViT's MLP-only block (stages 1-2 and the pyramid)."""
+    return Block(dim, Mlp(dim, int(dim * mlp_ratio), drop), norm_layer, None, init_values, drop_path)
+
+
+def attention_block(dim: int, num_heads: int, mlp_ratio: float, norm_layer: NormLayer, qkv_bias: bool = True,
+                    rpe_grid: int | None = None, init_values: float | None = None, drop_path: float = 0.0,
+                    drop: float = 0.0, attn_drop: float = 0.0) -> Block:
+    """iTPN's main transformer block (attention with optional relative-position bias + GELU MLP)."""
+    attn = Attention(dim, num_heads, qkv_bias, rpe_grid, attn_drop, drop)
+    return Block(dim, Mlp(dim, int(dim * mlp_ratio), drop), norm_layer, attn, init_values, drop_path)
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, 3, H, W) -> sub-token map (B, N, 4, 4, C): a conv with kernel = stride = patch/4."""
+
+    def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3, norm_layer: NormLayer | None = None,
+                 inner: int = 4):
+        super().__init__()
+        self.patch_size = patch_size
+        self.inner = inner
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size // inner, stride=patch_size // inner)
+        self.norm = norm_layer(embed_dim) if norm_layer else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        hp, wp, s = H // self.patch_size, W // self.patch_size, self.inner
+        x = self.proj(x).view(B, -1, hp, s, wp, s).permute(0, 2, 4, 3, 5, 1).reshape(B, hp * wp, s, s, -1)
+        return self.norm(x) if self.norm is not None else x
+
+
+class PatchMerge(nn.Module):
+    """(…, 2s, 2s, C) -> (…, s, s, 2C): concatenate each 2×2 group, LayerNorm(4C), Linear(4C→2C, no bias)."""
+
+    def __init__(self, dim: int, norm_layer: NormLayer):
+        super().__init__()
+        self.norm = norm_layer(dim * 4)
+        self.reduction = nn.Linear(dim * 4, dim * 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]], -1)
+        return self.reduction(self.norm(x))
+
+
+class PatchSplit(nn.Module):
+    """(B, N, s, s, C) -> (B, N, 2s, 2s, F): LayerNorm(C), Linear(C→4F, no bias), 2×2 pixel shuffle."""
+
+    def __init__(self, dim: int, fpn_dim: int, norm_layer: NormLayer):
+        super().__init__()
+        self.fpn_dim = fpn_dim
+        self.norm = norm_layer(dim)
+        self.reduction = nn.Linear(dim, fpn_dim * 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, H, W, _ = x.shape
+        x = self.reduction(self.norm(x)).view(B, N, H, W, 2, 2, self.fpn_dim)
+        return x.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, N, 2 * H, 2 * W, self.fpn_dim)
+
+
+class ConvMlp(nn.Module):
+    """Fast-iTPN stage MLP on NCHW maps: 1×1 conv -> GELU -> LayerNorm over channels -> 1×1 conv."""
+
+    def __init__(self, dim: int, hidden: int, norm_layer: NormLayer, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.act = nn.GELU()
+        self.ffn_ln = norm_layer(hidden)
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc1(x))
+        x = self.ffn_ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.drop(self.fc2(x))
+
+
+class ConvMlpBlock(nn.Module):
+    """Fast-iTPN stage block on NCHW maps: x + drop_path(ConvMlp(LayerNorm_channels(x)))."""
+
+    def __init__(self, dim: int, mlp_ratio: float, norm_layer: NormLayer, drop_path: float = 0.0):
+        super().__init__()
+        self.norm2 = norm_layer(dim)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), norm_layer)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.mlp(self.norm2(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)))
+
+
+class ConvPatchMerge(nn.Module):
+    """Fast-iTPN merge on NCHW maps: LayerNorm over channels, then a 2×2 stride-2 conv to 2C."""
+
+    def __init__(self, dim: int, norm_layer: NormLayer):
+        super().__init__()
+        self.norm = norm_layer(dim)
+        self.reduction = nn.Conv2d(dim, dim * 2, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduction(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
