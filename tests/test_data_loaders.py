@@ -95,3 +95,14 @@ def test_corrupt_sample_is_skipped_counted_or_raises(demo_shards, tmp_path, capl
     strict = build_finetune_loader(copy, img_size=16, on_corrupt="raise", **COMMON)
     with pytest.raises(CorruptSampleError, match=bad_key):
         list(strict)
+
+
+def test_finetune_augmentations_change_pixels_but_not_shapes(demo_shards):
+    plain = build_finetune_loader(demo_shards, img_size=32, rand_augment_ops=0, reprob=0.0, **COMMON)
+    augmented = build_finetune_loader(demo_shards, img_size=32, rand_augment_ops=2, rand_augment_magnitude=15,
+                                      reprob=1.0, **COMMON)
+    a, b = next(iter(plain)), next(iter(augmented))
+    assert a.keys == b.keys and a.images.shape == b.images.shape == (8, 3, 32, 32)
+    changed = (a.images - b.images).abs().flatten(1).mean(1)
+    assert (changed > 0.05).all()  # every image erased somewhere (reprob=1) and/or RandAugment-ed
+    assert a.labels.tolist() == b.labels.tolist()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,14 +45,14 @@ class ShardLoader:
 
     def __init__(self, shards: str | Path, decoder_outputs: list[tuple[int, str]], micro_batch: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2, device: str = "auto",
-                 on_corrupt: str = "skip") -> None:
+                 on_corrupt: str = "skip", augment: Callable[[Any], Any] | None = None) -> None:
         if on_corrupt not in ("skip", "raise"):
             raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
         self.reader = ShardReader(shards)
         self.manifest = self.reader.manifest
         self.order = DistributedOrder(len(self.reader), micro_batch, rank, world_size, seed)
         self.decoder = ViewDecoder(decoder_outputs, device=device, batch_size=micro_batch, num_threads=num_threads,
-                                   seed=seed)
+                                   seed=seed + 1000 * rank, augment=augment)
         self.seed = seed
         self.on_corrupt = on_corrupt
         self.epoch = 0

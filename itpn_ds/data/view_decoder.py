@@ -11,7 +11,7 @@ extraction job, so cached targets are computed from exactly the pixels training 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,16 +59,21 @@ class ViewDecoder:
 
     outputs:     [(size, interp), ...]: one (B, 3, size, size) tensor per entry, all from the same box.
     batch_size:  the largest batch ``decode`` accepts (smaller batches are fine).
+    augment:     optional graph function (DALI uint8 HWC node -> node) applied to the FIRST output after
+                 its resize, e.g. RandAugment; the pipeline then runs with conditionals enabled. Its random
+                 draws follow the pipeline's ``seed`` and run order, not the (sample, epoch).
     """
 
     def __init__(self, outputs: Sequence[tuple[int, str] | ViewOutput], device: str = "auto", batch_size: int = 32,
-                 num_threads: int = 2, device_id: int | None = None, seed: int = 0) -> None:
+                 num_threads: int = 2, device_id: int | None = None, seed: int = 0,
+                 augment: Callable[[Any], Any] | None = None) -> None:
         if not outputs:
             raise ValueError("ViewDecoder needs at least one output")
         self.outputs = [o if isinstance(o, ViewOutput) else ViewOutput(*o) for o in outputs]
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self._feed: tuple[list[np.ndarray], ...] | None = None
+        self._augment = augment
         gpu_id = (torch.cuda.current_device() if device_id is None else device_id) if self.device == "gpu" else None
         self._pipe = self._build(num_threads, gpu_id, seed)
 
@@ -78,7 +83,7 @@ class ViewDecoder:
         decode_device = "mixed" if self.device == "gpu" else "cpu"
 
         @pipeline_def(batch_size=self.batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                      prefetch_queue_depth=1, exec_dynamic=True)
+                      prefetch_queue_depth=1, exec_dynamic=True, enable_conditionals=self._augment is not None)
         def graph():
             encoded, anchor, shape, flip = fn.external_source(source=self._next_feed, num_outputs=4, batch=True,
                                                               dtype=[types.UINT8, types.FLOAT, types.FLOAT,
@@ -86,8 +91,11 @@ class ViewDecoder:
             image = fn.decoders.image_slice(encoded, anchor, shape, device=decode_device, output_type=types.RGB,
                                             axis_names="WH", normalized_anchor=False, normalized_shape=False)
             image = fn.flip(image, horizontal=flip)
-            return tuple(fn.resize(image, size=(o.size, o.size), interp_type=_dali_interp(o.interp),
-                                   antialias=True) for o in self.outputs)
+            outs = [fn.resize(image, size=(o.size, o.size), interp_type=_dali_interp(o.interp), antialias=True)
+                    for o in self.outputs]
+            if self._augment is not None:
+                outs[0] = self._augment(outs[0])
+            return tuple(outs)
 
         pipe = graph()
         pipe.build()
