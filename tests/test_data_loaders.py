@@ -106,3 +106,23 @@ def test_finetune_augmentations_change_pixels_but_not_shapes(demo_shards):
     changed = (a.images - b.images).abs().flatten(1).mean(1)
     assert (changed > 0.05).all()  # every image erased somewhere (reprob=1) and/or RandAugment-ed
     assert a.labels.tolist() == b.labels.tolist()
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune", "eval"])
+def test_torch_backend_gives_the_same_samples_and_nearly_the_same_pixels(demo_shards, kind):
+    def build(backend):
+        if kind == "pretrain":
+            return build_pretrain_loader(demo_shards, views=SampledViews(seed=0), img_size=32, patch_size=8,
+                                         backend=backend, **COMMON)
+        if kind == "finetune":
+            return build_finetune_loader(demo_shards, img_size=32, rand_augment_ops=0, reprob=0.0, backend=backend,
+                                         **COMMON)
+        return build_eval_loader(demo_shards, img_size=32, backend=backend, **COMMON)
+
+    dali, torch_ = build("dali"), build("torch")
+    assert len(dali) == len(torch_)
+    for a, b in zip(dali, torch_):
+        assert a.keys == b.keys and torch.equal(a.valid, b.valid)
+        assert (a.images - b.images).abs().mean() < 0.05  # normalized units; decoders differ slightly
+        if kind == "pretrain":
+            assert torch.equal(a.bool_masked_pos, b.bool_masked_pos)

@@ -1,5 +1,6 @@
 """Fine-tuning train loader: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) + flip per (seed, key, epoch),
-decoded box-only and resized bicubic, RandAugment (DALI ``auto_aug.rand_augment``, in the decode graph),
+decoded box-only and resized bicubic, RandAugment (DALI ``auto_aug.rand_augment`` in the decode graph;
+timm's on PIL images with ``backend="torch"``),
 ImageNet normalization, then random erasing (timm's ``RandomErasing``, per-pixel noise) on the batch.
 Mixup/cutmix/label smoothing are applied by the engine (timm's ``Mixup``, see ``build_mixup``)."""
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 from itpn_ds.data.batch import Batch
 from itpn_ds.data.shard_loader import ShardLoader, normalize
+from itpn_ds.data.torch_loader import rand_augment_pil
 from itpn_ds.data.views import CropView, sample_view
 
 
@@ -30,7 +32,10 @@ class FinetuneLoader(ShardLoader):
 
     def __init__(self, shards: str | Path, micro_batch: int, img_size: int = 224, rand_augment_ops: int = 2,
                  rand_augment_magnitude: int = 9, reprob: float = 0.25, **kwargs) -> None:
-        augment = rand_augment_graph(rand_augment_ops, rand_augment_magnitude) if rand_augment_ops > 0 else None
+        augment = None
+        if rand_augment_ops > 0:
+            make = rand_augment_graph if kwargs.get("backend", "dali") == "dali" else rand_augment_pil
+            augment = make(rand_augment_ops, rand_augment_magnitude)
         super().__init__(shards, [(img_size, "cubic")], micro_batch, augment=augment, **kwargs)
         self.erasing = None
         if reprob > 0:

@@ -15,11 +15,13 @@ import torch
 from itpn_ds.data.batch import Batch
 from itpn_ds.data.sampler import DistributedOrder
 from itpn_ds.data.shards import ShardReader
+from itpn_ds.data.torch_loader import PILViewDecoder
 from itpn_ds.data.view_decoder import ViewDecoder
 from itpn_ds.data.views import CropView
 
 log = logging.getLogger(__name__)
 
+BACKENDS = ("dali", "torch")  # torch: PIL decoding (itpn_ds.data.torch_loader), same order/views/state
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -39,19 +41,24 @@ def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
 class ShardLoader:
     """Iterates this rank's share of an epoch; ``state_dict`` is the global epoch position.
 
+    backend:    ``dali`` (ViewDecoder) or ``torch`` (PILViewDecoder, for machines without DALI).
     on_corrupt: ``skip`` (the sample becomes a zero image with valid=False, counted in
                 ``corrupt_count`` and logged with its key) or ``raise``.
     """
 
     def __init__(self, shards: str | Path, decoder_outputs: list[tuple[int, str]], micro_batch: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2, device: str = "auto",
-                 on_corrupt: str = "skip", augment: Callable[[Any], Any] | None = None) -> None:
+                 on_corrupt: str = "skip", augment: Callable[[Any], Any] | None = None, backend: str = "dali") -> None:
         if on_corrupt not in ("skip", "raise"):
             raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.reader = ShardReader(shards)
         self.manifest = self.reader.manifest
         self.order = DistributedOrder(len(self.reader), micro_batch, rank, world_size, seed)
-        self.decoder = ViewDecoder(decoder_outputs, device=device, batch_size=micro_batch, num_threads=num_threads,
+        self.backend = backend
+        decoder_cls = ViewDecoder if backend == "dali" else PILViewDecoder
+        self.decoder = decoder_cls(decoder_outputs, device=device, batch_size=micro_batch, num_threads=num_threads,
                                    seed=seed + 1000 * rank, augment=augment)
         self.seed = seed
         self.on_corrupt = on_corrupt
