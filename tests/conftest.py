@@ -5,8 +5,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = [
+    "tests.fixtures.images",
     "tests.fixtures.mlflow",
     "tests.fixtures.slurm",
-    "tests.fixtures.images",
-    "tests.fixtures.teacher",
 ]
