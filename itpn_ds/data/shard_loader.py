@@ -6,6 +6,7 @@ Subclasses choose each sample's view (``views``) and turn decoded pixels into a 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -83,12 +84,25 @@ class ShardLoader:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
     def __iter__(self) -> Iterator[Batch]:
-        for step in self.order(self.epoch, self.offset):
-            batch = self._load(step.indices, step.valid)
-            self.offset = step.next_offset
-            yield batch
+        """The rest of the epoch. The next batch is decoded in a background thread while the caller uses
+        the current one; ``offset`` advances only when a batch is handed out, so ``state_dict`` taken
+        between batches resumes exactly after the last batch the caller received."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-loader") as prefetch:
+            pending = None
+            for step in self.order(self.epoch, self.offset):
+                ahead = (prefetch.submit(self._load, step.indices, step.valid), step.next_offset)
+                if pending is not None:
+                    yield self._hand_out(*pending)
+                pending = ahead
+            if pending is not None:
+                yield self._hand_out(*pending)
         self.offset = 0
         self.epoch += 1
+
+    def _hand_out(self, future: Future, next_offset: int) -> Batch:
+        batch = future.result()
+        self.offset = next_offset
+        return batch
 
     # --- for subclasses
     def views(self, keys: list[str], sizes: list[tuple[int, int]], indices: np.ndarray) -> tuple[list[int], list[CropView]]:
