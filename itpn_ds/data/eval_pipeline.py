@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from itpn_ds.data.batch import Batch
-from itpn_ds.data.shard_loader import ShardLoader, normalize
+from itpn_ds.data.shard_loader import ShardLoader, student_output
 from itpn_ds.data.views import CropView
 
 
@@ -24,7 +24,7 @@ class EvalLoader(ShardLoader):
                  **kwargs) -> None:
         if not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-        super().__init__(shards, [(img_size, "cubic")], micro_batch, **kwargs)
+        super().__init__(shards, [student_output(img_size)], micro_batch, **kwargs)
         self.crop_pct = crop_pct
 
     def set_epoch(self, epoch: int) -> None:
@@ -41,4 +41,4 @@ class EvalLoader(ShardLoader):
     def make_batch(self, keys: list[str], indices: np.ndarray, view_ids: list[int], outputs: list[torch.Tensor],
                    valid: torch.Tensor) -> Batch:
         labels = torch.tensor([self.manifest.labels[i] for i in indices], dtype=torch.int64)
-        return Batch(images=normalize(outputs[0]), keys=keys, labels=labels, valid=valid)
+        return Batch(images=outputs[0], keys=keys, labels=labels, valid=valid)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from itpn_ds.data.batch import Batch
-from itpn_ds.data.shard_loader import ShardLoader, normalize
+from itpn_ds.data.shard_loader import ShardLoader, student_output
 from itpn_ds.data.torch_loader import rand_augment_pil
 from itpn_ds.data.views import CropView, sample_view
 
@@ -36,7 +36,7 @@ class FinetuneLoader(ShardLoader):
         if rand_augment_ops > 0:
             make = rand_augment_graph if kwargs.get("backend", "dali") == "dali" else rand_augment_pil
             augment = make(rand_augment_ops, rand_augment_magnitude)
-        super().__init__(shards, [(img_size, "cubic")], micro_batch, augment=augment, **kwargs)
+        super().__init__(shards, [student_output(img_size)], micro_batch, augment=augment, **kwargs)
         self.erasing = None
         if reprob > 0:
             from timm.data.random_erasing import RandomErasing
@@ -48,7 +48,7 @@ class FinetuneLoader(ShardLoader):
 
     def make_batch(self, keys: list[str], indices: np.ndarray, view_ids: list[int], outputs: list[torch.Tensor],
                    valid: torch.Tensor) -> Batch:
-        images = normalize(outputs[0])
+        images = outputs[0]
         if self.erasing is not None:
             images = self.erasing(images)
         labels = torch.tensor([self.manifest.labels[i] for i in indices], dtype=torch.int64)

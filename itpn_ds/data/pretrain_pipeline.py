@@ -12,7 +12,8 @@ import torch
 
 from itpn_ds.data.batch import Batch
 from itpn_ds.data.masking import BlockMaskGenerator
-from itpn_ds.data.shard_loader import ShardLoader, normalize
+from itpn_ds.data.shard_loader import ShardLoader, student_output
+from itpn_ds.data.view_decoder import ViewOutput
 from itpn_ds.data.views import CropView, ViewSource
 
 
@@ -23,7 +24,7 @@ class PretrainLoader(ShardLoader):
     def __init__(self, shards: str | Path, views: ViewSource, micro_batch: int, img_size: int = 224,
                  teacher_resolution: int = 0, patch_size: int = 16, num_masked: int | None = None,
                  **kwargs) -> None:
-        outputs = [(img_size, "cubic")] + ([(teacher_resolution, "lanczos")] if teacher_resolution else [])
+        outputs = [student_output(img_size)] + ([(teacher_resolution, "lanczos")] if teacher_resolution else [])
         super().__init__(shards, outputs, micro_batch, **kwargs)
         self.view_source = views
         grid = img_size // patch_size
@@ -35,7 +36,7 @@ class PretrainLoader(ShardLoader):
 
     def make_batch(self, keys: list[str], indices: np.ndarray, view_ids: list[int], outputs: list[torch.Tensor],
                    valid: torch.Tensor) -> Batch:
-        return Batch(images=normalize(outputs[0]), keys=keys,
+        return Batch(images=outputs[0], keys=keys,
                      labels=torch.tensor([self.manifest.labels[i] for i in indices], dtype=torch.int64),
                      bool_masked_pos=self.masks.batch(self.seed, self.epoch, indices),
                      view_ids=torch.tensor(view_ids, dtype=torch.int64),

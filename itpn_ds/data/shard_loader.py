@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from itpn_ds.data.batch import Batch
 from itpn_ds.data.sampler import DistributedOrder
 from itpn_ds.data.shards import ShardReader
 from itpn_ds.data.torch_loader import PILViewDecoder
-from itpn_ds.data.view_decoder import ViewDecoder
+from itpn_ds.data.view_decoder import ViewDecoder, ViewOutput
 from itpn_ds.data.views import CropView
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,9 @@ class CorruptSampleError(RuntimeError):
     """A sample whose JPEG DALI cannot decode, met with ``on_corrupt='raise'``."""
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (x - mean) / std per channel."""
-    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return (images - mean_t) / std_t
+def student_output(img_size: int) -> ViewOutput:
+    """The network's input: bicubic to ``img_size``, ImageNet mean/std (normalized inside the decoder)."""
+    return ViewOutput(img_size, "cubic", IMAGENET_MEAN, IMAGENET_STD)
 
 
 class ShardLoader:
@@ -47,7 +44,7 @@ class ShardLoader:
                 ``corrupt_count`` and logged with its key) or ``raise``.
     """
 
-    def __init__(self, shards: str | Path, decoder_outputs: list[tuple[int, str]], micro_batch: int,
+    def __init__(self, shards: str | Path, decoder_outputs: list[ViewOutput], micro_batch: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2, device: str = "auto",
                  on_corrupt: str = "skip", augment: Callable[[Any], Any] | None = None, backend: str = "dali") -> None:
         if on_corrupt not in ("skip", "raise"):

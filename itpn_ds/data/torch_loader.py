@@ -29,7 +29,7 @@ class PILDecodeError(RuntimeError):
 
 
 class PILViewDecoder:
-    """decode(encoded, views) -> one (B, 3, S, S) float32 tensor in [0, 1] per output.
+    """decode(encoded, views) -> one (B, 3, S, S) float32 tensor per output, normalized like ViewDecoder's.
 
     augment: optional PIL image -> PIL image function applied to the FIRST output (e.g. timm RandAugment).
     """
@@ -41,7 +41,7 @@ class PILViewDecoder:
         self.augment = augment
         self._pool = ThreadPoolExecutor(max_workers=max(1, num_threads))
 
-    def _one(self, data: bytes, view: CropView) -> list[np.ndarray]:
+    def _one(self, data: bytes, view: CropView) -> list[torch.Tensor]:
         try:
             image = Image.open(io.BytesIO(bytes(data))).convert("RGB")
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
@@ -52,7 +52,7 @@ class PILViewDecoder:
         outs = [box.resize((o.size, o.size), PIL_INTERPOLATIONS[o.interp]) for o in self.outputs]
         if self.augment is not None:
             outs[0] = self.augment(outs[0])
-        return [np.asarray(o) for o in outs]
+        return [_normalized(np.array(image), o) for image, o in zip(outs, self.outputs)]
 
     def decode(self, encoded: Sequence[np.ndarray | bytes], views: Sequence[CropView]) -> list[torch.Tensor]:
         if len(encoded) != len(views):
@@ -60,8 +60,15 @@ class PILViewDecoder:
         if not 0 < len(encoded) <= self.batch_size:
             raise ValueError(f"batch of {len(encoded)} images, the decoder takes 1..{self.batch_size}")
         per_sample = list(self._pool.map(self._one, encoded, views))
-        return [torch.from_numpy(np.stack([s[k] for s in per_sample])).permute(0, 3, 1, 2).float().div_(255.0)
-                .contiguous() for k in range(len(self.outputs))]
+        return [torch.stack([s[k] for s in per_sample]) for k in range(len(self.outputs))]
+
+
+def _normalized(pixels: np.ndarray, output: ViewOutput) -> torch.Tensor:
+    """(S, S, 3) uint8 -> (3, S, S) float32: [0, 1], then (x - mean) / std where the output has them."""
+    image = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
+    if output.mean is not None:
+        image = (image - torch.tensor(output.mean).view(3, 1, 1)) / torch.tensor(output.std).view(3, 1, 1)
+    return image.contiguous()
 
 
 def rand_augment_pil(num_ops: int, magnitude: int) -> Callable[[Image.Image], Image.Image]:

@@ -35,10 +35,19 @@ def resolve_device(device: str) -> str:
 
 @dataclass(frozen=True)
 class ViewOutput:
-    """One output of the decoder: square side in px and the resize interpolation."""
+    """One output of the decoder: square side in px, resize interpolation and an optional per-channel
+    normalization ``(x - mean) / std`` of the [0, 1] pixels (None: the [0, 1] pixels themselves)."""
 
     size: int
     interp: str = "cubic"
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    def scaled_mean_std(self) -> tuple[list[float], list[float]]:
+        """mean and std in uint8 units, as DALI's crop_mirror_normalize takes them."""
+        mean = self.mean if self.mean is not None else (0.0, 0.0, 0.0)
+        std = self.std if self.std is not None else (1.0, 1.0, 1.0)
+        return [255.0 * m for m in mean], [255.0 * d for d in std]
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -55,9 +64,10 @@ def _dali_interp(name: str):
 
 
 class ViewDecoder:
-    """Decode the boxes of a batch of JPEGs into float32 RGB tensors in [0, 1].
+    """Decode the boxes of a batch of JPEGs into float32 RGB tensors (B, 3, S, S).
 
-    outputs:     [(size, interp), ...]: one (B, 3, size, size) tensor per entry, all from the same box.
+    outputs:     [(size, interp[, mean, std]), ...] or ViewOutputs: one (B, 3, size, size) float32 tensor
+                 per entry, all from the same box; normalized in the graph where mean/std are given.
     batch_size:  the largest batch ``decode`` accepts (smaller batches are fine).
     augment:     optional graph function (DALI uint8 HWC node -> node) applied to the FIRST output after
                  its resize, e.g. RandAugment; the pipeline then runs with conditionals enabled. Its random
@@ -95,7 +105,9 @@ class ViewDecoder:
                     for o in self.outputs]
             if self._augment is not None:
                 outs[0] = self._augment(outs[0])
-            return tuple(outs)
+            return tuple(fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
+                                                  mean=o.scaled_mean_std()[0], std=o.scaled_mean_std()[1])
+                         for img, o in zip(outs, self.outputs))
 
         pipe = graph()
         pipe.build()
@@ -108,7 +120,7 @@ class ViewDecoder:
         return feed
 
     def decode(self, encoded: Sequence[np.ndarray | bytes], views: Sequence[CropView]) -> list[torch.Tensor]:
-        """One (B, 3, S, S) float32 tensor in [0, 1] per output; B = len(encoded) <= batch_size.
+        """One (B, 3, S, S) float32 tensor per output ([0, 1] or normalized); B = len(encoded) <= batch_size.
 
         Raises ``RuntimeError`` from DALI when a JPEG cannot be decoded; callers that must survive bad
         samples check them first (``is_decodable``) or decode one at a time.
@@ -129,13 +141,12 @@ class ViewDecoder:
 
 
 def _to_tensor(out) -> torch.Tensor:
-    """DALI TensorList (B x (S, S, 3) uint8, CPU or GPU) -> (B, 3, S, S) float32 in [0, 1] on its device."""
+    """DALI TensorList (B x (3, S, S) float32, CPU or GPU) -> (B, 3, S, S) torch tensor on its device."""
     dense = out.as_tensor()
     if type(out).__name__ == "TensorListGPU":
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        tensor = torch.empty(dense.shape(), dtype=torch.uint8, device="cuda")
+        tensor = torch.empty(dense.shape(), dtype=torch.float32, device="cuda")
         feed_ndarray(dense, tensor, cuda_stream=torch.cuda.current_stream())
-    else:
-        tensor = torch.from_numpy(np.array(dense))
-    return tensor.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+        return tensor
+    return torch.from_numpy(np.array(dense))

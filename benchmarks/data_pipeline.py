@@ -1,0 +1,127 @@
+"""Images/s and peak memory of the input pipelines on the same shards: our DALI CPU loader, our PIL
+fallback (``backend="torch"``) and a torchvision ImageFolder-style DataLoader with worker processes.
+
+All three do the fine-tuning train transform without RandAugment/erasing: RandomResizedCrop 224 + flip
++ normalize, batches of ``--batch``, on ``--threads`` CPU threads / workers. The images are the demo set
+(scikit-image photos cropped and rescaled, sides ``--min-side``..``--max-side``), written as shards once
+under ``--work``. Each pipeline runs in a fresh process, so peak RSS is its own.
+
+    python benchmarks/data_pipeline.py [--images 2400] [--threads 2] [--out benchmarks/results/data_pipeline.json]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PIPELINES = ("dali_cpu", "pil_threads", "torchvision_dataloader")
+
+
+class ShardImages:
+    """Map-style dataset over a shard directory: PIL decode + torchvision transforms (the baseline)."""
+
+    def __init__(self, shards: Path, img_size: int) -> None:
+        from torchvision import transforms
+
+        from itpn_ds.data.shard_loader import IMAGENET_MEAN, IMAGENET_STD
+        from itpn_ds.data.shards import ShardReader
+
+        self.reader = ShardReader(shards)
+        self.transform = transforms.Compose([
+            transforms.RandomResizedCrop(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        sample = self.reader.sample(index)
+        return self.transform(Image.open(io.BytesIO(sample.data)).convert("RGB")), sample.label
+
+
+def batches_of(name: str, shards: Path, batch: int, threads: int, img_size: int):
+    if name == "torchvision_dataloader":
+        import torch
+
+        loader = torch.utils.data.DataLoader(ShardImages(shards, img_size), batch_size=batch, shuffle=True,
+                                             num_workers=threads, persistent_workers=False, prefetch_factor=2)
+        return loader, lambda b: len(b[0])
+    from itpn_ds.data import build_finetune_loader
+
+    backend = "dali" if name == "dali_cpu" else "torch"
+    loader = build_finetune_loader(shards, img_size=img_size, micro_batch=batch, num_threads=threads, device="cpu",
+                                   backend=backend, rand_augment_ops=0, reprob=0.0)
+    return loader, lambda b: int(b.valid.sum())
+
+
+def measure(name: str, shards: Path, batch: int, threads: int, img_size: int, warmup: int) -> dict:
+    """One epoch after ``warmup`` batches: images/s, and peak RSS of this process and its largest child."""
+    loader, count = batches_of(name, shards, batch, threads, img_size)
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    images, start = 0, time.perf_counter()
+    for b in it:
+        images += count(b)
+    seconds = time.perf_counter() - start
+    return {"pipeline": name, "images": images, "seconds": seconds, "images_per_s": images / seconds,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_child_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "workers": threads}
+
+
+def prepare(work: Path, images: int, min_side: int, max_side: int) -> Path:
+    from data_tools.demo_images import SOURCE_PHOTOS, make_demo_image_folder
+    from itpn_ds.data.shards import MANIFEST_NAME, write_shards
+    from itpn_ds.data.sources import image_folder_items, shuffled
+
+    shards = work / f"shards-{images}-{min_side}-{max_side}"
+    if not (shards / MANIFEST_NAME).is_file():
+        folder = make_demo_image_folder(work / f"images-{images}-{min_side}-{max_side}",
+                                        -(-images // len(SOURCE_PHOTOS)), min_side=min_side, max_side=max_side)
+        items, classes = image_folder_items(folder)
+        write_shards(shuffled(items, 0), shards, classes, str(folder), target_shard_bytes=64 << 20, progress=False)
+    return shards
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2400)
+    parser.add_argument("--min-side", type=int, default=300)
+    parser.add_argument("--max-side", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/itpn_ds_bench_data"))
+    parser.add_argument("--out", default="benchmarks/results/data_pipeline.json")
+    parser.add_argument("--single", choices=PIPELINES, help=argparse.SUPPRESS)  # child process mode
+    args = parser.parse_args()
+    shards = prepare(args.work, args.images, args.min_side, args.max_side)
+    if args.single:
+        print(json.dumps(measure(args.single, shards, args.batch, args.threads, args.img_size, args.warmup)))
+        return
+    rows = []
+    for name in PIPELINES:
+        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--single", name], check=True,
+                               capture_output=True, text=True)
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    print(f"{'pipeline':<24} {'images/s':>9} {'peak RSS MiB':>13} {'largest worker MiB':>19}")
+    for r in rows:
+        print(f"{r['pipeline']:<24} {r['images_per_s']:>9.0f} {r['peak_rss_mib']:>13.0f} {r['peak_child_rss_mib']:>19.0f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "images": args.images,
+                               "sides": [args.min_side, args.max_side], "batch": args.batch,
+                               "threads": args.threads, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
