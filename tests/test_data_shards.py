@@ -124,3 +124,14 @@ def test_reader_names_missing_shard_truncated_tar_and_bad_label(demo_shards, tmp
     (copy / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ShardError, match=f"{raw['keys'][3]}.*label 99, outside the class map"):
         Manifest.load(copy)
+
+
+def test_inputs_that_map_to_the_same_key_are_rejected_before_writing(demo_image_folder, tmp_path):
+    root = tmp_path / "images"
+    shutil.copytree(demo_image_folder, root)
+    clash = next((root / "coffee").glob("*.jpg"))
+    Image.open(clash).save(clash.with_suffix(".png"))
+    items, classes = image_folder_items(root)
+    with pytest.raises(ShardError, match=f"both map to sample key 'coffee/{clash.stem}'"):
+        write_shards(items, tmp_path / "out", classes, str(root), progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -378,6 +378,7 @@ def write_shards(items: Sequence[SourceItem], out_dir: str | Path, classes: dict
     earlier run with the same plan are kept. Writes ``bad_files.tsv`` and ``manifest.json``."""
     if not items:
         raise ShardError(f"{source}: no input images")
+    _check_unique_keys(items, source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = plan_shards(items, target_shard_bytes)
@@ -401,6 +402,16 @@ def write_shards(items: Sequence[SourceItem], out_dir: str | Path, classes: dict
     return manifest
 
 
+def _check_unique_keys(items: Sequence[SourceItem], source: str) -> None:
+    first_path: dict[str, str] = {}
+    for item in items:
+        if item.key in first_path:
+            raise ShardError(f"{source}: {item.path} and {first_path[item.key]} both map to sample key "
+                             f"{item.key!r} (they differ only in extension or in characters outside "
+                             "[A-Za-z0-9_/-])")
+        first_path[item.key] = item.path
+
+
 def _report_progress(enabled: bool, shards_done: int, shards: int, done: int, total: int, started: float,
                      skipped: bool) -> None:
     if not enabled:
@@ -422,10 +433,6 @@ def _assemble(results: dict[int, ShardResult], classes: dict[str, int], source: 
             keys += r.keys
             labels += r.labels
             sizes += r.sizes
-    duplicates = len(keys) - len(set(keys))
-    if duplicates:
-        raise ShardError(f"{source}: {duplicates} duplicate sample keys (inputs differing only in extension "
-                         "or in characters outside [A-Za-z0-9_/-])")
     report = "path\treason\n" + "".join(f"{path}\t{reason}\n" for path, reason in bad)
     _atomic_write_text(out_dir / BAD_REPORT_NAME, report)
     return Manifest(shards, keys, labels, sizes, dict(classes), source, asdict(options), num_bad=len(bad))
