@@ -5,7 +5,6 @@ ImageNet normalization, then random erasing (timm's ``RandomErasing``, per-pixel
 Mixup/cutmix/label smoothing are applied by the engine (timm's ``Mixup``, see ``build_mixup``)."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +21,7 @@ def rand_augment_graph(num_ops: int, magnitude: int):
     from nvidia.dali.auto_aug import rand_augment
 
     def augment(images):
-        with warnings.catch_warnings():  # DALI 2.4's rand_augment still calls its own deprecated aliases
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return rand_augment.rand_augment(images, n=num_ops, m=magnitude)
+        return rand_augment.rand_augment(images, n=num_ops, m=magnitude)
 
     return augment
 
