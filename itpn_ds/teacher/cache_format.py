@@ -1,0 +1,188 @@
+"""Teacher-cache file format: one Arrow IPC file per input shard, written atomically.
+
+``<shard stem>.arrow`` (e.g. ``shard-00000.arrow`` for ``shard-00000.tar``) holds one row per (sample, view):
+
+=========  ====================================  ==============================================================
+column     Arrow type                            meaning
+=========  ====================================  ==============================================================
+key        string                                sample key (as in the shard manifest)
+view       int16                                 view id 0..K-1
+box        fixed_size_list<int32>[4]             crop box x, y, w, h in source-image pixels
+flip       bool                                  horizontal flip
+targets    fixed_size_list<float16>[T*D]         teacher targets, row-major (T, D)  (dtype ``fp16``)
+           fixed_size_list<int8>[T*D]            quantized targets                   (dtype ``int8``)
+scales     fixed_size_list<float32>[T]           per-token scale: target = int8 * scale (``int8`` only)
+=========  ====================================  ==============================================================
+
+Rows are grouped by sample, views in order 0..K-1, and every record batch holds whole samples, so a
+sample's K rows sit in one batch. The schema metadata key ``itpn_ds.teacher_cache`` holds
+:class:`CacheMeta` as JSON (teacher identity, view policy, dtype, shapes, source shard and its sha256).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from itpn_ds import __version__
+from itpn_ds.data.views import DEFAULT_RATIO, DEFAULT_SCALE, CropView
+
+FORMAT_VERSION = 1
+META_KEY = b"itpn_ds.teacher_cache"
+SUFFIX = ".arrow"
+DTYPES = ("fp16", "int8")
+INT8_MAX = 127.0
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """What one cache file was made from and how (all files of a cache agree except ``shard*``).
+
+    teacher:        ``TeacherIdentity.as_dict()``: arch, checkpoint_sha256, resolution, normalization.
+    num_views:      K views per sample; view ids 0..K-1 drawn by ``sample_view(seed, key, view_id, w, h)``.
+    num_tokens/dim: shape (T, D) of one view's targets.
+    interp:         resize interpolation of the teacher view (the pipeline's teacher view uses the same).
+    shard/shard_sha256/num_samples: the input shard this file covers.
+    """
+
+    teacher: dict[str, Any]
+    dtype: str
+    num_views: int
+    seed: int
+    num_tokens: int
+    dim: int
+    shard: str
+    shard_sha256: str
+    num_samples: int
+    scale: tuple[float, float] = DEFAULT_SCALE
+    ratio: tuple[float, float] = DEFAULT_RATIO
+    interp: str = "lanczos"
+    format_version: int = FORMAT_VERSION
+    tool_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"cache dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str | Path) -> "CacheMeta":
+        try:
+            data = json.loads(raw)
+            data["scale"], data["ratio"] = tuple(data["scale"]), tuple(data["ratio"])
+            return cls(**data)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: bad teacher-cache metadata: {exc}") from exc
+
+    def shared(self) -> dict[str, Any]:
+        """The fields every file of one cache must agree on."""
+        return {k: v for k, v in asdict(self).items() if k not in ("shard", "shard_sha256", "num_samples")}
+
+
+def cache_file_name(shard_tar: str) -> str:
+    """``shard-00000.tar`` -> ``shard-00000.arrow``."""
+    return Path(shard_tar).stem + SUFFIX
+
+
+def schema(meta: CacheMeta) -> pa.Schema:
+    size = meta.num_tokens * meta.dim
+    fields = [pa.field("key", pa.string()), pa.field("view", pa.int16()),
+              pa.field("box", pa.list_(pa.int32(), 4)), pa.field("flip", pa.bool_())]
+    if meta.dtype == "fp16":
+        fields.append(pa.field("targets", pa.list_(pa.float16(), size)))
+    else:
+        fields += [pa.field("targets", pa.list_(pa.int8(), size)),
+                   pa.field("scales", pa.list_(pa.float32(), meta.num_tokens))]
+    return pa.schema(fields, metadata={META_KEY: meta.to_json()})
+
+
+def quantize_int8(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., T, D) float -> (int8 (..., T, D), float32 scale (..., T)); symmetric, one scale per token."""
+    x = targets.float()
+    scale = x.abs().amax(dim=-1).clamp_min(1e-12) / INT8_MAX
+    q = torch.round(x / scale.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """int8 (..., T, D) and scale (..., T) -> float32 (..., T, D)."""
+    return q.astype(np.float32) * scale[..., None]
+
+
+def _fixed_list(values: np.ndarray, arrow_type: pa.DataType, size: int) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=arrow_type), size)
+
+
+class CacheFileWriter:
+    """Write one cache file: ``add`` whole samples, ``close`` renames ``NAME.tmp`` to ``NAME``.
+
+    Samples are buffered and flushed as one record batch every ``samples_per_batch`` samples. A writer left
+    unclosed (crash, preemption) leaves only the temporary file, which the next run overwrites.
+    """
+
+    def __init__(self, path: str | Path, meta: CacheMeta, samples_per_batch: int = 64) -> None:
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.meta = meta
+        self.samples_per_batch = samples_per_batch
+        self._schema = schema(meta)
+        self._sink = pa.OSFile(str(self.tmp_path), "wb")
+        self._writer = pa.ipc.new_file(self._sink, self._schema)
+        self._pending: list[tuple[str, Sequence[CropView], torch.Tensor]] = []
+        self.num_samples = 0
+
+    def add(self, key: str, views: Sequence[CropView], targets: torch.Tensor) -> None:
+        """One sample: its K views (in view-id order) and their targets (K, T, D)."""
+        expected = (self.meta.num_views, self.meta.num_tokens, self.meta.dim)
+        if len(views) != self.meta.num_views or tuple(targets.shape) != expected:
+            raise ValueError(f"sample {key!r}: {len(views)} views and targets {tuple(targets.shape)}, the cache "
+                             f"takes {self.meta.num_views} views and {expected}")
+        self._pending.append((key, views, targets.detach().cpu()))
+        self.num_samples += 1
+        if len(self._pending) >= self.samples_per_batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        k, size = self.meta.num_views, self.meta.num_tokens * self.meta.dim
+        keys = [key for key, _, _ in self._pending for _ in range(k)]
+        views = [v for _, vs, _ in self._pending for v in vs]
+        targets = torch.cat([t for _, _, t in self._pending])  # (N*K, T, D)
+        columns = [pa.array(keys, pa.string()), pa.array(np.tile(np.arange(k, dtype=np.int16), len(self._pending))),
+                   _fixed_list(np.array([v.box() for v in views], dtype=np.int32), pa.int32(), 4),
+                   pa.array([v.flip for v in views], pa.bool_())]
+        if self.meta.dtype == "fp16":
+            columns.append(_fixed_list(targets.to(torch.float16).numpy(), pa.float16(), size))
+        else:
+            q, scale = quantize_int8(targets)
+            columns += [_fixed_list(q.numpy(), pa.int8(), size),
+                        _fixed_list(scale.numpy(), pa.float32(), self.meta.num_tokens)]
+        self._writer.write_batch(pa.record_batch(columns, schema=self._schema))
+        self._pending = []
+
+    def close(self) -> Path:
+        """Finish the file; refuses one whose sample count differs from the shard's."""
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        if self.num_samples != self.meta.num_samples:
+            raise ValueError(f"{self.tmp_path}: {self.num_samples} samples written, shard {self.meta.shard} has "
+                             f"{self.meta.num_samples}; the file is left unfinished")
+        os.replace(self.tmp_path, self.path)
+        return self.path
+
+
+def bytes_per_view(num_tokens: int, dim: int, dtype: str) -> int:
+    """Payload bytes of one row (targets + scales + key-independent columns), before Arrow framing."""
+    targets = num_tokens * dim * (2 if dtype == "fp16" else 1)
+    scales = 4 * num_tokens if dtype == "int8" else 0
+    return targets + scales + 2 + 16 + 1  # view int16, box 4 x int32, flip (bit-packed, rounded up here)

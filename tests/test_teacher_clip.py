@@ -1,0 +1,81 @@
+"""CLIP teacher: reproduces the published target on the reference fixture; every checkpoint route agrees."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from itpn_ds.teacher import load_teacher
+from itpn_ds.teacher.clip import TeacherLoadError, load_clip_teacher
+
+REFERENCE = Path(__file__).parent / "data" / "reference" / "clip_teacher.pt"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    data = torch.load(REFERENCE, weights_only=True)
+    path = tmp_path_factory.mktemp("ref") / "openai_state_dict.pt"
+    torch.save(data["state_dict"], path)
+    return data, path
+
+
+def test_reproduces_reference_targets(reference):
+    data, path = reference
+    teacher = load_clip_teacher(path)
+    assert (teacher.resolution, teacher.num_tokens, teacher.dim) == (56, 16, 64)
+    out = teacher(data["images"])
+    assert out.dtype == torch.float32 and out.shape == data["targets"].shape
+    torch.testing.assert_close(out, data["targets"], atol=1e-5, rtol=0)
+
+
+def test_torchscript_archive_matches_state_dict(reference, tmp_path):
+    from open_clip.model import build_model_from_openai_state_dict
+
+    data, path = reference
+    model = build_model_from_openai_state_dict(dict(data["state_dict"]), cast_dtype=torch.float32).float().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace_module(model, {"encode_image": (data["images"],)}, check_trace=False)
+    traced.save(str(tmp_path / "ViT-tiny.pt"))
+    teacher = load_clip_teacher(tmp_path / "ViT-tiny.pt")
+    torch.testing.assert_close(teacher(data["images"]), data["targets"], atol=1e-5, rtol=0)
+    with pytest.raises(TeacherLoadError, match="does not match arch 'ViT-L-14'"):
+        load_clip_teacher(tmp_path / "ViT-tiny.pt", arch="ViT-L-14")
+
+
+def test_open_clip_checkpoint_with_config_json(reference, tmp_path):
+    data, path = reference
+    config = {"embed_dim": 64, "quick_gelu": True,
+              "vision_cfg": {"image_size": 56, "layers": 2, "width": 128, "patch_size": 14},
+              "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 64, "heads": 1, "layers": 1}}
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    state = {f"module.{k}": v for k, v in data["state_dict"].items()}
+    torch.save({"epoch": 1, "state_dict": state}, tmp_path / "open_clip.pt")
+    teacher = load_teacher(str(tmp_path / "tiny.json"), tmp_path / "open_clip.pt")
+    assert teacher.identity.arch == "tiny"
+    torch.testing.assert_close(teacher(data["images"]), data["targets"], atol=1e-5, rtol=0)
+
+
+def test_identity_frozen_and_resolution(reference):
+    data, path = reference
+    teacher = load_clip_teacher(path, resolution=28)
+    assert (teacher.num_tokens, teacher.identity.resolution) == (4, 28)
+    assert len(teacher.identity.checkpoint_sha256) == 64
+    assert teacher(torch.rand(2, 3, 28, 28)).shape == (2, 4, 64)
+    teacher.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ValueError, match=r"takes \(B, 3, 28, 28\)"):
+        teacher(data["images"])
+
+
+def test_missing_or_wrong_checkpoint_is_named(tmp_path):
+    with pytest.raises(TeacherLoadError, match="not found: nothing is downloaded.*--teacher-checkpoint"):
+        load_clip_teacher(tmp_path / "ViT-L-14.pt")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(TeacherLoadError, match="not an OpenAI-format CLIP"):
+        load_clip_teacher(tmp_path / "other.pt")
+    with pytest.raises(TeacherLoadError, match="unknown open_clip architecture 'ViT-Nope'"):
+        load_clip_teacher(tmp_path / "other.pt", arch="ViT-Nope")
