@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.images",
     "tests.fixtures.mlflow",
     "tests.fixtures.slurm",
+    "tests.fixtures.teacher",
 ]

@@ -1,0 +1,160 @@
+"""Teacher extraction: K views per sample -> CLIP targets -> one Arrow cache file per shard.
+
+Views are drawn by ``sample_view(seed, key, view_id, width, height)`` (sizes from the shard manifest) and
+decoded by the same DALI graph the pre-training pipeline replays them with (``ViewDecoder``, lanczos
+resize to the teacher resolution), so cached targets come from exactly the pixels training sees.
+
+Work split: shard i goes to worker ``i % (tasks * world)``, a worker being (SLURM array task, rank):
+``worker = task * world + rank``. A finished file (renamed from ``.tmp`` on completion) whose metadata
+matches is skipped, so a requeued or re-submitted job only does what is left.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from tqdm import tqdm
+
+from itpn_ds.data.shards import Manifest, ShardInfo, ShardReader
+from itpn_ds.data.view_decoder import ViewDecoder
+from itpn_ds.data.views import sample_view
+from itpn_ds.distributed import detect
+from itpn_ds.teacher.cache import CacheError, open_cache_file
+from itpn_ds.teacher.cache_format import CacheFileWriter, CacheMeta, cache_file_name
+from itpn_ds.teacher.clip import ClipTeacher, load_clip_teacher
+
+TEACHER_INTERP = "lanczos"
+
+
+@dataclass
+class ExtractConfig:
+    """shards: ``make-shards`` output; out: cache directory; checkpoint/arch/resolution: the teacher
+    (``load_clip_teacher``); num_views: K; seed: view seed (the cache's, replayed by training);
+    dtype: ``fp16`` or ``int8``; batch_size: views per teacher forward; device: ``auto``/``cpu``/``cuda``."""
+
+    shards: Path
+    out: Path
+    checkpoint: Path
+    arch: str | None = None
+    resolution: int | None = None
+    num_views: int = 8
+    seed: int = 0
+    dtype: str = "fp16"
+    batch_size: int = 256
+    device: str = "auto"
+    num_threads: int = 4
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_views < 1:
+            raise ValueError(f"num_views must be >= 1, got {self.num_views}")
+        if self.batch_size < self.num_views:
+            raise ValueError(f"batch_size {self.batch_size} must hold at least one sample's {self.num_views} views")
+
+
+@dataclass(frozen=True)
+class Worker:
+    """This process's place among all extraction processes: (array task, rank) flattened."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def detect(cls, environ: Mapping[str, str] | None = None) -> "Worker":
+        env = os.environ if environ is None else environ
+        dist = detect(env)
+        task = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+        if not 0 <= task < tasks:
+            raise ValueError(f"SLURM array task {task} outside 0..{tasks - 1} (SLURM_ARRAY_TASK_COUNT)")
+        return cls(index=task * dist.world_size + dist.rank, count=tasks * dist.world_size)
+
+    def owns(self, shard_number: int) -> bool:
+        return shard_number % self.count == self.index
+
+
+def extract_cache(cfg: ExtractConfig, worker: Worker | None = None) -> list[Path]:
+    """Write this worker's missing cache files; returns the files it wrote (skipped ones excluded)."""
+    worker = worker or Worker.detect()
+    device = _device(cfg.device)
+    manifest = Manifest.load(cfg.shards)
+    reader = ShardReader(cfg.shards, manifest)
+    teacher = load_clip_teacher(cfg.checkpoint, arch=cfg.arch, resolution=cfg.resolution, device=device)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    firsts = _first_indices(manifest)
+    todo = [n for n, shard in enumerate(manifest.shards)
+            if worker.owns(n) and not _finished(cfg.out / cache_file_name(shard.tar), _meta(cfg, teacher, shard))]
+    decoder = ViewDecoder([(teacher.resolution, TEACHER_INTERP)], device="gpu" if device.type == "cuda" else "cpu",
+                          batch_size=cfg.batch_size, num_threads=cfg.num_threads)
+    progress = tqdm(total=sum(manifest.shards[n].num_samples for n in todo), unit="img", unit_scale=True,
+                    desc=f"teacher targets (worker {worker.index}/{worker.count})", disable=not cfg.progress)
+    written = []
+    for n in todo:
+        shard = manifest.shards[n]
+        indices = range(firsts[n], firsts[n] + shard.num_samples)
+        written.append(_extract_shard(cfg, teacher, decoder, reader, shard, indices, progress))
+    progress.close()
+    return written
+
+
+def _extract_shard(cfg: ExtractConfig, teacher: ClipTeacher, decoder: ViewDecoder, reader: ShardReader,
+                   shard: ShardInfo, indices: range, progress: tqdm) -> Path:
+    manifest, k = reader.manifest, cfg.num_views
+    writer = CacheFileWriter(cfg.out / cache_file_name(shard.tar), _meta(cfg, teacher, shard))
+    per_step = cfg.batch_size // k
+    for start in range(indices.start, indices.stop, per_step):
+        chunk = range(start, min(start + per_step, indices.stop))
+        keys = [manifest.keys[i] for i in chunk]
+        views = [[sample_view(cfg.seed, manifest.keys[i], v, *manifest.sizes[i]) for v in range(k)] for i in chunk]
+        encoded = [reader.encoded(i) for i in chunk for _ in range(k)]
+        try:
+            (images,) = decoder.decode(encoded, [v for vs in views for v in vs])
+        except RuntimeError as exc:
+            raise RuntimeError(f"{cfg.shards / shard.tar}: decoding samples {keys[0]!r}..{keys[-1]!r} failed "
+                               f"(run `itpn-ds verify-shards`): {exc}") from exc
+        targets = teacher(images.to(next(teacher.parameters()).device)).view(len(chunk), k, teacher.num_tokens,
+                                                                             teacher.dim)
+        for key, key_views, key_targets in zip(keys, views, targets):
+            writer.add(key, key_views, key_targets)
+        progress.update(len(chunk))
+    return writer.close()
+
+
+def _meta(cfg: ExtractConfig, teacher: ClipTeacher, shard: ShardInfo) -> CacheMeta:
+    return CacheMeta(teacher=teacher.identity.as_dict(), dtype=cfg.dtype, num_views=cfg.num_views, seed=cfg.seed,
+                     num_tokens=teacher.num_tokens, dim=teacher.dim, shard=shard.tar, shard_sha256=shard.sha256,
+                     num_samples=shard.num_samples, interp=TEACHER_INTERP)
+
+
+def _finished(path: Path, expected: CacheMeta) -> bool:
+    """True for a complete file made the same way; a file made otherwise is refused (no silent mixing)."""
+    if not path.exists():
+        return False
+    _, meta = open_cache_file(path)
+    stale = {k for k in ("teacher", "dtype", "num_views", "seed", "num_tokens", "dim", "shard_sha256",
+                         "num_samples", "format_version") if getattr(meta, k) != getattr(expected, k)}
+    if stale:
+        raise CacheError(f"{path}: exists but was made differently ({', '.join(sorted(stale))} differ); "
+                         "delete it or choose another --out")
+    return True
+
+
+def _first_indices(manifest: Manifest) -> list[int]:
+    firsts, total = [], 0
+    for shard in manifest.shards:
+        firsts.append(total)
+        total += shard.num_samples
+    return firsts
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank = detect().local_rank
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
