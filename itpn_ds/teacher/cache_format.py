@@ -179,10 +179,3 @@ class CacheFileWriter:
                              f"{self.meta.num_samples}; the file is left unfinished")
         os.replace(self.tmp_path, self.path)
         return self.path
-
-
-def bytes_per_view(num_tokens: int, dim: int, dtype: str) -> int:
-    """Payload bytes of one row (targets + scales + key-independent columns), before Arrow framing."""
-    targets = num_tokens * dim * (2 if dtype == "fp16" else 1)
-    scales = 4 * num_tokens if dtype == "int8" else 0
-    return targets + scales + 2 + 16 + 1  # view int16, box 4 x int32, flip (bit-packed, rounded up here)
