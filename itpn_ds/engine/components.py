@@ -47,13 +47,7 @@ def forward_flops_per_image(model: nn.Module, cfg: RunConfig) -> float:
         flops = importlib.import_module("itpn_ds.models.flops")
     except ImportError:
         return 0.0
-    return float(flops.forward_flops(model, **_flops_kwargs(cfg)))
-
-
-def _flops_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    if cfg.task == "pretrain":
-        return {"mask_ratio": 0.0}
-    return {}
+    return float(flops.forward_flops(model))
 
 
 def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True) -> tuple[Loader | None, Loader | None]:

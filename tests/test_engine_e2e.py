@@ -1,0 +1,90 @@
+"""The whole chain on the CPU with real components: demo shards -> CLIP targets extracted into an Arrow cache
+-> iTPN pre-training from the cache on 2 DeepSpeed ZeRO-2 ranks -> fine-tuning from that checkpoint ->
+export -> the export loaded through timm scores what the engine's evaluation of the checkpoint reports."""
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import itpn_ds  # noqa: F401
+from itpn_ds.data import build_eval_loader
+from itpn_ds.engine.tasks import evaluate_classifier
+from itpn_ds.teacher.extract import ExtractConfig, extract_cache
+from tests.fixtures.teacher import write_tiny_clip_checkpoint
+
+pytestmark = pytest.mark.dist
+REPO = Path(__file__).resolve().parents[1]
+STEP_LOSS = re.compile(r"step (\d+) epoch \d+ loss ([0-9.]+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def itpn_ds_cli(*args: str, ranks: int = 1) -> str:
+    """Run an ``itpn-ds`` subcommand (under torchrun with ``ranks`` > 1) and return its stdout."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                "--master_port", str(free_port())] if ranks > 1 else [sys.executable]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*launcher, "-m", "itpn_ds.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def losses_by_step(stdout: str) -> dict[int, float]:
+    return {int(step): float(loss) for step, loss in STEP_LOSS.findall(stdout)}
+
+
+@pytest.fixture(scope="module")
+def chain(demo_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    clip = write_tiny_clip_checkpoint(root / "clip.pt", embed_dim=64)  # teacher_dim of the tiny recipe
+    cache = root / "cache"
+    extract_cache(ExtractConfig(shards=demo_shards, out=cache, checkpoint=clip, num_views=2, seed=0,
+                                batch_size=16, progress=False))
+    pretrain = itpn_ds_cli("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(root / "pretrain"),
+                           f"data.shards={demo_shards}", f"teacher.cache={cache}", "schedule.epochs=3",
+                           "tracking.enabled=false", ranks=2)
+    finetune = itpn_ds_cli("finetune", "--config", "tiny_finetune_cpu", "--run-dir", str(root / "finetune"),
+                           f"data.shards={demo_shards}", f"data.val_shards={demo_shards}",
+                           f"finetune.init={root / 'pretrain'}", "tracking.enabled=false", ranks=2)
+    itpn_ds_cli("export", "--checkpoint", str(root / "finetune"), "--out", str(root / "export"))
+    return dict(root=root, shards=demo_shards, pretrain=pretrain, finetune=finetune)
+
+
+def test_pretraining_from_the_cache_lowers_the_loss(chain):
+    losses = losses_by_step(chain["pretrain"])
+    steps = sorted(losses)
+    assert len(steps) >= 6
+    assert losses[steps[-1]] < 0.8 * losses[steps[0]], losses
+
+
+def test_finetuning_from_our_pretraining_checkpoint_beats_chance(chain):
+    top1 = [float(x) for x in re.findall(r"'top1': ([0-9.]+)", chain["finetune"])]
+    assert top1 and top1[-1] > 100 / 4 + 10, top1  # 4 classes: chance is 25 %
+
+
+def test_export_loads_in_timm_and_scores_like_the_checkpoint(chain):
+    import json
+
+    export = chain["root"] / "export"
+    meta = json.loads((export / "config.json").read_text())
+    model = timm.create_model(meta["architecture"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")),
+                              **meta["model_kwargs"])
+    loader = build_eval_loader(chain["shards"], micro_batch=8, img_size=meta["img_size"], num_threads=1)
+    exported = evaluate_classifier(model, loader, torch.device("cpu"), None)
+    printed = itpn_ds_cli("evaluate", "--config", "tiny_finetune_cpu", "--checkpoint", str(chain["root"] / "finetune"),
+                          f"data.val_shards={chain['shards']}", "tracking.enabled=false")
+    top1 = float(re.search(r"top1 ([0-9.]+)", printed).group(1))
+    assert exported["top1"] == pytest.approx(top1, abs=1e-6)
+    assert exported["samples"] > 0
