@@ -72,6 +72,8 @@ SlurmUser=root
 SlurmctldPort=6817
 SlurmdPort=6818
 AuthType=auth/munge
+# Credential lifetime; also how long a requeued job waits before it runs again (SLURM's default 120 s).
+AuthInfo=cred_expire=${SLURM_CRED_EXPIRE:-20}
 StateSaveLocation=$PREFIX/state
 SlurmdSpoolDir=$PREFIX/spool/slurmd-%n
 SlurmctldPidFile=$PREFIX/run/slurmctld.pid
