@@ -1,75 +1,106 @@
-"""`make demo`: the chain on a small real image set (photos shipped with scikit-image), stage by stage.
+"""`make demo`: the whole chain on a small real image set (photos shipped with scikit-image).
 
-Stages run today: demo images -> shards (`itpn-ds make-shards`) -> `itpn-ds verify-shards` -> a DALI
-pre-training batch (view replay + block masks) -> one forward/backward of a small iTPN CLIP-distillation
-model with activation checkpointing. The teacher cache, DeepSpeed pre-training/fine-tuning and MLflow stages
-are added to this list as they are wired end to end (see README "Status").
+images -> shards (`make-shards`, `verify-shards`) -> CLIP targets for K views per image in an Arrow cache
+(`extract-teacher`) -> iTPN pre-training from the cache on 2 CPU ranks with DeepSpeed ZeRO-2
+(`pretrain`) -> classifier fine-tuning from that checkpoint (`finetune`) -> evaluation (`evaluate`) ->
+one safetensors file (`export`) that `timm.create_model` loads; both runs tracked in one MLflow store.
+
+Without ``--teacher-checkpoint`` the teacher is a small CLIP with seeded random weights (the chain is real,
+its targets carry no semantics); with OpenAI's ViT-L-14.pt the student is sized to its 14x14 token grid.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-import itpn_ds  # noqa: F401
 from data_tools.demo_images import make_demo_image_folder
-from itpn_ds.data import build_pretrain_loader
-from itpn_ds.data.views import SampledViews
-from itpn_ds.models import ITPNClipDistill
+from itpn_ds.teacher.clip import load_clip_teacher
+from itpn_ds.teacher.random_clip import write_random_clip_checkpoint
 
-DEMO_MODEL = dict(img_size=112, patch_size=16, embed_dim=128, mlp_depth1=1, mlp_depth2=1, depth=4, num_heads=4,
-                  fpn_dim=64, teacher_dim=64)
-
-
-def stage(title: str) -> None:
-    print(f"\n=== {title}", flush=True)
+RANKS = 2
+STAGES = 8
 
 
-def run_cli(*args: str) -> None:
-    """Run an ``itpn-ds`` subcommand in a child process, failing the demo if it fails."""
-    cmd = [sys.executable, "-m", "itpn_ds.cli", *args]
-    print("$ itpn-ds " + " ".join(args), flush=True)
-    subprocess.run(cmd, check=True)
+def stage(number: int, title: str) -> None:
+    print(f"\n=== [{number}/{STAGES}] {title}", flush=True)
 
 
-def model_smoke(shards: Path) -> None:
-    """One DALI pre-training batch through a small iTPN, forward and backward."""
-    loader = build_pretrain_loader(shards, SampledViews(seed=0), micro_batch=8, img_size=DEMO_MODEL["img_size"],
-                                   seed=0)
-    loader.set_epoch(0)
-    batch = next(iter(loader))
-    print(f"batch: images {tuple(batch.images.shape)}, mask {tuple(batch.bool_masked_pos.shape)} "
-          f"({int(batch.bool_masked_pos[0].sum())} masked patches per image), views {batch.view_ids.tolist()}")
-    model = ITPNClipDistill(**DEMO_MODEL)
-    model.set_grad_checkpointing(True)
-    start = time.perf_counter()
-    main, aux = model(batch.images, batch.bool_masked_pos)
-    (main.square().mean() + aux.square().mean()).backward()
-    print(f"iTPN forward+backward: main {tuple(main.shape)}, aux {tuple(aux.shape)} "
-          f"in {time.perf_counter() - start:.2f} s")
+def itpn_ds(*args: str, ranks: int = 1) -> None:
+    """Run an ``itpn-ds`` subcommand (under torchrun when ``ranks`` > 1); the demo stops if it fails."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                "--master_port", "29531"] if ranks > 1 else [sys.executable]
+    print(("$ torchrun --nproc_per_node %d " % ranks if ranks > 1 else "$ ") + "itpn-ds " + " ".join(args), flush=True)
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1"}
+    subprocess.run([*launcher, "-m", "itpn_ds.cli", *args], check=True, env=env)
+
+
+def student_overrides(checkpoint: Path) -> list[str]:
+    """Size the tiny student so its patch grid and output width match the teacher's tokens and dim."""
+    teacher = load_clip_teacher(checkpoint, device="cpu")
+    grid = math.isqrt(teacher.num_tokens)
+    print(f"teacher: {teacher.num_tokens} tokens of dim {teacher.dim} at {teacher.resolution} px "
+          f"-> student {grid * 16} px, teacher_dim {teacher.dim}")
+    return [f"model.kwargs.img_size={grid * 16}", f"model.kwargs.teacher_dim={teacher.dim}",
+            f"teacher.resolution={teacher.resolution}"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
-    parser.add_argument("--per-class", type=int, default=60)
-    parser.add_argument("--teacher-checkpoint", help="local CLIP checkpoint (used once the cache stage is wired)")
+    parser.add_argument("--per-class", type=int, default=30, help="images per class (8 classes)")
+    parser.add_argument("--teacher-checkpoint", type=Path, help="local CLIP checkpoint, e.g. OpenAI's ViT-L-14.pt")
     args = parser.parse_args(argv)
-    images, shards = args.out / "images", args.out / "shards"
-    stage("1/4 demo images from scikit-image's photos")
+    out = args.out.resolve()
+    images, shards, cache = out / "images", out / "shards", out / "teacher_cache"
+    pretrain_dir, finetune_dir, export_dir = out / "runs" / "pretrain", out / "runs" / "finetune", out / "export"
+    tracking = [f"tracking.uri=sqlite:///{out / 'mlflow.db'}", "tracking.experiment=itpn-ds-demo"]
+
+    stage(1, "images: scikit-image's photos, cropped and rescaled (one class per photo)")
     make_demo_image_folder(images, images_per_class=args.per_class)
     print(f"{sum(1 for _ in images.rglob('*.jpg'))} images in {images}")
-    stage("2/4 shards")
-    run_cli("make-shards", str(images), str(shards), "--shard-size", "4")
-    stage("3/4 verify shards")
-    run_cli("verify-shards", str(shards))
-    stage("4/4 DALI pre-training batch -> iTPN")
-    model_smoke(shards)
-    print(f"\ndone: shards in {shards}")
+
+    stage(2, "shards (WebDataset tar + DALI index + manifest)")
+    itpn_ds("make-shards", str(images), str(shards), "--shard-size", "4")
+    itpn_ds("verify-shards", str(shards))
+
+    stage(3, "CLIP targets for 4 views per image, into Arrow files")
+    teacher = args.teacher_checkpoint or write_random_clip_checkpoint(out / "teacher" / "random_clip.pt",
+                                                                      embed_dim=64)
+    student = student_overrides(teacher)
+    itpn_ds("extract-teacher", "--shards", str(shards), "--out", str(cache), "--teacher-checkpoint", str(teacher),
+            "--num-views", "4")
+
+    stage(4, f"iTPN pre-training from the cache: DeepSpeed ZeRO-2, {RANKS} CPU ranks")
+    itpn_ds("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(pretrain_dir), f"data.shards={shards}",
+            f"teacher.cache={cache}", *student, *tracking, ranks=RANKS)
+
+    stage(5, "fine-tuning a classifier from the pre-training checkpoint, same engine")
+    classes = len(json.loads((shards / "manifest.json").read_text())["classes"])
+    itpn_ds("finetune", "--config", "tiny_finetune_cpu", "--run-dir", str(finetune_dir), f"data.shards={shards}",
+            f"data.val_shards={shards}", f"finetune.init={pretrain_dir}", f"finetune.num_classes={classes}",
+            f"model.kwargs.num_classes={classes}", student[0], *tracking, ranks=RANKS)
+
+    stage(6, "evaluation of the fine-tuned checkpoint")
+    itpn_ds("evaluate", "--config", "tiny_finetune_cpu", "--checkpoint", str(finetune_dir),
+            f"data.val_shards={shards}", f"finetune.num_classes={classes}", f"model.kwargs.num_classes={classes}",
+            student[0], "tracking.enabled=false")
+
+    stage(7, "export: one safetensors file + JSON metadata, loadable by timm")
+    itpn_ds("export", "--checkpoint", str(finetune_dir), "--out", str(export_dir))
+
+    stage(8, "where everything is")
+    print(f"shards:        {shards}\nteacher cache: {cache}\nruns:          {pretrain_dir}\n               "
+          f"{finetune_dir}\nexported:      {export_dir / 'model.safetensors'} (+ config.json)\n"
+          f"MLflow store:  {out / 'mlflow.db'}\n"
+          f"MLflow UI:     .venv/bin/mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --port 5000\n"
+          f"load in timm:  timm.create_model(<architecture>, pretrained=True, "
+          f"pretrained_cfg_overlay=dict(file='{export_dir / 'model.safetensors'}'), **<model_kwargs>)  "
+          f"(both in config.json; `import itpn_ds` first)")
     return 0
 
 
