@@ -53,7 +53,7 @@ def chain(demo_shards, tmp_path_factory):
                                 batch_size=16, progress=False))
     pretrain = itpn_ds_cli("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(root / "pretrain"),
                            f"data.shards={demo_shards}", f"teacher.cache={cache}", "schedule.epochs=3",
-                           "tracking.enabled=false", ranks=2)
+                           f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "tracking.experiment=e2e", ranks=2)
     finetune = itpn_ds_cli("finetune", "--config", "tiny_finetune_cpu", "--run-dir", str(root / "finetune"),
                            f"data.shards={demo_shards}", f"data.val_shards={demo_shards}",
                            f"finetune.init={root / 'pretrain'}", "tracking.enabled=false", ranks=2)
@@ -88,3 +88,18 @@ def test_export_loads_in_timm_and_scores_like_the_checkpoint(chain):
     top1 = float(re.search(r"top1 ([0-9.]+)", printed).group(1))
     assert exported["top1"] == pytest.approx(top1, abs=1e-6)
     assert exported["samples"] > 0
+
+
+def test_pretraining_run_is_tracked_in_mlflow_with_config_curves_and_model(chain):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{chain['root'] / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "clip_tpn_base_3324_patch16_224"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(losses) == len(losses_by_step(chain["pretrain"]))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"config.yaml", "model/model.safetensors", "model/config.json"} <= artifacts, artifacts
+    assert any(a.startswith("plots") for a in artifacts)

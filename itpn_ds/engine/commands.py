@@ -92,6 +92,8 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
         total = min(total, cfg.schedule.max_steps)
     tracker = components.tracker_for(cfg, runtime.rank, run_dir, runtime.dist)
     tracker.log_params(_flat(to_dict(cfg)))
+    if runtime.rank == 0:
+        tracker.log_artifact(run_dir / "config.yaml")
     parts = LoopParts(engine=engine, loader=train_loader, task=_task(cfg, runtime.device),
                       schedule=CosineSchedule.from_config(cfg.optim, steps_per_epoch, total),
                       checkpoints=checkpoints, tracker=tracker, device=runtime.device, total_steps=total,
@@ -107,12 +109,21 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     try:
         trainer.run()
         status = "FINISHED"
+        if runtime.rank == 0 and cfg.tracking.enabled:
+            log_exported_model(tracker, run_dir)
         return 0
     except Preempted:
         status = "KILLED"
         return PREEMPTED_EXIT_CODE
     finally:
         tracker.close(status)
+
+
+def log_exported_model(tracker: Any, run_dir: Path) -> None:
+    """Export the run's final checkpoint (one safetensors + JSON) and hand both files to the tracker."""
+    out = export_checkpoint(run_dir, run_dir / "export")
+    for name in ("model.safetensors", "config.json"):
+        tracker.log_artifact(Path(out) / name, "model")
 
 
 def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
