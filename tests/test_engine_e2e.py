@@ -103,3 +103,15 @@ def test_pretraining_run_is_tracked_in_mlflow_with_config_curves_and_model(chain
     artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert {"config.yaml", "model/model.safetensors", "model/config.json"} <= artifacts, artifacts
     assert any(a.startswith("plots") for a in artifacts)
+
+
+def test_pretraining_refuses_a_cache_made_with_another_teacher(chain, tmp_path):
+    other = write_tiny_clip_checkpoint(tmp_path / "other_clip.pt", embed_dim=64, seed=1)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "itpn_ds.cli", "pretrain", "--config", "tiny_pretrain_cpu",
+                           "--run-dir", str(tmp_path / "run"), f"data.shards={chain['shards']}",
+                           f"teacher.cache={chain['root'] / 'cache'}", f"teacher.checkpoint={other}",
+                           "tracking.enabled=false"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "itpn-ds pretrain:" in proc.stderr and "checkpoint_sha256" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

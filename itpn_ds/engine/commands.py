@@ -28,6 +28,8 @@ from itpn_ds.engine.runtime import build_engine, init_distributed, make_determin
 from itpn_ds.engine.schedule import CosineSchedule
 from itpn_ds.engine.tasks import ClassifyTask, ClipDistillTask, PixelTask, evaluate_classifier
 from itpn_ds.engine.trainer import LoopParts, Preempted, Trainer
+from itpn_ds.teacher.cache import CacheError
+from itpn_ds.teacher.clip import TeacherLoadError
 
 log = logging.getLogger("itpn_ds.engine")
 
@@ -58,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
         if args.command == "evaluate":
             return evaluate(cfg, Path(args.checkpoint))
         return train(cfg, Path(args.run_dir))
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, CacheError, TeacherLoadError) as exc:
         print(f"itpn-ds {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -78,10 +78,22 @@ def _view_source(cfg: RunConfig) -> Any:
         if not cfg.teacher.cache:
             raise ConfigError("teacher.mode=cache needs teacher.cache (itpn-ds extract-teacher output)")
         teacher = _import("itpn_ds.teacher", "teacher.cache")
-        return teacher.TeacherCache(Path(cfg.teacher.cache), shards=Path(cfg.data.shards))
+        return teacher.TeacherCache(Path(cfg.teacher.cache), shards=Path(cfg.data.shards),
+                                    expected_teacher=expected_cache_teacher(cfg))
     from itpn_ds.data.views import SampledViews
 
     return SampledViews(seed=cfg.schedule.seed)
+
+
+def expected_cache_teacher(cfg: RunConfig) -> dict[str, Any]:
+    """What the run requires of a cache's teacher: its resolution, and the checkpoint's sha256 when the run
+    names ``teacher.checkpoint`` (so a cache made with other weights is refused)."""
+    expected: dict[str, Any] = {"resolution": cfg.teacher.resolution}
+    if cfg.teacher.checkpoint:
+        from itpn_ds.teacher.clip import file_sha256
+
+        expected["checkpoint_sha256"] = file_sha256(cfg.teacher.checkpoint)
+    return expected
 
 
 def build_online_teacher(cfg: RunConfig, device: torch.device) -> Any:
@@ -89,7 +101,8 @@ def build_online_teacher(cfg: RunConfig, device: torch.device) -> Any:
     if not cfg.teacher.checkpoint:
         raise ConfigError("teacher.mode=online needs teacher.checkpoint (a CLIP checkpoint file)")
     teacher = _import("itpn_ds.teacher", "teacher.mode=online")
-    return teacher.load_teacher(cfg.teacher.arch, cfg.teacher.checkpoint, device=device)
+    return teacher.load_teacher(cfg.teacher.arch, cfg.teacher.checkpoint, device=device,
+                                resolution=cfg.teacher.resolution)
 
 
 def build_mixup(cfg: RunConfig) -> Any:
