@@ -203,3 +203,10 @@ def test_cli_best_and_largest(capsys):
 def test_cli_rejects_bad_input_clearly(capsys, argv, message):
     code, _, err = run_cli(capsys, *SMALL, *argv)
     assert code == 2 and message in err
+
+
+def test_plan_reads_the_registered_itpn_large_pretraining_model(capsys):
+    code, out, _ = run_cli(capsys, "--model", "clip_tpn_large_2240_patch16_224", "--gpus", "64", "--show", "best")
+    assert code == 0
+    assert "307,452,904 params" in out  # REFERENCE.md's iTPN-L CLIP pre-training count
+    assert "| 64 | " in out

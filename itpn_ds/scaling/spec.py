@@ -113,9 +113,23 @@ def student_spec(
 
 def example_forward(model: nn.Module, image_size: int, batch: int = 1) -> Callable[[], torch.Tensor]:
     """A training forward of ``batch`` images on the model's device, returning the tensor backward starts from."""
-    device = next(model.parameters()).device
-    images = torch.zeros(batch, 3, image_size, image_size, device=device)
-    return lambda: model(images)
+    from itpn_ds.models import ITPNClipDistill, ITPNPixelMAE
+    from itpn_ds.models.flops import example_inputs
+
+    if isinstance(model, (ITPNClipDistill, ITPNPixelMAE)):  # they also take a mask / kept-patch ids
+        args, kwargs = example_inputs(model, image_size)
+    else:
+        device = next(model.parameters()).device
+        args, kwargs = (torch.zeros(1, 3, image_size, image_size, device=device),), {}
+    batched = lambda t: t.repeat(batch, *[1] * (t.ndim - 1))  # noqa: E731  (real tensors, not stride-0 views)
+    args, kwargs = tuple(map(batched, args)), {k: batched(v) for k, v in kwargs.items()}
+
+    def forward() -> torch.Tensor:
+        out = model(*args, **kwargs)
+        if isinstance(out, tuple):  # (main, aux) of CLIP distillation; (loss, pred, mask) of the pixel model
+            return sum(o.float().sum() for o in out if o.requires_grad)
+        return out
+    return forward
 
 
 def trace(model: nn.Module, forward: Callable[[], torch.Tensor]) -> tuple[tuple[BlockShape, ...], OtherActivations, float]:
