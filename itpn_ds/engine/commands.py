@@ -30,6 +30,7 @@ from itpn_ds.engine.tasks import ClassifyTask, ClipDistillTask, PixelTask, evalu
 from itpn_ds.engine.trainer import LoopParts, Preempted, Trainer
 from itpn_ds.teacher.cache import CacheError
 from itpn_ds.teacher.clip import TeacherLoadError
+from itpn_ds.tracking.mlflow_tracker import TrackingUnavailable
 
 log = logging.getLogger("itpn_ds.engine")
 
@@ -60,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
         if args.command == "evaluate":
             return evaluate(cfg, Path(args.checkpoint))
         return train(cfg, Path(args.run_dir))
-    except (ConfigError, CheckpointError, CacheError, TeacherLoadError) as exc:
+    except (ConfigError, CheckpointError, CacheError, TeacherLoadError, TrackingUnavailable) as exc:
         print(f"itpn-ds {args.command}: {exc}", file=sys.stderr)
         return 2
 
