@@ -2,22 +2,14 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.fixtures.slurm import REPO
+from tests.fixtures.slurm import REPO, wait_for
 
 pytestmark = pytest.mark.slurm
 SLURM = REPO / "launch" / "slurm"
-
-
-def wait_for(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return condition()
 
 
 def steps_logged(journal) -> int:
