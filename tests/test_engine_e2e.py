@@ -97,6 +97,7 @@ def test_pretraining_run_is_tracked_in_mlflow_with_config_curves_and_model(chain
     (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "clip_tpn_base_3324_patch16_224"
+    assert run.data.params["ds_config.zero_optimization.stage"] == "2"  # the resolved DeepSpeed JSON
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(losses) == len(losses_by_step(chain["pretrain"]))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

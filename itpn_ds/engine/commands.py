@@ -85,7 +85,8 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     if cfg.task == "finetune" and cfg.finetune.init and resume is None:
         init_from(model, cfg.finetune.init)
     flops = components.forward_flops_per_image(model, cfg)
-    stage = zero_stage(build_ds_config(cfg, runtime.world_size))
+    ds_config = build_ds_config(cfg, runtime.world_size)
+    stage = zero_stage(ds_config)
     engine = build_engine(model.to(runtime.device), cfg, runtime,
                           load_universal=resume is not None and needs_universal(resume, runtime.world_size, stage))
     train_loader, eval_loader = components.build_loaders(cfg, runtime.rank, runtime.world_size)
@@ -94,7 +95,7 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     if cfg.schedule.max_steps > 0:
         total = min(total, cfg.schedule.max_steps)
     tracker = components.tracker_for(cfg, runtime.rank, run_dir, runtime.dist)
-    tracker.log_params(_flat(to_dict(cfg)))
+    tracker.log_params({**_flat(to_dict(cfg)), **_flat(ds_config, "ds_config.")})  # run config + resolved DeepSpeed JSON
     if runtime.rank == 0:
         tracker.log_artifact(run_dir / "config.yaml")
     parts = LoopParts(engine=engine, loader=train_loader, task=_task(cfg, runtime.device),
