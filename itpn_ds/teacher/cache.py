@@ -182,7 +182,6 @@ class TeacherCache:
         return batches
 
 
-
 def open_cache_file(path: str | Path) -> tuple[pa.ipc.RecordBatchFileReader, CacheMeta]:
     """Memory-map one cache file: (reader, metadata). Truncated/corrupt/foreign files -> CacheError."""
     try:

@@ -41,9 +41,9 @@ OPENAI_ARCH = "openai"
 # Teacher input size when none is asked for: a token grid of 14 x 14, the grid of a 224 px / patch-16
 # student (ViT-L/14 at 196 px). Any other architecture runs at its native resolution.
 DEFAULT_RESOLUTIONS = {"ViT-L-14": 196, "ViT-B-16": 224}
-# OpenAI releases by their vision tower's (width, layers, patch): lets a TorchScript archive be named.
 # Buffers a traced CLIP archive stores besides the weights; not part of the model's state dict.
 TORCHSCRIPT_BUFFERS = ("attn_mask",)
+# OpenAI releases by their vision tower's (width, layers, patch): lets a TorchScript archive be named.
 OPENAI_VISION_SHAPES = {(1024, 24, 14): "ViT-L-14", (768, 12, 16): "ViT-B-16", (768, 12, 32): "ViT-B-32"}
 
 
