@@ -39,7 +39,7 @@ def test_cache_replays_stored_views_and_serves_targets(demo_cache, demo_shards):
 
 def test_cached_targets_equal_teacher_on_the_pipeline_view(demo_cache, demo_shards, tiny_clip_checkpoint):
     """Exactness: the teacher run on the view the pre-training loader decodes agrees with the cache;
-    the same check on a shifted box fails."""
+    the same check fails on a wrong box (the stored box's centre half) and on a wrong flip."""
     teacher = load_clip_teacher(tiny_clip_checkpoint)
     cache = TeacherCache(demo_cache, shards=demo_shards, expected_teacher=teacher.identity.as_dict())
     loader = build_pretrain_loader(demo_shards, views=cache, micro_batch=8, img_size=64,
@@ -51,9 +51,14 @@ def test_cached_targets_equal_teacher_on_the_pipeline_view(demo_cache, demo_shar
     reader = ShardReader(demo_shards)
     decoder = ViewDecoder([(TINY_RESOLUTION, "lanczos")], device="cpu", batch_size=8)
     pairs = cache.views(batch.keys, [reader.manifest.sizes[reader.index_of(k)] for k in batch.keys], 3)
-    shifted = [CropView(0, 0, v.w // 2 + 1, v.h // 2 + 1, not v.flip) for _, v in pairs]
-    (wrong,) = decoder.decode([reader.read(k) for k in batch.keys], shifted)
-    assert _cosine(teacher(wrong), batch.targets) < 0.99
+    encoded = [reader.read(k) for k in batch.keys]
+    (stored,) = decoder.decode(encoded, [v for _, v in pairs])
+    torch.testing.assert_close(stored, batch.teacher_images)  # the loader decoded the stored views
+    wrong_box = [CropView(v.x + v.w // 4, v.y + v.h // 4, v.w // 2, v.h // 2, v.flip) for _, v in pairs]
+    wrong_flip = [CropView(v.x, v.y, v.w, v.h, not v.flip) for _, v in pairs]
+    for wrong_views in (wrong_box, wrong_flip):
+        (wrong,) = decoder.decode(encoded, wrong_views)
+        assert _cosine(teacher(wrong), batch.targets) < 0.9
 
 
 def test_int8_close_to_fp16_at_about_half_the_bytes(demo_cache, demo_shards, tiny_clip_checkpoint, tmp_path):
