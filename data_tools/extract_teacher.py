@@ -6,6 +6,7 @@ shards; finished files are skipped, so re-running resumes (docs/teacher_cache.md
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from itpn_ds.teacher.cache_format import DTYPES
@@ -30,12 +31,20 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Exit 0 when this worker's files are written, 2 with a message naming the file / sample otherwise."""
+    from itpn_ds.data.shards import ShardError
+    from itpn_ds.teacher.cache import CacheError
+    from itpn_ds.teacher.clip import TeacherLoadError
     from itpn_ds.teacher.extract import ExtractConfig, extract_cache
 
-    cfg = ExtractConfig(shards=args.shards, out=args.out, checkpoint=args.teacher_checkpoint, arch=args.teacher_arch,
-                        resolution=args.teacher_resolution, num_views=args.num_views, seed=args.seed,
-                        dtype=args.dtype, batch_size=args.batch_size, device=args.device,
-                        num_threads=args.num_threads, progress=not args.no_progress)
-    written = extract_cache(cfg)
+    try:
+        cfg = ExtractConfig(shards=args.shards, out=args.out, checkpoint=args.teacher_checkpoint,
+                            arch=args.teacher_arch, resolution=args.teacher_resolution, num_views=args.num_views,
+                            seed=args.seed, dtype=args.dtype, batch_size=args.batch_size, device=args.device,
+                            num_threads=args.num_threads, progress=not args.no_progress)
+        written = extract_cache(cfg)
+    except (ShardError, CacheError, TeacherLoadError, ValueError) as exc:
+        print(f"itpn-ds extract-teacher: {exc}", file=sys.stderr)
+        return 2
     print(f"extract-teacher: wrote {len(written)} cache file(s) into {cfg.out}")
     return 0

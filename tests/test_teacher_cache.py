@@ -126,3 +126,23 @@ def test_cli_extract_teacher(demo_shards, tiny_clip_checkpoint, tmp_path):
     assert rc == 0
     cache = TeacherCache(tmp_path, shards=demo_shards)
     assert cache.num_views == 1 and cache.teacher["arch"] == "openai:vit-w64-l2-p14"
+
+
+def test_cli_names_a_corrupt_sample_and_a_missing_checkpoint(demo_shards, tiny_clip_checkpoint, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    reader = ShardReader(shards)
+    bad = reader.manifest.shards[0].num_samples + 2  # the third sample of shard-00001
+    location = reader.locations[bad]
+    with open(shards / "shard-00001.tar", "r+b") as tar:  # keep the JPEG's first bytes, zero the rest
+        tar.seek(location.offset + 20)
+        tar.write(bytes(location.size - 20))
+    args = ["extract-teacher", "--shards", str(shards), "--out", str(tmp_path / "cache"), "--num-views", "2",
+            "--batch-size", "16", "--no-progress"]
+    assert cli_main([*args, "--teacher-checkpoint", str(tiny_clip_checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert f"shard-00001.tar: sample {reader.manifest.keys[bad]!r} cannot be decoded" in err
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["shard-00000.arrow", "shard-00001.arrow.tmp"]
+
+    assert cli_main([*args, "--teacher-checkpoint", str(tmp_path / "ViT-L-14.pt")]) == 2
+    assert "ViT-L-14.pt not found: nothing is downloaded" in capsys.readouterr().err

@@ -18,9 +18,9 @@ from typing import Mapping
 import torch
 from tqdm import tqdm
 
-from itpn_ds.data.shards import Manifest, ShardInfo, ShardReader
+from itpn_ds.data.shards import Manifest, ShardError, ShardInfo, ShardReader
 from itpn_ds.data.view_decoder import ViewDecoder
-from itpn_ds.data.views import sample_view
+from itpn_ds.data.views import CropView, sample_view
 from itpn_ds.distributed import detect
 from itpn_ds.teacher.cache import CacheError, open_cache_file
 from itpn_ds.teacher.cache_format import CacheFileWriter, CacheMeta, cache_file_name
@@ -109,18 +109,33 @@ def _extract_shard(cfg: ExtractConfig, teacher: ClipTeacher, decoder: ViewDecode
         chunk = range(start, min(start + per_step, indices.stop))
         keys = [manifest.keys[i] for i in chunk]
         views = [[sample_view(cfg.seed, manifest.keys[i], v, *manifest.sizes[i]) for v in range(k)] for i in chunk]
-        encoded = [reader.encoded(i) for i in chunk for _ in range(k)]
-        try:
-            (images,) = decoder.decode(encoded, [v for vs in views for v in vs])
-        except RuntimeError as exc:
-            raise RuntimeError(f"{cfg.shards / shard.tar}: decoding samples {keys[0]!r}..{keys[-1]!r} failed "
-                               f"(run `itpn-ds verify-shards`): {exc}") from exc
+        encoded = [reader.encoded(i) for i in chunk]
+        images = _decode_views(decoder, encoded, views, keys, cfg.shards / shard.tar)
         targets = teacher(images.to(next(teacher.parameters()).device)).view(len(chunk), k, teacher.num_tokens,
                                                                              teacher.dim)
         for key, key_views, key_targets in zip(keys, views, targets):
             writer.add(key, key_views, key_targets)
         progress.update(len(chunk))
     return writer.close()
+
+
+def _decode_views(decoder: ViewDecoder, encoded: list[bytes], views: list[list[CropView]], keys: list[str],
+                  shard_path: Path) -> torch.Tensor:
+    """Teacher images (N*K, 3, R, R) in [0, 1] of N samples' K views each, sample-major.
+
+    A JPEG DALI cannot decode fails the extraction with a ``ShardError`` naming the shard and the sample
+    (found by decoding the batch's samples one by one, only after the batch failed)."""
+    try:
+        (images,) = decoder.decode([e for e, vs in zip(encoded, views) for _ in vs], [v for vs in views for v in vs])
+        return images
+    except RuntimeError as batch_error:
+        for data, sample_views, key in zip(encoded, views, keys):
+            try:
+                decoder.decode([data], sample_views[:1])
+            except RuntimeError as exc:
+                raise ShardError(f"{shard_path}: sample {key!r} cannot be decoded (run `itpn-ds verify-shards`; "
+                                 f"re-make the shard from its source image): {exc}") from exc
+        raise batch_error
 
 
 def _meta(cfg: ExtractConfig, teacher: ClipTeacher, shard: ShardInfo) -> CacheMeta:
