@@ -74,6 +74,19 @@ def test_tiny_fixtures_agree_across_formats(tiny_clip_checkpoint, tiny_open_clip
         load_clip_teacher(checkpoint, arch="ViT-B-16")
 
 
+def test_vit_b16_by_config_name_and_in_openai_format(tmp_path):
+    """A full-size ViT-B/16 (random weights): 224 px, 14 x 14 tokens of 512 through the open_clip config name,
+    and the same file read as OpenAI format is recognized as ViT-B-16 from its shapes."""
+    import open_clip
+
+    torch.save(open_clip.create_model("ViT-B-16", pretrained=None).state_dict(), tmp_path / "b16.pt")
+    images = torch.rand(1, 3, 224, 224)
+    for teacher, arch in ((load_clip_teacher(tmp_path / "b16.pt", arch="ViT-B-16"), "ViT-B-16"),
+                          (load_clip_teacher(tmp_path / "b16.pt"), "openai:ViT-B-16")):
+        assert (teacher.identity.arch, teacher.resolution, teacher.num_tokens, teacher.dim) == (arch, 224, 196, 512)
+        assert teacher(images).shape == (1, 196, 512)
+
+
 def test_identity_frozen_and_resolution(reference):
     data, path = reference
     teacher = load_clip_teacher(path, resolution=28)
