@@ -125,7 +125,8 @@ class CacheFileWriter:
     """Write one cache file: ``add`` whole samples, ``close`` renames ``NAME.tmp`` to ``NAME``.
 
     Samples are buffered and flushed as one record batch every ``samples_per_batch`` samples. A writer left
-    unclosed (crash, preemption) leaves only the temporary file, which the next run overwrites.
+    unclosed (crash, preemption) leaves only the temporary file, which the next run overwrites. As a context
+    manager it closes on success and, on an exception, releases the temporary file without finishing it.
     """
 
     def __init__(self, path: str | Path, meta: CacheMeta, samples_per_batch: int = 64) -> None:
@@ -168,6 +169,15 @@ class CacheFileWriter:
                         _fixed_list(scale.numpy(), pa.float32(), self.meta.num_tokens)]
         self._writer.write_batch(pa.record_batch(columns, schema=self._schema))
         self._pending = []
+
+    def __enter__(self) -> "CacheFileWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._sink.close()
 
     def close(self) -> Path:
         """Finish the file; refuses one whose sample count differs from the shard's."""

@@ -103,20 +103,21 @@ def extract_cache(cfg: ExtractConfig, worker: Worker | None = None) -> list[Path
 def _extract_shard(cfg: ExtractConfig, teacher: ClipTeacher, decoder: ViewDecoder, reader: ShardReader,
                    shard: ShardInfo, indices: range, progress: tqdm) -> Path:
     manifest, k = reader.manifest, cfg.num_views
-    writer = CacheFileWriter(cfg.out / cache_file_name(shard.tar), _meta(cfg, teacher, shard))
+    path = cfg.out / cache_file_name(shard.tar)
     per_step = cfg.batch_size // k
-    for start in range(indices.start, indices.stop, per_step):
-        chunk = range(start, min(start + per_step, indices.stop))
-        keys = [manifest.keys[i] for i in chunk]
-        views = [[sample_view(cfg.seed, manifest.keys[i], v, *manifest.sizes[i]) for v in range(k)] for i in chunk]
-        encoded = [reader.encoded(i) for i in chunk]
-        images = _decode_views(decoder, encoded, views, keys, cfg.shards / shard.tar)
-        targets = teacher(images.to(next(teacher.parameters()).device)).view(len(chunk), k, teacher.num_tokens,
-                                                                             teacher.dim)
-        for key, key_views, key_targets in zip(keys, views, targets):
-            writer.add(key, key_views, key_targets)
-        progress.update(len(chunk))
-    return writer.close()
+    with CacheFileWriter(path, _meta(cfg, teacher, shard)) as writer:
+        for start in range(indices.start, indices.stop, per_step):
+            chunk = range(start, min(start + per_step, indices.stop))
+            keys = [manifest.keys[i] for i in chunk]
+            views = [[sample_view(cfg.seed, key, v, *manifest.sizes[i]) for v in range(k)]
+                     for i, key in zip(chunk, keys)]
+            encoded = [reader.encoded(i) for i in chunk]
+            images = _decode_views(decoder, encoded, views, keys, cfg.shards / shard.tar)
+            targets = teacher(images.to(next(teacher.parameters()).device))
+            for key, key_views, key_targets in zip(keys, views, targets.view(len(chunk), k, *targets.shape[1:])):
+                writer.add(key, key_views, key_targets)
+            progress.update(len(chunk))
+    return path
 
 
 def _decode_views(decoder: ViewDecoder, encoded: list[bytes], views: list[list[CropView]], keys: list[str],
