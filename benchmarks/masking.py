@@ -11,7 +11,7 @@ import platform
 import time
 from pathlib import Path
 
-from itpn_ds.data.masking import BlockMaskGenerator, masking_generator, random_masking
+from itpn_ds.data.masking import BlockMaskGenerator, RandomMaskGenerator
 
 
 def block_masks_per_second(count: int, batch: int = 64) -> float:
@@ -24,10 +24,11 @@ def block_masks_per_second(count: int, batch: int = 64) -> float:
 
 
 def random_masks_per_second(count: int, batch: int = 64) -> float:
+    generator = RandomMaskGenerator(196, 0.75)
     start = time.perf_counter()
-    for step in range(count // batch):
-        random_masking(batch, 196, 0.75, generator=masking_generator(0, 0, step))
-    return (count // batch) * batch / (time.perf_counter() - start)
+    for first in range(0, count, batch):
+        generator.batch(0, 1, range(first, min(first + batch, count)))
+    return count / (time.perf_counter() - start)
 
 
 def main() -> None:

@@ -180,14 +180,18 @@ class ScheduleConfig:
 class PretrainConfig:
     """Pre-training objective. ``clip``: SmoothL1 (beta ``smooth_l1_beta``) between teacher targets and
     both main and auxiliary outputs over all tokens, loss = main + aux_weight x aux. ``pixel``: the pixel
-    model's own normalized-pixel loss on masked patches."""
+    model's normalized-pixel loss on masked patches, with MAE-style random masks of ``mask_ratio``
+    (the CLIP objective uses block masks)."""
 
     objective: str = "clip"
     smooth_l1_beta: float = 2.0
     aux_weight: float = 1.0
+    mask_ratio: float = 0.75
 
     def __post_init__(self) -> None:
         _check_choice("pretrain.objective", self.objective, OBJECTIVES)
+        if not 0 <= self.mask_ratio < 1:
+            raise ConfigError(f"pretrain.mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
 
 @dataclass

@@ -6,7 +6,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from itpn_ds.data.masking import BlockMaskGenerator, mask_rng, masking_generator, random_masking
+from itpn_ds.data.masking import BlockMaskGenerator, RandomMaskGenerator, mask_rng
+from itpn_ds.models.pixel_mae import ids_from_mask
 
 
 def test_block_masks_have_exact_count_and_are_blocky():
@@ -41,12 +42,21 @@ def test_count_outside_grid_is_rejected():
         BlockMaskGenerator(4, 4, num_masked=20)
 
 
-def test_random_masking_keeps_and_restores():
-    ids_keep, ids_restore, mask = random_masking(3, 16, 0.75, generator=masking_generator(0, 0, 0))
-    assert ids_keep.shape == (3, 4) and (mask.sum(1) == 12).all()
-    assert not mask.gather(1, ids_keep).any()
+def test_random_masks_have_the_mae_count_and_give_the_models_ids():
+    generator = RandomMaskGenerator(16, 0.75)
+    mask = generator.batch(0, 0, [3, 4, 5])
+    assert mask.shape == (3, 16) and (mask.sum(1) == 12).all()
+    assert torch.equal(mask[1:], generator.batch(0, 0, [4, 5]))
+    assert not torch.equal(mask, generator.batch(0, 1, [3, 4, 5]))
+    ids_keep, ids_restore = ids_from_mask(mask)
+    assert ids_keep.shape == (3, 4) and not mask.gather(1, ids_keep).any()
     x = torch.arange(16).expand(3, 16)
     shuffled = torch.cat([x.gather(1, ids_keep), x.gather(1, torch.argsort(ids_restore)[:, 4:])], dim=1)
     assert torch.equal(shuffled.gather(1, ids_restore), x)
-    again = random_masking(3, 16, 0.75, generator=masking_generator(0, 0, 0))[0]
-    assert torch.equal(again, ids_keep)
+
+
+def test_random_masks_of_uneven_counts_are_refused_by_the_model():
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 0] = True
+    with pytest.raises(ValueError, match="same number"):
+        ids_from_mask(mask)

@@ -5,7 +5,9 @@
   is reached (a block never adds more than the patches still missing); then the mask is topped up at
 random so it holds EXACTLY ``num_masked`` patches
   (every sample in a batch masks the same number, as the model's batched gather needs).
-* :func:`random_masking`: MAE-style per-sample random masking for the pixel objective.
+* :class:`RandomMaskGenerator`: MAE-style uniform random masking (the pixel objective).
+
+Both hand the loaders ``batch(seed, epoch, indices) -> (B, N) bool``.
 """
 from __future__ import annotations
 
@@ -109,25 +111,27 @@ def mask_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(key_hash("mask", seed, epoch, index))
 
 
-def random_masking(batch_size: int, num_patches: int, mask_ratio: float, generator: torch.Generator | None = None,
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MAE-style random masking: (ids_keep (B, K), ids_restore (B, N), mask (B, N) bool, True = masked).
+@dataclass(frozen=True)
+class RandomMaskGenerator:
+    """MAE-style masks for the pixel objective: ``num_patches - int(num_patches * (1 - mask_ratio))``
+    patches chosen uniformly at random per sample (every sample masks the same count)."""
 
-    K = int(N * (1 - mask_ratio)) visible patches per sample, chosen by argsort of uniform noise;
-    ``x_visible = x.gather(1, ids_keep)`` and ``ids_restore`` undoes the shuffle.
-    """
-    if not 0 <= mask_ratio < 1:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    keep = int(num_patches * (1 - mask_ratio))
-    noise = torch.rand(batch_size, num_patches, generator=generator).to(device)
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    mask = torch.ones(batch_size, num_patches, dtype=torch.bool, device=device)
-    mask[:, :keep] = False
-    mask = torch.gather(mask, 1, ids_restore)
-    return ids_shuffle[:, :keep], ids_restore, mask
+    num_patches: int
+    mask_ratio: float = 0.75
 
+    def __post_init__(self) -> None:
+        if self.num_patches < 1:
+            raise ValueError(f"num_patches must be >= 1, got {self.num_patches}")
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
-def masking_generator(seed: int, epoch: int, step: int) -> torch.Generator:
-    """A torch generator for :func:`random_masking` of one (seed, epoch, step)."""
-    return torch.Generator().manual_seed(key_hash("random-mask", seed, epoch, step) & ((1 << 63) - 1))
+    @property
+    def masked_count(self) -> int:
+        return self.num_patches - int(self.num_patches * (1 - self.mask_ratio))
+
+    def batch(self, seed: int, epoch: int, indices: list[int] | np.ndarray) -> torch.Tensor:
+        """(B, num_patches) bool masks (True = masked) for the given global sample indices in an epoch."""
+        masks = np.zeros((len(indices), self.num_patches), dtype=bool)
+        for row, index in zip(masks, indices):
+            row[mask_rng(seed, epoch, int(index)).sample(range(self.num_patches), self.masked_count)] = True
+        return torch.from_numpy(masks)

@@ -11,24 +11,27 @@ import numpy as np
 import torch
 
 from itpn_ds.data.batch import Batch
-from itpn_ds.data.masking import BlockMaskGenerator
+from itpn_ds.data.masking import BlockMaskGenerator, RandomMaskGenerator
 from itpn_ds.data.shard_loader import ShardLoader, student_output
-from itpn_ds.data.view_decoder import ViewOutput
 from itpn_ds.data.views import CropView, ViewSource
 
 
 class PretrainLoader(ShardLoader):
     """images (B, 3, S, S) normalized (bicubic), bool_masked_pos (B, (S/patch)^2), view_ids (B,),
-    targets (B, T, D) from the view source or teacher_images (B, 3, R, R) in [0, 1] (lanczos)."""
+    targets (B, T, D) from the view source or teacher_images (B, 3, R, R) in [0, 1] (lanczos).
+
+    Masks are block masks of ``num_masked`` patches (CLIP objective) or, with ``mask_ratio``, MAE-style
+    random masks (pixel objective)."""
 
     def __init__(self, shards: str | Path, views: ViewSource, micro_batch: int, img_size: int = 224,
                  teacher_resolution: int = 0, patch_size: int = 16, num_masked: int | None = None,
-                 **kwargs) -> None:
+                 mask_ratio: float | None = None, **kwargs) -> None:
         outputs = [student_output(img_size)] + ([(teacher_resolution, "lanczos")] if teacher_resolution else [])
         super().__init__(shards, outputs, micro_batch, **kwargs)
         self.view_source = views
         grid = img_size // patch_size
-        self.masks = BlockMaskGenerator(grid, grid, num_masked=num_masked)
+        self.masks = (BlockMaskGenerator(grid, grid, num_masked=num_masked) if mask_ratio is None
+                      else RandomMaskGenerator(grid * grid, mask_ratio))
 
     def views(self, keys: list[str], sizes: list[tuple[int, int]], indices: np.ndarray) -> tuple[list[int], list[CropView]]:
         pairs = self.view_source.views(keys, sizes, self.epoch)

@@ -34,11 +34,26 @@ def build_model(cfg: RunConfig) -> nn.Module:
         model = timm.create_model(cfg.model.name, drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
     except RuntimeError as exc:
         raise ConfigError(f"model.name={cfg.model.name!r}: {exc}") from exc
+    _check_objective(cfg, model)
     policy = cfg.model.grad_checkpointing
     if policy != "off":
         every_k = 1 if policy == "every" else cfg.model.checkpoint_every_k
         model.set_grad_checkpointing(True, every_k=every_k)
     return model
+
+
+def _check_objective(cfg: RunConfig, model: nn.Module) -> None:
+    """Pre-training objectives need their model family: CLIP distillation heads or a pixel decoder."""
+    if cfg.task != "pretrain":
+        return
+    from itpn_ds.models.clip_distill import ITPNClipDistill
+    from itpn_ds.models.pixel_mae import ITPNPixelMAE
+
+    needed = {"clip": (ITPNClipDistill, "clip_tpn_*"), "pixel": (ITPNPixelMAE, "itpn_*_dec512d8b")}
+    cls, names = needed[cfg.pretrain.objective]
+    if not isinstance(model, cls):
+        raise ConfigError(f"pretrain.objective={cfg.pretrain.objective} needs a {cls.__name__} model ({names}); "
+                          f"model.name={cfg.model.name!r} builds {type(model).__name__}")
 
 
 def forward_flops_per_image(model: nn.Module, cfg: RunConfig) -> float:
@@ -59,11 +74,12 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
                   num_threads=cfg.data.num_threads, backend=cfg.data.loader, **cfg.data.options)
     train_loader = eval_loader = None
     if train and cfg.task == "pretrain":
-        views = _view_source(cfg)
-        train_loader = data.build_pretrain_loader(cfg.data.shards, views=views,
+        pixel = cfg.pretrain.objective == "pixel"
+        train_loader = data.build_pretrain_loader(cfg.data.shards, views=_view_source(cfg),
                                                   img_size=cfg.model.kwargs.get("img_size", 224),
                                                   teacher_resolution=cfg.teacher.resolution
-                                                  if cfg.teacher.mode == "online" else 0, **common)
+                                                  if cfg.teacher.mode == "online" and not pixel else 0,
+                                                  mask_ratio=cfg.pretrain.mask_ratio if pixel else None, **common)
     elif train:
         train_loader = data.build_finetune_loader(cfg.data.shards, img_size=cfg.model.kwargs.get("img_size", 224),
                                                   **common)
@@ -74,7 +90,7 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
 
 
 def _view_source(cfg: RunConfig) -> Any:
-    if cfg.teacher.mode == "cache":
+    if cfg.teacher.mode == "cache" and cfg.pretrain.objective == "clip":
         if not cfg.teacher.cache:
             raise ConfigError("teacher.mode=cache needs teacher.cache (itpn-ds extract-teacher output)")
         teacher = _import("itpn_ds.teacher", "teacher.cache")

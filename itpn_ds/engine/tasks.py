@@ -13,9 +13,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from itpn_ds.config import ConfigError
 from itpn_ds.data.batch import Batch
 from itpn_ds.engine.losses import (classification_per_sample, clip_distill_per_sample, global_mean,
                                    global_valid_count, topk_correct, valid_mask)
+from itpn_ds.models.pixel_mae import ids_from_mask
 
 
 @dataclass
@@ -54,6 +56,10 @@ class ClipDistillTask:
         if batch.bool_masked_pos is None:
             raise ValueError("pre-training batch has no bool_masked_pos: the loader must produce masks")
         main, aux = model(batch.images, batch.bool_masked_pos)
+        if targets.shape[1:] != main.shape[1:]:
+            raise ConfigError(f"teacher targets are (B, {', '.join(map(str, targets.shape[1:]))}) but the model predicts "
+                             f"(B, {', '.join(map(str, main.shape[1:]))}): the student's token grid and "
+                             "model.kwargs.teacher_dim must match the teacher's (tokens, dim)")
         mask = valid_mask(batch.valid, len(batch), main.device)
         count = global_valid_count(mask)
         loss_main = global_mean(clip_distill_per_sample(main, targets, self.beta), mask, count)
@@ -73,16 +79,24 @@ class ClipDistillTask:
 
 @dataclass
 class PixelTask:
-    """MAE-style pixel objective: the model computes the normalized-pixel loss on masked patches per
-    sample (``per_sample_loss``), reduced here over valid samples."""
+    """MAE-style pixel objective: the pixel model predicts every patch from the visible ones; the loss
+    is its normalized-pixel MSE over each sample's masked patches, averaged over valid samples.
+    The masks come with the batch (``bool_masked_pos``, random masks from the loader)."""
 
     name: str = "pretrain_pixel"
 
     def forward(self, model: nn.Module, batch: Batch) -> MicroResult:
-        per_sample = model(batch.images, per_sample_loss=True)
-        mask = valid_mask(batch.valid, len(batch), per_sample.device)
-        count = global_valid_count(mask)
-        loss = global_mean(per_sample, mask, count)
+        if batch.bool_masked_pos is None:
+            raise ValueError("pre-training batch has no bool_masked_pos: the loader must produce masks")
+        pixel_model = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+        mask = batch.bool_masked_pos
+        ids_keep, ids_restore = ids_from_mask(mask)
+        _, pred, _ = model(batch.images, ids_keep=ids_keep, ids_restore=ids_restore)
+        per_patch = pixel_model.per_patch_loss(batch.images, pred).float()
+        per_sample = (per_patch * mask).sum(1) / mask.sum(1).clamp(min=1)
+        valid = valid_mask(batch.valid, len(batch), per_sample.device)
+        count = global_valid_count(valid)
+        loss = global_mean(per_sample, valid, count)
         return MicroResult(loss, {"loss_pixel": loss.detach()}, count)
 
 

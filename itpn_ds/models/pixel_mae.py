@@ -33,6 +33,16 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, generator: t
     return ids_shuffle[:, :keep], ids_restore, mask_from_ids(ids_restore, keep)
 
 
+def ids_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) bool mask (True = masked, the same count per sample) -> ids_keep (B, L), ids_restore (B, N):
+    the visible patches in index order, then the masked ones."""
+    counts = mask.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"every sample must mask the same number of patches, got {counts.tolist()}")
+    ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+    return ids_shuffle[:, :mask.shape[1] - int(counts[0])], torch.argsort(ids_shuffle, dim=1)
+
+
 def mask_from_ids(ids_restore: torch.Tensor, num_keep: int) -> torch.Tensor:
     """(B, N) float mask, 1 where a patch is not among the first ``num_keep`` of the shuffle."""
     mask = torch.ones(ids_restore.shape, device=ids_restore.device)
@@ -109,13 +119,17 @@ class ITPNPixelMAE(HiViT):
             fused = self.run_block(i, blk, fused)
         return self.decoder_pred(self.decoder_norm(fused))
 
-    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error on masked patches, targets normalized per patch when ``norm_pix_loss``."""
+    def per_patch_loss(self, images: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """(B, N) mean squared error of each patch's prediction; targets normalized per patch when
+        ``norm_pix_loss``."""
         target = self.patchify(images)
         if self.norm_pix_loss:
             target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
-        per_patch = ((pred - target) ** 2).mean(dim=-1)
-        return (per_patch * mask).sum() / mask.sum()
+        return ((pred - target) ** 2).mean(dim=-1)
+
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean of ``per_patch_loss`` over the masked patches of the whole batch."""
+        return (self.per_patch_loss(images, pred) * mask).sum() / mask.sum()
 
     def forward(self, images: torch.Tensor, mask_ratio: float = 0.75, ids_keep: torch.Tensor | None = None,
                 ids_restore: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
