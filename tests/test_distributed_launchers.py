@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.mlflow import free_port
+from tests.fixtures.cli import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.dist

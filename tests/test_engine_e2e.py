@@ -3,10 +3,8 @@
 export -> the export loaded through timm scores what the engine's evaluation of the checkpoint reports."""
 import os
 import re
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -16,32 +14,10 @@ import itpn_ds  # noqa: F401
 from itpn_ds.data import build_eval_loader
 from itpn_ds.engine.tasks import evaluate_classifier
 from itpn_ds.teacher.extract import ExtractConfig, extract_cache
+from tests.fixtures.cli import REPO, itpn_ds_cli, losses_by_step
 from tests.fixtures.teacher import write_tiny_clip_checkpoint
 
 pytestmark = pytest.mark.dist
-REPO = Path(__file__).resolve().parents[1]
-STEP_LOSS = re.compile(r"step (\d+) epoch \d+ loss ([0-9.]+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def itpn_ds_cli(*args: str, ranks: int = 1) -> str:
-    """Run an ``itpn-ds`` subcommand (under torchrun with ``ranks`` > 1) and return its stdout."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                "--master_port", str(free_port())] if ranks > 1 else [sys.executable]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*launcher, "-m", "itpn_ds.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
-def losses_by_step(stdout: str) -> dict[int, float]:
-    return {int(step): float(loss) for step, loss in STEP_LOSS.findall(stdout)}
 
 
 @pytest.fixture(scope="module")

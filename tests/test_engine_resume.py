@@ -1,7 +1,6 @@
 """Exact resume after SIGKILL and non-finite handling, 2 gloo ranks under torchrun (real DeepSpeed)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -10,18 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.fixtures.cli import free_port
+
 pytestmark = pytest.mark.dist
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "tests.fixtures.engine", str(run_dir), *overrides]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

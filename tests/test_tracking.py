@@ -123,7 +123,7 @@ def test_invalid_record_is_set_aside_and_the_rest_still_arrives(tmp_path, monkey
 
 
 def test_require_policy_fails_fast_and_clearly_when_the_server_is_unreachable(tmp_path):
-    from tests.fixtures.mlflow import free_port
+    from tests.fixtures.cli import free_port
 
     cfg = TrackingConfig(**FAST, uri=f"http://127.0.0.1:{free_port()}", start_timeout_s=3)
     started = time.monotonic()

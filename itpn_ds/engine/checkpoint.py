@@ -16,8 +16,12 @@ moment leaves ``latest`` pointing at the previous complete checkpoint. Old check
 
 Resharding: a checkpoint records its world size and ZeRO stage. Loading it under another world size or
 stage goes through DeepSpeed's universal checkpoint format (converted once, next to the checkpoint, as
-``<tag>_universal``, atomically too); the loader position is per rank and cannot be resharded, so such a
-resume restarts the interrupted epoch from its beginning (said in the log).
+``<tag>_universal``, atomically too): weights, fp32 master weights, optimizer moments and step are all
+restored. The loader position is global (samples consumed by all ranks), so the resumed run reads exactly
+the samples the epoch has not seen yet, whatever its world size; the RNG states are per rank and cannot be
+mapped, so every rank is re-seeded from (seed, step, rank). DeepSpeed 0.19.8's universal loader takes a
+ZeRO-3 run's state only from a ZeRO-3 checkpoint and vice versa, so crossing between ZeRO-3 and stages
+0-2 is refused with a message (:func:`check_reshard`); stages 0, 1 and 2 interchange.
 """
 from __future__ import annotations
 
@@ -156,25 +160,26 @@ class CheckpointManager:
         return read_checkpoint(self.root / pointer.read_text().strip())
 
     # ---------------------------------------------------------------------------------------- loading
-    def load(self, engine: Any, ref: CheckpointRef, zero_stage: int) -> dict[str, Any] | None:
-        """Load engine state; returns this rank's extra state (RNG, loader) or None when resharded.
+    def load(self, engine: Any, ref: CheckpointRef, zero_stage: int) -> dict[str, Any]:
+        """Load engine state; returns this rank's extra state: ``loader`` position and ``rng`` states
+        (``rng`` is None when resharded: the caller re-seeds).
 
         Universal loading must have been enabled in the DeepSpeed config (see :func:`needs_universal`).
         """
         resharded = needs_universal(ref, self.world_size, zero_stage)
         load_dir, tag = ref.root, ref.tag
         if resharded:
+            check_reshard(ref, zero_stage)
             load_dir, tag = ensure_universal(ref, self.rank), f"{ref.tag}_universal"
         path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=False)
         if path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint in {load_dir / tag}")
-        if resharded:
-            return None
-        state_file = ref.path / rank_file(self.rank)
+        state_file = ref.path / rank_file(0 if resharded else self.rank)
         if not state_file.is_file():
             raise CheckpointError(f"{state_file} is missing: checkpoint {ref.path} is incomplete")
-        return torch.load(state_file, weights_only=False)
+        state = torch.load(state_file, weights_only=False)
+        return {"loader": state["loader"], "rng": None} if resharded else state
 
 
 def read_checkpoint(path: str | Path) -> CheckpointRef:
@@ -198,6 +203,17 @@ def read_checkpoint(path: str | Path) -> CheckpointRef:
 def needs_universal(ref: CheckpointRef, world_size: int, zero_stage: int) -> bool:
     """Whether loading ``ref`` here needs DeepSpeed's universal format (world size or stage changed)."""
     return ref.meta["world_size"] != world_size or ref.meta["zero_stage"] != zero_stage
+
+
+def check_reshard(ref: CheckpointRef, zero_stage: int) -> None:
+    """Refuse a stage change DeepSpeed's universal loader cannot do (into or out of ZeRO-3)."""
+    saved = ref.meta["zero_stage"]
+    if (saved == 3) != (zero_stage == 3):
+        raise CheckpointError(
+            f"{ref.path} was written under ZeRO stage {saved} and this run uses stage {zero_stage}: DeepSpeed's "
+            "universal checkpoints load a ZeRO-3 run only from ZeRO-3 state and stages 0-2 only from stages 0-2. "
+            f"Resume with deepspeed.zero_stage={saved} (any world size), or start a new run initialised from "
+            "these weights (finetune.init for fine-tuning)")
 
 
 def ensure_universal(ref: CheckpointRef, rank: int) -> Path:

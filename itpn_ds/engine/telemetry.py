@@ -9,6 +9,8 @@ Metrics (names as handed to the tracker, under ``train/``):
     mfu                 model FLOPs utilisation: 3 x forward FLOPs per image x images/s / (peak x ranks);
                         only when a peak is known (``telemetry.peak_tflops`` or a recognised GPU)
     peak_mem_gib        peak device memory on CUDA (max allocated), peak resident set size on the CPU
+    param_mib, optim_state_mib  rank 0's parameters and optimizer state as stored under its ZeRO stage
+                        (measured from the live tensors, ``itpn_ds.engine.memory``)
     skipped_steps       non-finite steps skipped so far
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+from itpn_ds.engine.memory import StateBytes
 
 # Dense bf16 peak per device (TFLOP/s), by a substring of torch.cuda.get_device_name().
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
@@ -59,7 +63,8 @@ class StepTimer:
 
 
 def step_metrics(losses: dict[str, float], lr: float, grad_norm: float | None, images: float, timer: StepTimer,
-                 flops_per_image: float, peak_tflops: float, world_size: int, skipped_steps: int) -> dict[str, float]:
+                 flops_per_image: float, peak_tflops: float, world_size: int, skipped_steps: int,
+                 state_bytes: StateBytes | None = None) -> dict[str, float]:
     """The ``train/*`` metrics of one step (see the module docstring)."""
     seconds = max(timer.elapsed(), 1e-9)
     metrics = {f"train/{k}": v for k, v in losses.items()}
@@ -74,6 +79,9 @@ def step_metrics(losses: dict[str, float], lr: float, grad_norm: float | None, i
     })
     if grad_norm is not None:
         metrics["train/grad_norm"] = float(grad_norm)
+    if state_bytes is not None:
+        metrics["train/param_mib"] = state_bytes.params / 2**20
+        metrics["train/optim_state_mib"] = state_bytes.optimizer / 2**20
     if peak_tflops > 0 and flops_per_image > 0:
         metrics["train/mfu"] = 3 * flops_per_image * images / seconds / (peak_tflops * 1e12 * world_size)
     return metrics

@@ -29,8 +29,11 @@ import torch.distributed as dist
 
 from itpn_ds.config import RunConfig, to_dict
 from itpn_ds.data.batch import Batch, Loader
+from itpn_ds.data.views import key_hash
 from itpn_ds.engine.checkpoint import CheckpointManager, CheckpointRef, set_rng_state
+from itpn_ds.engine.memory import StateBytes, model_state_bytes
 from itpn_ds.engine.preemption import PreemptionFlag
+from itpn_ds.engine.runtime import seed_everything
 from itpn_ds.engine.schedule import CosineSchedule
 from itpn_ds.engine.tasks import Task
 from itpn_ds.engine.telemetry import StepTimer, device_peak_tflops, format_metrics, step_metrics
@@ -100,6 +103,7 @@ class Trainer:
         self.model_dtype = next(parts.engine.module.parameters()).dtype
         self._stream: Iterator[Batch] | None = None
         self.last_metrics: dict[str, float] = {}
+        self.state_bytes: StateBytes | None = None  # measured after the first applied step (moments exist)
 
     # ------------------------------------------------------------------------------------ state I/O
     def save(self) -> CheckpointRef:
@@ -119,13 +123,13 @@ class Trainer:
         rank_state = self.p.checkpoints.load(self.p.engine, ref, int(self.p.engine.zero_optimization_stage()))
         self.state = TrainState(**ref.meta["trainer"])
         self.p.loader.set_epoch(self.state.epoch)
-        if rank_state is None:
-            self._info("checkpoint %s was written by %d ranks / ZeRO stage %d: loaded through the universal "
-                        "format; loader positions do not reshard, so epoch %d restarts from its beginning",
-                        ref.path, ref.meta["world_size"], ref.meta["zero_stage"], self.state.epoch,
-                       level=logging.WARNING)
+        self.p.loader.load_state_dict(rank_state["loader"])
+        if rank_state["rng"] is None:
+            self._info("checkpoint %s was written by %d ranks under ZeRO stage %d: loaded through the universal "
+                       "format at the same data position; RNG states re-seeded from (seed, step, rank)",
+                       ref.path, ref.meta["world_size"], ref.meta["zero_stage"], level=logging.WARNING)
+            seed_everything(key_hash("reshard", self.cfg.schedule.seed, self.state.step, self.rank) % 2**32)
         else:
-            self.p.loader.load_state_dict(rank_state["loader"])
             set_rng_state(rank_state["rng"])
         self._stream = None
         self._info("resumed from %s: step %d, epoch %d", ref.path, self.state.step, self.state.epoch)
@@ -213,8 +217,11 @@ class Trainer:
         if not applied:
             self.state.skipped_steps += 1
             self.state.consecutive_nonfinite += 1
+        if applied and self.state_bytes is None:
+            self.state_bytes = model_state_bytes(engine)
         metrics = step_metrics(losses, lr, engine.get_global_grad_norm() if applied else None, images, timer,
-                               self.p.flops_per_image, self.peak_tflops, self.world_size, self.state.skipped_steps)
+                               self.p.flops_per_image, self.peak_tflops, self.world_size, self.state.skipped_steps,
+                               self.state_bytes)
         self.last_metrics = metrics
         if self.state.step % self.cfg.telemetry.log_every == 0 or not applied or self.state.step == 1:
             self._info(format_metrics(self.state.step, self.state.epoch, metrics))

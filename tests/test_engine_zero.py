@@ -1,0 +1,147 @@
+"""The engine across ZeRO stages and objectives, 2 CPU ranks (real DeepSpeed, DALI, teacher cache), with the
+tiny iTPN on the demo shards:
+
+* ZeRO-1 and ZeRO-3 pre-training from the teacher cache lower the loss;
+* ZeRO-3 holds about half of ZeRO-0's parameter + optimizer-state bytes per rank (measured from the tensors);
+* a rank SIGKILLed mid-run resumes to bitwise-identical weights (iTPN + DALI + cache);
+* a 2-rank ZeRO-1 checkpoint resumes on 1 rank under ZeRO-2 and continues the same run; ZeRO-3 is refused;
+* the pixel objective and the online CLIP teacher train.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from itpn_ds.engine.checkpoint import read_checkpoint
+from itpn_ds.engine.export import consolidated_state_dict
+from tests.fixtures.cli import REPO, itpn_ds_cli, losses_by_step, run_cli, step_metrics
+
+pytestmark = pytest.mark.dist
+STEPS = 10  # 2 epochs of 40 images at 2 ranks x 4: no padding, so 1 rank x 4 x 2 micro-batches sees the same batches
+
+
+def pretrain(run_dir: Path, shards: Path, cache: Path, *overrides: str, ranks: int = 2, config: str = "tiny_pretrain_cpu"):
+    """The tiny CLIP pre-training from ``cache`` (tiny teacher: 16 tokens x 32) as a process; not checked."""
+    return run_cli("pretrain", "--config", config, "--run-dir", str(run_dir), f"data.shards={shards}",
+                   f"teacher.cache={cache}", "model.kwargs.teacher_dim=32", "data.micro_batch=4", "schedule.epochs=2",
+                   "tracking.enabled=false", *overrides, ranks=ranks)
+
+
+def succeeded(proc) -> str:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def assert_loss_falls(stdout: str, factor: float = 0.8) -> None:
+    losses = losses_by_step(stdout)
+    steps = sorted(losses)
+    assert len(steps) >= 6, losses
+    assert losses[steps[-1]] < factor * losses[steps[0]], losses
+
+
+def state_mib(stdout: str) -> float:
+    """Rank 0's parameter + optimizer-state MiB (the ``param_mib`` and ``optim_state_mib`` of its last step)."""
+    last = step_metrics(stdout)[max(step_metrics(stdout))]
+    return last["param_mib"] + last["optim_state_mib"]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return consolidated_state_dict(read_checkpoint(run_dir))
+
+
+@pytest.fixture(scope="module")
+def zero1_run(demo_shards, demo_cache, tmp_path_factory):
+    """The reference: ZeRO-1, checkpoints at steps 5 and 10."""
+    run_dir = tmp_path_factory.mktemp("zero1")
+    out = succeeded(pretrain(run_dir, demo_shards, demo_cache, "deepspeed.config=zero1", "checkpoint.every_steps=5",
+                             "checkpoint.keep_last=3"))
+    return run_dir, out
+
+
+def test_zero1_pretraining_from_the_cache_lowers_the_loss(zero1_run):
+    _, out = zero1_run
+    assert sorted(losses_by_step(out)) == list(range(1, STEPS + 1))
+    assert_loss_falls(out)
+
+
+def test_sigkilled_rank_resumes_itpn_with_dali_to_bitwise_identical_weights(zero1_run, demo_shards, demo_cache, tmp_path):
+    ref_dir, ref_out = zero1_run
+    args = ("deepspeed.config=zero1", "checkpoint.every_steps=5", "checkpoint.keep_last=3")
+    killed = pretrain(tmp_path, demo_shards, demo_cache, *args, "debug.kill_at_step=[1, 8]")
+    assert killed.returncode != 0
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+    resumed = succeeded(pretrain(tmp_path, demo_shards, demo_cache, *args))
+    assert "resumed from" in resumed and sorted(losses_by_step(resumed)) == list(range(6, STEPS + 1))
+    ref_losses = losses_by_step(ref_out)
+    assert all(loss == ref_losses[step] for step, loss in losses_by_step(resumed).items())
+    want, got = weights(ref_dir), weights(tmp_path)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def copy_checkpoint(run_dir: Path, tag: str, dest: Path) -> None:
+    """A run directory whose latest checkpoint is ``run_dir``'s ``tag``."""
+    (dest / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / "checkpoints" / tag, dest / "checkpoints" / tag)
+    (dest / "checkpoints" / "latest").write_text(tag + "\n")
+
+
+def test_two_rank_zero1_checkpoint_resumes_on_one_rank_under_zero2(zero1_run, demo_shards, demo_cache, tmp_path):
+    ref_dir, ref_out = zero1_run
+    copy_checkpoint(ref_dir, "step_00000005", tmp_path)
+    out = succeeded(pretrain(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero2", "schedule.grad_accum=2",
+                             ranks=1))
+    assert "loaded through the universal format at the same data position" in out
+    ref_losses, losses = losses_by_step(ref_out), losses_by_step(out)
+    assert sorted(losses) == list(range(6, STEPS + 1))
+    for step, loss in losses.items():  # same batches; only the reduction order differs (bf16)
+        assert loss == pytest.approx(ref_losses[step], rel=0.03), (step, losses, ref_losses)
+    assert json.loads((tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").read_text())["world_size"] == 1
+
+
+def test_resuming_a_zero1_checkpoint_under_zero3_is_refused_with_the_reason(zero1_run, demo_shards, demo_cache, tmp_path):
+    ref_dir, _ = zero1_run
+    copy_checkpoint(ref_dir, "step_00000005", tmp_path)
+    proc = pretrain(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero3", ranks=1)  # exit code unwrapped
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "written under ZeRO stage 1 and this run uses stage 3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture()
+def zero3_all_params(tmp_path) -> Path:
+    """ds_configs/zero3.json with every parameter partitioned (the tiny model's tensors are all below the
+    default persistence threshold, which would keep them whole on every rank)."""
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path / "zero3_all.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_zero3_lowers_the_loss_and_holds_half_of_zero0s_state_per_rank(demo_shards, demo_cache, zero3_all_params,
+                                                                         tmp_path):
+    zero3 = succeeded(pretrain(tmp_path / "zero3", demo_shards, demo_cache, f"deepspeed.config={zero3_all_params}"))
+    assert_loss_falls(zero3)
+    zero0 = succeeded(pretrain(tmp_path / "zero0", demo_shards, demo_cache, "deepspeed.config=zero0",
+                               "schedule.max_steps=1"))
+    ratio = state_mib(zero3) / state_mib(zero0)
+    assert 0.45 < ratio < 0.6, (state_mib(zero3), state_mib(zero0))
+
+
+def test_pixel_objective_lowers_its_loss(demo_shards, tmp_path):
+    out = itpn_ds_cli("pretrain", "--config", "tiny_pretrain_pixel_cpu", "--run-dir", str(tmp_path),
+                      f"data.shards={demo_shards}", "schedule.epochs=3", "tracking.enabled=false", ranks=2)
+    assert "loss_pixel" in out
+    assert_loss_falls(out, factor=0.9)
+
+
+def test_online_clip_teacher_trains_and_times_the_teacher(demo_shards, tiny_clip_checkpoint, tmp_path):
+    out = itpn_ds_cli("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(tmp_path),
+                      f"data.shards={demo_shards}", "teacher.mode=online", f"teacher.checkpoint={tiny_clip_checkpoint}",
+                      "model.kwargs.teacher_dim=32", "schedule.epochs=3", "tracking.enabled=false", ranks=2)
+    assert_loss_falls(out)
+    assert all(m["targets_s"] > 0 for m in step_metrics(out).values())
