@@ -28,7 +28,8 @@ setup(
     description="Integrally Pre-Trained Transformer Pyramid Networks (iTPN) on DeepSpeed + DALI",
     python_requires=">=3.10",
     packages=find_packages(include=["itpn_ds", "itpn_ds.*", "data_tools", "data_tools.*"]),
-    package_data={"itpn_ds": ["recipes/*.yaml"]},
+    # itpn_ds/ds_configs links to the top-level ds_configs/, so an installed package carries the JSONs.
+    package_data={"itpn_ds": ["recipes/*.yaml", "ds_configs/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest", "pytest-timeout", "scikit-image"],

@@ -13,7 +13,7 @@ from typing import Any
 
 from itpn_ds.config import ConfigError, RunConfig
 
-DS_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIGS_DIR = Path(__file__).parents[1] / "ds_configs"  # a link to the repository's ds_configs/ (package data)
 AUTO = "auto"
 
 
