@@ -16,7 +16,7 @@ import torch
 
 from itpn_ds.engine.checkpoint import read_checkpoint
 from itpn_ds.engine.export import consolidated_state_dict
-from tests.fixtures.cli import REPO, itpn_ds_cli, losses_by_step, run_cli, step_metrics
+from tests.fixtures.cli import itpn_ds_cli, losses_by_step, run_cli, step_metrics, zero3_config_partitioning_all
 
 pytestmark = pytest.mark.dist
 STEPS = 10  # 2 epochs of 40 images at 2 ranks x 4: no padding, so 1 rank x 4 x 2 micro-batches sees the same batches
@@ -111,20 +111,9 @@ def test_resuming_a_zero1_checkpoint_under_zero3_is_refused_with_the_reason(zero
     assert "Traceback" not in proc.stderr
 
 
-@pytest.fixture()
-def zero3_all_params(tmp_path) -> Path:
-    """ds_configs/zero3.json with every parameter partitioned (the tiny model's tensors are all below the
-    default persistence threshold, which would keep them whole on every rank)."""
-    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / "zero3_all.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
-def test_zero3_lowers_the_loss_and_holds_half_of_zero0s_state_per_rank(demo_shards, demo_cache, zero3_all_params,
-                                                                         tmp_path):
-    zero3 = succeeded(pretrain(tmp_path / "zero3", demo_shards, demo_cache, f"deepspeed.config={zero3_all_params}"))
+def test_zero3_lowers_the_loss_and_holds_half_of_zero0s_state_per_rank(demo_shards, demo_cache, tmp_path):
+    zero3_json = zero3_config_partitioning_all(tmp_path)
+    zero3 = succeeded(pretrain(tmp_path / "zero3", demo_shards, demo_cache, f"deepspeed.config={zero3_json}"))
     assert_loss_falls(zero3)
     zero0 = succeeded(pretrain(tmp_path / "zero0", demo_shards, demo_cache, "deepspeed.config=zero0",
                                "schedule.max_steps=1"))

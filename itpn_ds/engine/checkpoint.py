@@ -161,8 +161,8 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------------------------------- loading
     def load(self, engine: Any, ref: CheckpointRef, zero_stage: int) -> dict[str, Any]:
-        """Load engine state; returns this rank's extra state: ``loader`` position and ``rng`` states
-        (``rng`` is None when resharded: the caller re-seeds).
+        """Load engine state; returns this rank's extra state: ``loader`` position, ``rng`` states and
+        whatever else the trainer saved (``ema``). Resharded: rank 0's file, with ``rng`` None (re-seed).
 
         Universal loading must have been enabled in the DeepSpeed config (see :func:`needs_universal`).
         """
@@ -179,7 +179,7 @@ class CheckpointManager:
         if not state_file.is_file():
             raise CheckpointError(f"{state_file} is missing: checkpoint {ref.path} is incomplete")
         state = torch.load(state_file, weights_only=False)
-        return {"loader": state["loader"], "rng": None} if resharded else state
+        return {**state, "rng": None} if resharded else state
 
 
 def read_checkpoint(path: str | Path) -> CheckpointRef:

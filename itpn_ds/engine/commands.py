@@ -22,6 +22,7 @@ from itpn_ds.config import ConfigError, RunConfig, load_config, save_config, to_
 from itpn_ds.engine import components
 from itpn_ds.engine.checkpoint import CheckpointError, CheckpointManager, needs_universal, read_checkpoint
 from itpn_ds.engine.ds_config import build_ds_config, zero_stage
+from itpn_ds.engine.ema import WeightEma
 from itpn_ds.engine.export import consolidated_state_dict, export_checkpoint, live_state_dict, write_export
 from itpn_ds.engine.preemption import PREEMPTED_EXIT_CODE
 from itpn_ds.engine.runtime import build_engine, init_distributed, make_deterministic, seed_everything
@@ -68,8 +69,6 @@ def main(args: argparse.Namespace) -> int:
 
 def train(cfg: RunConfig, run_dir: Path) -> int:
     """Pre-train or fine-tune into ``run_dir``, resuming from its latest checkpoint."""
-    if cfg.finetune.ema_decay > 0:
-        raise ConfigError("finetune.ema_decay > 0: the weight EMA is not implemented yet; set it to 0")
     runtime = init_distributed()
     make_deterministic()
     seed_everything(cfg.schedule.seed)
@@ -98,20 +97,23 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     tracker.log_params({**_flat(to_dict(cfg)), **_flat(ds_config, "ds_config.")})  # run config + resolved DeepSpeed JSON
     if runtime.rank == 0:
         tracker.log_artifact(run_dir / "config.yaml")
+    ema = WeightEma(engine.module, cfg.finetune.ema_decay) if cfg.task == "finetune" and cfg.finetune.ema_decay > 0 else None
     parts = LoopParts(engine=engine, loader=train_loader, task=_task(cfg, runtime.device),
                       schedule=CosineSchedule.from_config(cfg.optim, steps_per_epoch, total),
                       checkpoints=checkpoints, tracker=tracker, device=runtime.device, total_steps=total,
-                      flops_per_image=flops)
+                      flops_per_image=flops, ema=ema)
     if eval_loader is not None:
-        parts.evaluate = lambda: evaluate_classifier(engine, eval_loader, runtime.device,
-                                                     _input_dtype(engine))
-        parts.on_best = lambda metrics, step: _save_best(engine, cfg, run_dir, metrics, step, runtime.rank)
+        parts.evaluate = lambda: _evaluate_with_ema(engine, eval_loader, runtime.device, ema)
+        parts.on_best = lambda metrics, step: _export_live(engine, cfg, run_dir / "best", metrics, step, runtime.rank)
     trainer = Trainer(cfg, parts, runtime.rank, runtime.world_size)
     if resume is not None:
         trainer.restore(resume)
     status = "FAILED"
     try:
-        trainer.run()
+        metrics = trainer.run()
+        if ema is not None:
+            with ema.applied():
+                _export_live(engine, cfg, run_dir / "ema", metrics, trainer.state.step, runtime.rank)
         status = "FINISHED"
         if runtime.rank == 0 and cfg.tracking.enabled:
             log_exported_model(tracker, run_dir)
@@ -192,15 +194,26 @@ def _input_dtype(engine: Any) -> torch.dtype | None:
     return None if dtype == torch.float32 else dtype
 
 
-def _save_best(engine: Any, cfg: RunConfig, run_dir: Path, metrics: dict[str, float], step: int, rank: int) -> None:
-    """Export the live weights to ``run_dir/best`` (rank 0 writes; a collective under ZeRO-3)."""
+def _evaluate_with_ema(engine: Any, loader: Any, device: torch.device, ema: WeightEma | None) -> dict[str, float]:
+    """Top-1/top-5/loss of the trained weights, plus ``ema_*`` of the averaged weights when there is an EMA."""
+    metrics = evaluate_classifier(engine, loader, device, _input_dtype(engine))
+    if ema is not None:
+        with ema.applied():
+            averaged = evaluate_classifier(engine, loader, device, _input_dtype(engine))
+        metrics.update({f"ema_{k}": v for k, v in averaged.items() if k != "samples"})
+    return metrics
+
+
+def _export_live(engine: Any, cfg: RunConfig, out: Path, metrics: dict[str, float], step: int, rank: int) -> None:
+    """Export the engine's current weights to ``out`` (rank 0 writes; a collective under ZeRO-3): the best
+    checkpoint so far (``run_dir/best``) or the weight EMA at the end (``run_dir/ema``)."""
     state = live_state_dict(engine)
     if rank == 0:
         meta = {"architecture": cfg.model.name, "model_kwargs": cfg.model.kwargs,
                 "img_size": cfg.model.kwargs.get("img_size", 224), "patch_size": cfg.model.kwargs.get("patch_size", 16),
                 "num_classes": cfg.model.kwargs.get("num_classes"), "teacher": None, "task": cfg.task, "step": step,
-                "source": str(run_dir.resolve()), "metrics": metrics}
-        write_export(state, meta, run_dir / "best")
+                "source": str(out.parent.resolve()), "metrics": metrics}
+        write_export(state, meta, out)
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -31,6 +31,7 @@ from itpn_ds.config import RunConfig, to_dict
 from itpn_ds.data.batch import Batch, Loader
 from itpn_ds.data.views import key_hash
 from itpn_ds.engine.checkpoint import CheckpointManager, CheckpointRef, set_rng_state
+from itpn_ds.engine.ema import WeightEma
 from itpn_ds.engine.memory import StateBytes, model_state_bytes
 from itpn_ds.engine.preemption import PreemptionFlag
 from itpn_ds.engine.runtime import seed_everything
@@ -89,6 +90,7 @@ class LoopParts:
     flops_per_image: float = 0.0
     evaluate: Callable[[], dict[str, float]] | None = None
     on_best: Callable[[dict[str, float], int], None] | None = None
+    ema: WeightEma | None = None
 
 
 class Trainer:
@@ -113,8 +115,10 @@ class Trainer:
                 "model": {"name": self.cfg.model.name, "kwargs": self.cfg.model.kwargs},
                 "teacher": {"mode": self.cfg.teacher.mode, "arch": self.cfg.teacher.arch},
                 "config": to_dict(self.cfg)}
-        ref = self.p.checkpoints.save(self.p.engine, self.state.step, meta,
-                                      {"loader": self.p.loader.state_dict(), "epoch": self.state.epoch})
+        rank_state = {"loader": self.p.loader.state_dict(), "epoch": self.state.epoch}
+        if self.p.ema is not None:
+            rank_state["ema"] = self.p.ema.state_dict()
+        ref = self.p.checkpoints.save(self.p.engine, self.state.step, meta, rank_state)
         self._info("checkpoint %s saved (step %d, epoch %d)", ref.path, self.state.step, self.state.epoch)
         return ref
 
@@ -131,6 +135,8 @@ class Trainer:
             seed_everything(key_hash("reshard", self.cfg.schedule.seed, self.state.step, self.rank) % 2**32)
         else:
             set_rng_state(rank_state["rng"])
+        if self.p.ema is not None and rank_state.get("ema") is not None:
+            self.p.ema.load_state_dict(rank_state["ema"])
         self._stream = None
         self._info("resumed from %s: step %d, epoch %d", ref.path, self.state.step, self.state.epoch)
 
@@ -228,6 +234,8 @@ class Trainer:
             self.p.tracker.log_metrics(metrics, step=self.state.step)
         if applied:
             self.state.consecutive_nonfinite = 0
+            if self.p.ema is not None:
+                self.p.ema.update()
             return False
         return self._on_nonfinite(losses)
 
