@@ -60,14 +60,19 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the samples come from and how they are batched (the loader builder reads the rest).
+    """Where the samples come from, how they are batched and augmented (``itpn_ds.data`` loaders).
 
     shards:       directory with the shard manifest (``itpn-ds make-shards`` output) for training.
     val_shards:   same for evaluation (fine-tuning / evaluate); empty: no evaluation.
     micro_batch:  samples per rank per forward/backward.
     num_threads:  DALI CPU threads per rank.
     loader:       ``dali`` or ``torch`` (the PyTorch fallback loader).
-    options:      extra keyword arguments of the data side's loader configuration.
+    device:       DALI decoding: ``auto`` (GPU ``mixed`` decoding when CUDA is present), ``cpu`` or ``gpu``.
+    on_corrupt:   an undecodable sample met in training: ``skip`` (counted and logged with its key) or ``raise``.
+    num_masked:   pre-training block masks: patches masked per image (None: 75 of 196, scaled to the grid).
+    rand_augment_ops, rand_augment_magnitude: fine-tuning RandAugment n and m (m of 30; 0 ops: off).
+    reprob:       fine-tuning random-erasing probability per image (0: off).
+    crop_pct:     evaluation: resize the shorter side to size / crop_pct, then center-crop ``size``.
     """
 
     shards: str = ""
@@ -75,11 +80,19 @@ class DataConfig:
     micro_batch: int = 32
     num_threads: int = 2
     loader: str = "dali"
-    options: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    on_corrupt: str = "skip"
+    num_masked: int | None = None
+    rand_augment_ops: int = 2
+    rand_augment_magnitude: int = 9
+    reprob: float = 0.25
+    crop_pct: float = 0.875
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1:
             raise ConfigError(f"data.micro_batch must be >= 1, got {self.micro_batch}")
+        _check_choice("data.device", self.device, ("auto", "cpu", "gpu"))
+        _check_choice("data.on_corrupt", self.on_corrupt, ("skip", "raise"))
         _check_choice("data.loader", self.loader, ("dali", "torch"))
 
 

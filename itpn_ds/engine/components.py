@@ -70,22 +70,24 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
     data = _import("itpn_ds.data", "data")
     if not cfg.data.shards and train:
         raise ConfigError("data.shards is empty: give the shard directory (itpn-ds make-shards output)")
-    common = dict(rank=rank, world_size=world_size, micro_batch=cfg.data.micro_batch, seed=cfg.schedule.seed,
-                  num_threads=cfg.data.num_threads, backend=cfg.data.loader, **cfg.data.options)
+    d = cfg.data
+    common = dict(rank=rank, world_size=world_size, micro_batch=d.micro_batch, seed=cfg.schedule.seed,
+                  num_threads=d.num_threads, backend=d.loader, device=d.device, on_corrupt=d.on_corrupt,
+                  img_size=cfg.model.kwargs.get("img_size", 224))
     train_loader = eval_loader = None
     if train and cfg.task == "pretrain":
         pixel = cfg.pretrain.objective == "pixel"
-        train_loader = data.build_pretrain_loader(cfg.data.shards, views=_view_source(cfg),
-                                                  img_size=cfg.model.kwargs.get("img_size", 224),
+        train_loader = data.build_pretrain_loader(d.shards, views=_view_source(cfg), num_masked=d.num_masked,
+                                                  patch_size=cfg.model.kwargs.get("patch_size", 16),
                                                   teacher_resolution=cfg.teacher.resolution
                                                   if cfg.teacher.mode == "online" and not pixel else 0,
                                                   mask_ratio=cfg.pretrain.mask_ratio if pixel else None, **common)
     elif train:
-        train_loader = data.build_finetune_loader(cfg.data.shards, img_size=cfg.model.kwargs.get("img_size", 224),
+        train_loader = data.build_finetune_loader(d.shards, rand_augment_ops=d.rand_augment_ops,
+                                                  rand_augment_magnitude=d.rand_augment_magnitude, reprob=d.reprob,
                                                   **common)
-    if cfg.task == "finetune" and cfg.data.val_shards:
-        eval_loader = data.build_eval_loader(cfg.data.val_shards, img_size=cfg.model.kwargs.get("img_size", 224),
-                                             **common)
+    if cfg.task == "finetune" and d.val_shards:
+        eval_loader = data.build_eval_loader(d.val_shards, crop_pct=d.crop_pct, **common)
     return train_loader, eval_loader
 
 
