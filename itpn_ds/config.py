@@ -12,6 +12,7 @@ components' own configs (``TrackingConfig``) compose in without change.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -316,6 +317,18 @@ def recipe_path(recipe: str | Path) -> Path:
     return packaged
 
 
+class Yaml12BoolLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only ``true``/``false``, so ``off``, ``on``, ``yes`` and
+    ``no`` stay strings (``model.grad_checkpointing=off`` is the policy name, not False)."""
+
+
+Yaml12BoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Yaml12BoolLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                       list("tTfF"))
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Defaults <- recipe YAML <- ``key=value`` overrides, validated into a :class:`RunConfig`."""
     data: dict[str, Any] = {}
@@ -324,7 +337,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
         path = recipe_path(recipe)
         source = str(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(), Loader=Yaml12BoolLoader)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
@@ -345,7 +358,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             raise ConfigError(f"override {item!r} is not of the form key=value (dotted key, e.g. optim.lr=1e-3)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, Loader=Yaml12BoolLoader) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
         node = out

@@ -141,3 +141,12 @@ def test_cosine_schedule_warms_up_then_decays_to_min_lr_and_sets_group_scales():
     schedule.apply(opt, 14)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.275) and opt.param_groups[0]["weight_decay"] == 0.0
     assert math.isclose(schedule.weight_decay_at(12), 0.2)
+
+
+def test_yaml_1_1_booleans_stay_strings_so_policy_names_parse(tmp_path):
+    cfg = load_config("tiny_pretrain_cpu", ["model.grad_checkpointing=off", "tracking.enabled=false"])
+    assert cfg.model.grad_checkpointing == "off" and cfg.tracking.enabled is False
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {grad_checkpointing: off, kwargs: {flag: yes}}\n")
+    cfg = load_config(recipe)
+    assert cfg.model.grad_checkpointing == "off" and cfg.model.kwargs["flag"] == "yes"
