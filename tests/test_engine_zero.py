@@ -119,6 +119,25 @@ def test_zero3_lowers_the_loss_and_holds_half_of_zero0s_state_per_rank(demo_shar
                                "schedule.max_steps=1"))
     ratio = state_mib(zero3) / state_mib(zero0)
     assert 0.45 < ratio < 0.6, (state_mib(zero3), state_mib(zero0))
+    assert_classifier_initialises_from(tmp_path / "zero3")
+
+
+def assert_classifier_initialises_from(run_dir: Path) -> None:
+    """finetune.init from a ZeRO-3 run: the tiny classifier takes the backbone's consolidated fp32 weights."""
+    import timm
+    import yaml
+
+    from itpn_ds.config import RECIPES_DIR
+    from itpn_ds.engine.commands import init_from
+
+    kwargs = yaml.safe_load((RECIPES_DIR / "tiny_finetune_cpu.yaml").read_text())["model"]["kwargs"]
+    classifier = timm.create_model("itpn_base_3324_patch16_224", **kwargs)
+    init_from(classifier, str(run_dir))
+    pretrained = weights(run_dir)
+    shared = [k for k in classifier.state_dict() if k in pretrained]
+    assert len(shared) > 20 and "head.weight" not in shared
+    for name in shared:
+        assert torch.equal(classifier.state_dict()[name], pretrained[name]), name
 
 
 def test_pixel_objective_lowers_its_loss(demo_shards, tmp_path):
