@@ -150,3 +150,15 @@ def test_yaml_1_1_booleans_stay_strings_so_policy_names_parse(tmp_path):
     recipe.write_text("model: {grad_checkpointing: off, kwargs: {flag: yes}}\n")
     cfg = load_config(recipe)
     assert cfg.model.grad_checkpointing == "off" and cfg.model.kwargs["flag"] == "yes"
+
+
+def test_a_precision_the_accelerator_lacks_is_refused_with_the_reason():
+    from deepspeed.accelerator import get_accelerator
+
+    from itpn_ds.engine.runtime import check_precision_supported
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip(f"the {get_accelerator().device_name()} accelerator supports fp16")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        check_precision_supported("fp16")
+    check_precision_supported("fp32")

@@ -75,6 +75,7 @@ def build_engine(model: nn.Module, cfg: RunConfig, runtime: Runtime, load_univer
     if cfg.deepspeed.precision == "fp32" and stage == 0:
         raise ConfigError("deepspeed.precision=fp32 with ZeRO stage 0 has no non-finite gradient check in "
                           "DeepSpeed, so bad steps could not be skipped; use bf16/fp16 or ZeRO stage >= 1")
+    check_precision_supported(cfg.deepspeed.precision)
     kind = choose_optimizer(cfg.optim, offloads_optimizer(ds), runtime.device.type == "cuda")
     groups = param_groups(model, cfg.optim.layer_decay)
     optimizer = build_optimizer(groups, cfg.optim, kind)
@@ -82,5 +83,12 @@ def build_engine(model: nn.Module, cfg: RunConfig, runtime: Runtime, load_univer
     return engine
 
 
-def engine_zero_stage(engine: Any) -> int:
-    return int(engine.zero_optimization_stage())
+def check_precision_supported(precision: str) -> None:
+    """Fail with the reason when DeepSpeed's accelerator cannot train in ``precision`` (fp16 on the CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = {"fp16": accelerator.is_fp16_supported, "bf16": accelerator.is_bf16_supported}.get(precision)
+    if supported is not None and not supported():
+        raise ConfigError(f"deepspeed.precision={precision}: DeepSpeed's {accelerator.device_name()} accelerator does "
+                          "not support it here (fp16 needs a CUDA device); use bf16 or fp32")
