@@ -40,3 +40,16 @@ def test_batch_larger_than_configured_is_rejected(demo_shards):
     decoder = ViewDecoder([(32, "linear")], device="cpu", batch_size=2, num_threads=1)
     with pytest.raises(ValueError, match="decoder takes 1..2"):
         decoder.decode([reader.encoded(i) for i in range(3)], [CropView(0, 0, 10, 10, False)] * 3)
+
+
+def test_outputs_stay_valid_after_later_decodes(demo_shards):
+    """CPU outputs are zero-copy views of DALI's buffers: later batches must not write into them."""
+    reader = ShardReader(demo_shards)
+    samples = [reader.sample(i) for i in range(12)]
+    views = [sample_view(0, s.key, 0, *s.size) for s in samples]
+    decoder = ViewDecoder([(32, "cubic"), (24, "lanczos")], device="cpu", batch_size=4, num_threads=1)
+    first = decoder.decode([s.data for s in samples[:4]], views[:4])
+    kept = [t.clone() for t in first]
+    for start in (4, 8):
+        decoder.decode([s.data for s in samples[start:start + 4]], views[start:start + 4])
+    assert all(t.equal(k) for t, k in zip(first, kept))
