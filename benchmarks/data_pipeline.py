@@ -1,24 +1,34 @@
-"""Images/s and peak memory of the input pipelines on the same shards: our DALI CPU loader, our PIL
-fallback (``backend="torch"``) and a torchvision ImageFolder-style DataLoader with worker processes.
+"""Images/s, CPU time per image and peak memory of the input pipelines on the same shards: our DALI CPU
+loader, our PIL fallback (``backend="torch"``) and a torchvision ImageFolder-style DataLoader with worker
+processes.
 
-All three do the fine-tuning train transform without RandAugment/erasing: RandomResizedCrop 224 + flip
-+ normalize, batches of ``--batch``, on ``--threads`` CPU threads / workers. The images are the demo set
-(scikit-image photos cropped and rescaled, sides ``--min-side``..``--max-side``), written as shards once
-under ``--work``. Each pipeline runs in a fresh process, so peak RSS is its own.
+All three do the fine-tuning train transform without RandAugment/erasing: RandomResizedCrop 224 bicubic
++ flip + normalize, batches of ``--batch``, on ``--threads`` CPU threads / workers. The images are the demo
+set (scikit-image photos cropped and rescaled, sides ``--min-side``..``--max-side``), written as shards
+once under ``--work``. Each measurement runs in a fresh process, so peak RSS is its own; the pipelines
+take turns, ``--repeats`` rounds, and the table reports each one's median. The CPU time counts every
+thread of the process and of its worker processes, so it shows the cost of an image independently of
+other load on the machine; images/s needs an idle machine (the 1-minute load average before each run is
+recorded).
 
-    python benchmarks/data_pipeline.py [--images 2400] [--threads 2] [--out benchmarks/results/data_pipeline.json]
+    python benchmarks/data_pipeline.py [--images 2400] [--threads 2] [--repeats 3]
+                                       [--out benchmarks/results/data_pipeline.json]
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 PIPELINES = ("dali_cpu", "pil_threads", "torchvision_dataloader")
 
@@ -62,19 +72,36 @@ def batches_of(name: str, shards: Path, batch: int, threads: int, img_size: int)
     return loader, lambda b: int(b.valid.sum())
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live descendants (DataLoader workers)."""
+    processes = [psutil.Process()] + psutil.Process().children(recursive=True)
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+
 def measure(name: str, shards: Path, batch: int, threads: int, img_size: int, warmup: int) -> dict:
-    """One epoch after ``warmup`` batches: images/s, and peak RSS of this process and its largest child."""
+    """One epoch after ``warmup`` batches: images/s, CPU ms per image (all threads and workers; read after
+    each batch, while the workers live), and peak RSS of this process and its largest child."""
     loader, count = batches_of(name, shards, batch, threads, img_size)
     it = iter(loader)
     for _ in range(warmup):
         next(it)
-    images, start = 0, time.perf_counter()
+    images, start, cpu_start = 0, time.perf_counter(), cpu_seconds()
     for b in it:
         images += count(b)
+        cpu_end = cpu_seconds()
     seconds = time.perf_counter() - start
     return {"pipeline": name, "images": images, "seconds": seconds, "images_per_s": images / seconds,
+            "cpu_ms_per_image": 1e3 * (cpu_end - cpu_start) / images,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_child_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "workers": threads}
+
+
+def median_row(runs: list[dict]) -> dict:
+    """A pipeline's runs -> its median images/s and CPU ms per image, largest RSS, and the runs."""
+    return {"pipeline": runs[0]["pipeline"], "images_per_s": statistics.median(r["images_per_s"] for r in runs),
+            "cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in runs),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+            "peak_child_rss_mib": max(r["peak_child_rss_mib"] for r in runs), "runs": runs}
 
 
 def prepare(work: Path, images: int, min_side: int, max_side: int) -> Path:
@@ -100,6 +127,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over all pipelines (median reported)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/itpn_ds_bench_data"))
     parser.add_argument("--out", default="benchmarks/results/data_pipeline.json")
     parser.add_argument("--single", choices=PIPELINES, help=argparse.SUPPRESS)  # child process mode
@@ -108,20 +136,29 @@ def main() -> None:
     if args.single:
         print(json.dumps(measure(args.single, shards, args.batch, args.threads, args.img_size, args.warmup)))
         return
-    rows = []
-    for name in PIPELINES:
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--single", name], check=True,
-                               capture_output=True, text=True)
-        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    print(f"{'pipeline':<24} {'images/s':>9} {'peak RSS MiB':>13} {'largest worker MiB':>19}")
+    runs: dict[str, list[dict]] = {name: [] for name in PIPELINES}
+    for round_ in range(args.repeats):
+        for name in PIPELINES:
+            load = os.getloadavg()[0]
+            child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--single", name], check=True,
+                                   capture_output=True, text=True)
+            runs[name].append({**json.loads(child.stdout.strip().splitlines()[-1]), "load_1min": load})
+            print(f"round {round_}: {name:<24} {runs[name][-1]['images_per_s']:6.0f} images/s (load {load:.2f})",
+                  flush=True)
+    rows = [median_row(runs[name]) for name in PIPELINES]
+    print(f"{'pipeline (median)':<24} {'images/s':>9} {'CPU ms/img':>11} {'peak RSS MiB':>13} {'largest worker MiB':>19}")
     for r in rows:
-        print(f"{r['pipeline']:<24} {r['images_per_s']:>9.0f} {r['peak_rss_mib']:>13.0f} {r['peak_child_rss_mib']:>19.0f}")
+        print(f"{r['pipeline']:<24} {r['images_per_s']:>9.0f} {r['cpu_ms_per_image']:>11.2f} {r['peak_rss_mib']:>13.0f} "
+              f"{r['peak_child_rss_mib']:>19.0f}")
+    by_name = {r["pipeline"]: r for r in rows}
+    speedup = by_name["dali_cpu"]["images_per_s"] / by_name["torchvision_dataloader"]["images_per_s"]
+    print(f"DALI CPU / torchvision DataLoader: {speedup:.2f}x images/s (medians)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "images": args.images,
-                               "sides": [args.min_side, args.max_side], "batch": args.batch,
-                               "threads": args.threads, "rows": rows}, indent=1))
-
+    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                               "images": args.images, "sides": [args.min_side, args.max_side], "batch": args.batch,
+                               "threads": args.threads, "repeats": args.repeats,
+                               "dali_vs_torchvision": speedup, "rows": rows}, indent=1))
 
 if __name__ == "__main__":
     main()
