@@ -153,3 +153,9 @@ def test_online_clip_teacher_trains_and_times_the_teacher(demo_shards, tiny_clip
                       "model.kwargs.teacher_dim=32", "schedule.epochs=3", "tracking.enabled=false", ranks=2)
     assert_loss_falls(out)
     assert all(m["targets_s"] > 0 for m in step_metrics(out).values())
+
+
+def test_zero3_with_optimizer_offload_trains_with_deepspeed_cpu_adam(demo_shards, demo_cache, tmp_path):
+    out = succeeded(pretrain(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero3_offload", "schedule.max_steps=3"))
+    assert "ZeRO stage 3, bf16, optimizer DeepSpeedCPUAdam" in out
+    assert sorted(losses_by_step(out)) == [1, 2, 3]

@@ -6,6 +6,7 @@ parameter groups and the run configuration into a DeepSpeed engine.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from itpn_ds import distributed
 from itpn_ds.config import ConfigError, RunConfig
 from itpn_ds.engine.ds_config import build_ds_config, offloads_optimizer, zero_stage
 from itpn_ds.engine.optim import build_optimizer, choose_optimizer, param_groups
+
+log = logging.getLogger("itpn_ds.engine")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,9 @@ def build_engine(model: nn.Module, cfg: RunConfig, runtime: Runtime, load_univer
     groups = param_groups(model, cfg.optim.layer_decay)
     optimizer = build_optimizer(groups, cfg.optim, kind)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    if runtime.rank == 0:
+        log.info("engine: ZeRO stage %d, %s, optimizer %s over %d parameter groups, %d ranks", stage,
+                 cfg.deepspeed.precision, type(optimizer).__name__, len(optimizer.param_groups), runtime.world_size)
     return engine
 
 
