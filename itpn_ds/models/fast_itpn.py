@@ -8,7 +8,8 @@ from torch import nn
 from timm.layers import trunc_normal_
 
 from itpn_ds.models.hivit import GradCheckpointing, OptimizerMetadata, drop_path_rates
-from itpn_ds.models.layers import Block, ConvMlpBlock, ConvPatchMerge, Mlp, SplitQKVAttention, SwiGLU
+from itpn_ds.models.layers import (Block, ConvMlpBlock, ConvPatchMerge, Mlp, SplitQKVAttention, SwiGLU,
+                                   init_linear_and_norm_)
 
 
 class ConvStem(nn.Module):
@@ -63,14 +64,7 @@ class FastITPN(GradCheckpointing, OptimizerMetadata, nn.Module):
 
     def _init_weights(self, init_scale: float) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm_(self)
         if isinstance(self.head, nn.Linear):
             self.head.weight.data.mul_(init_scale)
             self.head.bias.data.mul_(init_scale)

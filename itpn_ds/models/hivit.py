@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import trunc_normal_
 
-from itpn_ds.models.layers import PatchEmbed, PatchMerge, PatchSplit, attention_block, mlp_block, relative_position_index
+from itpn_ds.models.layers import (PatchEmbed, PatchMerge, PatchSplit, attention_block, init_linear_and_norm_, mlp_block,
+                                   relative_position_index)
 
 
 def drop_path_rates(total: int, max_rate: float) -> list[float]:
@@ -129,14 +130,7 @@ class HiViT(GradCheckpointing, OptimizerMetadata, nn.Module):
 
     def init_weights(self) -> None:
         """Truncated-normal Linear weights, zero biases, unit LayerNorms (as the published models)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm_(self)
 
     # ---- input checks -------------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:

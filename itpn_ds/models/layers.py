@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import DropPath
+from timm.layers import DropPath, trunc_normal_
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -26,6 +26,19 @@ def relative_position_index(grid: int) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (grid - 1)
     return rel[..., 0] * (2 * grid - 1) + rel[..., 1]
+
+
+def init_linear_and_norm_(module: nn.Module) -> None:
+    """Truncated-normal (std 0.02) Linear weights, zero biases, unit LayerNorms over ``module.modules()``, in
+    that traversal order (as the published models initialise)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
