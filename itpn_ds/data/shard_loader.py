@@ -2,13 +2,15 @@
 :class:`ViewDecoder` with corrupt-sample handling, and the Loader protocol's epoch/state bookkeeping.
 
 Subclasses choose each sample's view (``views``) and turn decoded pixels into a Batch (``make_batch``).
+An optional :class:`~itpn_ds.data.view_decoder.SampleAugment` draws each sample's parameters from
+(seed, key, epoch) here and is applied by the decoder.
 """
 from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from itpn_ds.data.batch import Batch
 from itpn_ds.data.sampler import DistributedOrder
 from itpn_ds.data.shards import ShardReader
 from itpn_ds.data.torch_loader import PILViewDecoder
-from itpn_ds.data.view_decoder import ViewDecoder, ViewOutput
+from itpn_ds.data.view_decoder import SampleAugment, ViewDecoder, ViewOutput
 from itpn_ds.data.views import CropView
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ class ShardLoader:
 
     def __init__(self, shards: str | Path, decoder_outputs: list[ViewOutput], micro_batch: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2, device: str = "auto",
-                 on_corrupt: str = "skip", augment: Callable[[Any], Any] | None = None, backend: str = "dali") -> None:
+                 on_corrupt: str = "skip", augment: SampleAugment | None = None, backend: str = "dali") -> None:
         if on_corrupt not in ("skip", "raise"):
             raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
         if backend not in BACKENDS:
@@ -57,7 +59,8 @@ class ShardLoader:
         self.backend = backend
         decoder_cls = ViewDecoder if backend == "dali" else PILViewDecoder
         self.decoder = decoder_cls(decoder_outputs, device=device, batch_size=micro_batch, num_threads=num_threads,
-                                   seed=seed + 1000 * rank, augment=augment)
+                                   augment=augment)
+        self.augment = augment
         self.seed = seed
         self.on_corrupt = on_corrupt
         self.epoch = 0
@@ -114,21 +117,23 @@ class ShardLoader:
         m = self.manifest
         keys = [m.keys[i] for i in indices]
         view_ids, views = self.views(keys, [m.sizes[i] for i in indices], indices)
+        params = None if self.augment is None else [self.augment.draw(self.seed, k, self.epoch) for k in keys]
         encoded = [self.reader.encoded(int(i)) for i in indices]
         valid_t = torch.from_numpy(valid.copy())
-        outputs = self._decode(encoded, views, keys, valid_t)
+        outputs = self._decode(encoded, views, params, keys, valid_t)
         return self.make_batch(keys, indices, view_ids, outputs, valid_t)
 
-    def _decode(self, encoded: list[bytes], views: list[CropView], keys: list[str], valid: torch.Tensor) -> list[torch.Tensor]:
+    def _decode(self, encoded: list[bytes], views: list[CropView], params: list[np.ndarray] | None, keys: list[str],
+                valid: torch.Tensor) -> list[torch.Tensor]:
         """Decode the batch; on a DALI error, decode sample by sample to find the corrupt ones."""
         try:
-            return self.decoder.decode(encoded, views)
+            return self.decoder.decode(encoded, views, params)
         except RuntimeError:
             pass
         per_sample: list[list[torch.Tensor] | None] = []
         for i, (data, view) in enumerate(zip(encoded, views)):
             try:
-                per_sample.append(self.decoder.decode([data], [view]))
+                per_sample.append(self.decoder.decode([data], [view], None if params is None else [params[i]]))
             except RuntimeError as exc:
                 if self.on_corrupt == "raise":
                     raise CorruptSampleError(f"sample {keys[i]!r} cannot be decoded: {exc}") from exc

@@ -20,13 +20,16 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from itpn_ds.data.views import CropView
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEVICES = ("auto", "cpu", "gpu")
 INTERPOLATIONS = ("linear", "cubic", "lanczos", "triangular", "nn")
@@ -67,6 +70,24 @@ class ViewOutput:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interp!r}")
 
 
+class SampleAugment(Protocol):
+    """An augmentation of the first decoder output whose randomness is a per-sample parameter array
+    drawn from (seed, sample key, epoch), so a resumed run replays it. Both decoders apply it to the
+    resized uint8 image, before the flip and the normalization."""
+
+    def draw(self, seed: int, key: str, epoch: int) -> np.ndarray:
+        """The sample's parameters (an int32 array of a fixed shape)."""
+        ...
+
+    def dali(self, images: Any, params: Any) -> Any:
+        """DALI graph: uint8 HWC images node, params node (the drawn arrays) -> uint8 HWC node."""
+        ...
+
+    def pil(self, image: Image.Image, params: np.ndarray) -> Image.Image:
+        """The same augmentation on one PIL RGB image."""
+        ...
+
+
 def _dali_interp(name: str):
     from nvidia.dali import types
 
@@ -81,14 +102,12 @@ class ViewDecoder:
                  per entry, all from the same box; normalized where mean/std are given.
     batch_size:  the largest batch ``decode`` accepts (smaller batches are fine).
     num_threads: DALI CPU threads per graph.
-    augment:     optional graph function (DALI uint8 HWC node -> node) applied to the FIRST output after
-                 its resize, e.g. RandAugment; that graph then runs with conditionals enabled. Its random
-                 draws follow the pipelines' ``seed`` and run order, not the (sample, epoch).
+    augment:     optional :class:`SampleAugment` applied to the FIRST output after its resize; ``decode``
+                 then takes each sample's drawn parameters, so its result depends only on them.
     """
 
     def __init__(self, outputs: Sequence[tuple[int, str] | ViewOutput], device: str = "auto", batch_size: int = 32,
-                 num_threads: int = 2, device_id: int | None = None, seed: int = 0,
-                 augment: Callable[[Any], Any] | None = None) -> None:
+                 num_threads: int = 2, device_id: int | None = None, augment: SampleAugment | None = None) -> None:
         if not outputs:
             raise ValueError("ViewDecoder needs at least one output")
         self.outputs = [o if isinstance(o, ViewOutput) else ViewOutput(*o) for o in outputs]
@@ -96,7 +115,6 @@ class ViewDecoder:
         self.batch_size = batch_size
         self.augment = augment
         self._num_threads = num_threads
-        self._seed = seed
         self._gpu_id = (torch.cuda.current_device() if device_id is None else device_id) if self.device == "gpu" else None
         # CPU: True where torch resizes the output between the decode and the finishing graphs
         self._torch_resized = [self.device == "cpu" and o.interp in TORCH_RESIZE for o in self.outputs]
@@ -112,7 +130,7 @@ class ViewDecoder:
         from nvidia.dali import pipeline_def
 
         pipe = pipeline_def(graph, batch_size=self.batch_size, num_threads=self._num_threads,
-                            device_id=self._gpu_id, seed=self._seed, prefetch_queue_depth=1, exec_dynamic=True,
+                            device_id=self._gpu_id, prefetch_queue_depth=1, exec_dynamic=True,
                             enable_conditionals=conditionals)()
         pipe.build()
         return pipe
@@ -143,7 +161,8 @@ class ViewDecoder:
 
         flip = fn.external_source(name="flip", dtype=types.INT32)
         if self.augment is not None:
-            images = [self.augment(images[0]), *images[1:]]
+            images = [self.augment.dali(images[0], fn.external_source(name="params", dtype=types.INT32)),
+                      *images[1:]]
         outs = []
         for image, output in zip(images, self.outputs):
             mean, std = output.scaled_mean_std()
@@ -168,21 +187,22 @@ class ViewDecoder:
                              for k in range(len(self.outputs))])
 
     # --- running
-    def decode(self, encoded: Sequence[np.ndarray | bytes], views: Sequence[CropView]) -> list[torch.Tensor]:
+    def decode(self, encoded: Sequence[np.ndarray | bytes], views: Sequence[CropView],
+               params: Sequence[np.ndarray] | None = None) -> list[torch.Tensor]:
         """One (B, 3, S, S) float32 tensor per output ([0, 1] or normalized); B = len(encoded) <= batch_size.
+        ``params``: each sample's augmentation parameters (``augment.draw``), required with an augment.
 
         Raises ``RuntimeError`` from DALI when a JPEG cannot be decoded; callers that must survive bad
         samples decode one at a time after a batch failed.
         """
-        if len(encoded) != len(views):
-            raise ValueError(f"{len(encoded)} images but {len(views)} views")
-        if not 0 < len(encoded) <= self.batch_size:
-            raise ValueError(f"batch of {len(encoded)} images, the decoder takes 1..{self.batch_size}")
+        check_decode_args(encoded, views, params, self.batch_size, self.augment)
         box_feed = {"encoded": [np.frombuffer(e, dtype=np.uint8) if isinstance(e, (bytes, bytearray, memoryview))
                                 else np.asarray(e, dtype=np.uint8) for e in encoded],
                     "anchor": [np.array([v.x, v.y], dtype=np.float32) for v in views],
                     "shape": [np.array([v.w, v.h], dtype=np.float32) for v in views]}
         finish_feed: dict[str, Any] = {"flip": [np.array(int(v.flip), dtype=np.int32) for v in views]}
+        if params is not None:
+            finish_feed["params"] = [np.asarray(p, dtype=np.int32) for p in params]
         if self._decode_pipe is None:
             outs = _run(self._finish_pipe, {**box_feed, **finish_feed})
         else:
@@ -196,6 +216,19 @@ class ViewDecoder:
         box = rest.pop(0) if any(self._torch_resized) else None
         return {f"image{k}": list(self._resize_pool.map(partial(_torch_resize, output=output), box)) if by_torch
                 else rest.pop(0) for k, (output, by_torch) in enumerate(zip(self.outputs, self._torch_resized))}
+
+
+def check_decode_args(encoded: Sequence[Any], views: Sequence[CropView], params: Sequence[np.ndarray] | None,
+                      batch_size: int, augment: SampleAugment | None) -> None:
+    """The checks every decoder's ``decode`` makes on its arguments (``ValueError``)."""
+    if len(encoded) != len(views):
+        raise ValueError(f"{len(encoded)} images but {len(views)} views")
+    if not 0 < len(encoded) <= batch_size:
+        raise ValueError(f"batch of {len(encoded)} images, the decoder takes 1..{batch_size}")
+    if (params is None) != (augment is None):
+        raise ValueError("augmentation parameters are needed exactly when the decoder has an augment")
+    if params is not None and len(params) != len(views):
+        raise ValueError(f"{len(params)} augmentation parameter arrays for {len(views)} views")
 
 
 def _run(pipe, feed: dict[str, Any]) -> tuple:
