@@ -1,8 +1,10 @@
 """Images/s, CPU time per image and peak memory of the input pipelines on the same shards: our DALI CPU
-loader, our PIL fallback (``backend="torch"``) and a torchvision ImageFolder-style DataLoader with worker
-processes.
+loader (and, for comparison, the same loader with DALI's resize instead of torch's: ``torch_resize=False``),
+our PIL fallback (``backend="torch"``), a torchvision ImageFolder-style DataLoader with worker
+processes (PIL decode and transforms: the baseline) and the same DataLoader with ``decode_jpeg`` and
+``transforms.v2`` on uint8 tensors (torch's resize kernels, which our CPU loader also uses).
 
-All three do the fine-tuning train transform without RandAugment/erasing: RandomResizedCrop 224 bicubic
+All of them do the fine-tuning train transform without RandAugment/erasing: RandomResizedCrop 224 bicubic
 + flip + normalize, batches of ``--batch``, on ``--threads`` CPU threads / workers. The images are the demo
 set (scikit-image photos cropped and rescaled, sides ``--min-side``..``--max-side``), written as shards
 once under ``--work``. Each measurement runs in a fresh process, so peak RSS is its own; the pipelines
@@ -30,45 +32,66 @@ from pathlib import Path
 
 import psutil
 
-PIPELINES = ("dali_cpu", "pil_threads", "torchvision_dataloader")
+PIPELINES = ("dali_cpu", "dali_cpu_dali_resize", "pil_threads", "torchvision_dataloader", "torchvision_v2_tensors")
 
 
 class ShardImages:
-    """Map-style dataset over a shard directory: PIL decode + torchvision transforms (the baseline)."""
+    """Map-style dataset over a shard directory with torchvision's transforms.
 
-    def __init__(self, shards: Path, img_size: int) -> None:
+    tensors=False (the baseline, ImageFolder-style): PIL decode, ``transforms`` RandomResizedCrop bicubic
+    (PIL's resize), flip, ToTensor, Normalize. tensors=True: ``torchvision.io.decode_jpeg`` and the same
+    transform from ``transforms.v2`` on uint8 tensors (torch's antialiased resize kernels)."""
+
+    def __init__(self, shards: Path, img_size: int, tensors: bool = False) -> None:
+        import torch
         from torchvision import transforms
+        from torchvision.transforms import v2
 
         from itpn_ds.data.shard_loader import IMAGENET_MEAN, IMAGENET_STD
         from itpn_ds.data.shards import ShardReader
 
         self.reader = ShardReader(shards)
-        self.transform = transforms.Compose([
-            transforms.RandomResizedCrop(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.tensors = tensors
+        if tensors:
+            self.transform = v2.Compose([
+                v2.RandomResizedCrop(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        else:
+            self.transform = transforms.Compose([
+                transforms.RandomResizedCrop(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, index: int):
+        import torch
         from PIL import Image
+        from torchvision.io import decode_jpeg
 
         sample = self.reader.sample(index)
+        if self.tensors:
+            encoded = torch.frombuffer(bytearray(sample.data), dtype=torch.uint8)
+            return self.transform(decode_jpeg(encoded)), sample.label
         return self.transform(Image.open(io.BytesIO(sample.data)).convert("RGB")), sample.label
 
 
 def batches_of(name: str, shards: Path, batch: int, threads: int, img_size: int):
-    if name == "torchvision_dataloader":
+    if name.startswith("torchvision"):
         import torch
 
-        loader = torch.utils.data.DataLoader(ShardImages(shards, img_size), batch_size=batch, shuffle=True,
-                                             num_workers=threads, persistent_workers=False, prefetch_factor=2)
+        dataset = ShardImages(shards, img_size, tensors=name == "torchvision_v2_tensors")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=threads,
+                                             persistent_workers=False, prefetch_factor=2)
         return loader, lambda b: len(b[0])
     from itpn_ds.data import build_finetune_loader
 
-    backend = "dali" if name == "dali_cpu" else "torch"
+    backend = "torch" if name == "pil_threads" else "dali"
     loader = build_finetune_loader(shards, img_size=img_size, micro_batch=batch, num_threads=threads, device="cpu",
-                                   backend=backend, rand_augment_ops=0, reprob=0.0)
+                                   backend=backend, rand_augment_ops=0, reprob=0.0,
+                                   torch_resize=name != "dali_cpu_dali_resize")
     return loader, lambda b: int(b.valid.sum())
 
 
@@ -146,19 +169,23 @@ def main() -> None:
             print(f"round {round_}: {name:<24} {runs[name][-1]['images_per_s']:6.0f} images/s (load {load:.2f})",
                   flush=True)
     rows = [median_row(runs[name]) for name in PIPELINES]
-    print(f"{'pipeline (median)':<24} {'images/s':>9} {'CPU ms/img':>11} {'peak RSS MiB':>13} {'largest worker MiB':>19}")
+    print(f"{'pipeline (median)':<24} {'images/s':>9} {'CPU ms/img':>11} {'peak RSS MiB':>13} "
+          f"{'largest worker MiB':>19}")
     for r in rows:
-        print(f"{r['pipeline']:<24} {r['images_per_s']:>9.0f} {r['cpu_ms_per_image']:>11.2f} {r['peak_rss_mib']:>13.0f} "
-              f"{r['peak_child_rss_mib']:>19.0f}")
+        print(f"{r['pipeline']:<24} {r['images_per_s']:>9.0f} {r['cpu_ms_per_image']:>11.2f} "
+              f"{r['peak_rss_mib']:>13.0f} {r['peak_child_rss_mib']:>19.0f}")
     by_name = {r["pipeline"]: r for r in rows}
     speedup = by_name["dali_cpu"]["images_per_s"] / by_name["torchvision_dataloader"]["images_per_s"]
-    print(f"DALI CPU / torchvision DataLoader: {speedup:.2f}x images/s (medians)")
+    versus_v2 = by_name["dali_cpu"]["images_per_s"] / by_name["torchvision_v2_tensors"]["images_per_s"]
+    print(f"DALI CPU / torchvision DataLoader: {speedup:.2f}x images/s (medians); "
+          f"/ torchvision v2 on tensors: {versus_v2:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                                "images": args.images, "sides": [args.min_side, args.max_side], "batch": args.batch,
                                "threads": args.threads, "repeats": args.repeats,
-                               "dali_vs_torchvision": speedup, "rows": rows}, indent=1))
+                               "dali_vs_torchvision": speedup, "dali_vs_torchvision_v2": versus_v2, "rows": rows},
+                              indent=1))
 
 if __name__ == "__main__":
     main()

@@ -5,8 +5,10 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from itpn_ds.data.augment import RandAugment
 from itpn_ds.data.shards import ShardReader
 from itpn_ds.data.view_decoder import ViewDecoder
 from itpn_ds.data.views import CropView, sample_view
@@ -53,3 +55,18 @@ def test_outputs_stay_valid_after_later_decodes(demo_shards):
     for start in (4, 8):
         decoder.decode([s.data for s in samples[start:start + 4]], views[start:start + 4])
     assert all(t.equal(k) for t, k in zip(first, kept))
+
+
+def test_single_dali_graph_agrees_with_the_torch_resize_path(demo_shards):
+    """torch_resize=False runs the GPU's single graph (DALI resizes everything) on the CPU: the same
+    lanczos pixels bitwise, cubic pixels within resize rounding, with the same keyed RandAugment."""
+    reader = ShardReader(demo_shards)
+    samples = [reader.sample(i) for i in range(8)]
+    views = [sample_view(0, s.key, 0, *s.size) for s in samples]
+    augment = RandAugment(num_ops=2, magnitude=9)
+    params = [augment.draw(0, s.key, 1) for s in samples]
+    outputs = [(48, "cubic"), (40, "lanczos")]
+    split, single = (ViewDecoder(outputs, device="cpu", batch_size=8, num_threads=1, augment=augment, torch_resize=t)
+                     .decode([s.data for s in samples], views, params) for t in (True, False))
+    assert torch.equal(split[1], single[1])
+    assert (split[0] - single[0]).abs().mean() < 0.01

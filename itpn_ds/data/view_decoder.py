@@ -9,11 +9,12 @@ exactly the pixels training sees.
 Devices (``device="auto"`` picks ``gpu`` when CUDA is present, the CPU otherwise):
 
 * ``gpu``: one DALI graph, ``mixed`` (GPU) decoding, DALI resizes, everything on the GPU.
-* ``cpu`` (``device_id=None``): two DALI graphs around torch. DALI's CPU resampling costs about 1.3 ms
-  per 224 px image here, three times the box decode, while torch's antialiased uint8 bicubic/bilinear
-  kernels (vectorized, PIL-compatible) take about 0.2 ms; so outputs with ``cubic``/``linear``
-  interpolation are resized by torch between a decode graph and a finishing graph (augment, flip,
-  normalize). Other interpolations (``lanczos``, ...) are resized by DALI in the decode graph.
+* ``cpu`` (``device_id=None``): DALI's CPU resampling costs about 1.3 ms per 224 px image (2 cores,
+  x86-64), three times the box decode, while torch's antialiased uint8 bicubic/bilinear kernels
+  (vectorized, PIL's filters) take about 0.2 ms. So with ``torch_resize`` (default), outputs with
+  ``cubic``/``linear`` interpolation are resized by torch between a decode graph and a finishing graph
+  (augment, flip, normalize); other interpolations (``lanczos``, ...) are resized by DALI in the decode
+  graph. Without any torch-resized output the CPU runs the single graph as the GPU does.
 """
 from __future__ import annotations
 
@@ -101,13 +102,15 @@ class ViewDecoder:
     outputs:     [(size, interp[, mean, std]), ...] or ViewOutputs: one (B, 3, size, size) float32 tensor
                  per entry, all from the same box; normalized where mean/std are given.
     batch_size:  the largest batch ``decode`` accepts (smaller batches are fine).
-    num_threads: DALI CPU threads per graph.
+    num_threads: DALI CPU threads per graph (and torch resize threads).
     augment:     optional :class:`SampleAugment` applied to the FIRST output after its resize; ``decode``
                  then takes each sample's drawn parameters, so its result depends only on them.
+    torch_resize: CPU only: resize ``cubic``/``linear`` outputs with torch (False: everything in DALI).
     """
 
     def __init__(self, outputs: Sequence[tuple[int, str] | ViewOutput], device: str = "auto", batch_size: int = 32,
-                 num_threads: int = 2, device_id: int | None = None, augment: SampleAugment | None = None) -> None:
+                 num_threads: int = 2, device_id: int | None = None, augment: SampleAugment | None = None,
+                 torch_resize: bool = True) -> None:
         if not outputs:
             raise ValueError("ViewDecoder needs at least one output")
         self.outputs = [o if isinstance(o, ViewOutput) else ViewOutput(*o) for o in outputs]
@@ -115,15 +118,20 @@ class ViewDecoder:
         self.batch_size = batch_size
         self.augment = augment
         self._num_threads = num_threads
-        self._gpu_id = (torch.cuda.current_device() if device_id is None else device_id) if self.device == "gpu" else None
-        # CPU: True where torch resizes the output between the decode and the finishing graphs
-        self._torch_resized = [self.device == "cpu" and o.interp in TORCH_RESIZE for o in self.outputs]
-        self._resize_pool = ThreadPoolExecutor(num_threads, "view-resize") if any(self._torch_resized) else None
+        self._gpu_id = None
         if self.device == "gpu":
-            self._decode_pipe, self._finish_pipe = None, self._pipeline(self._whole_graph, self.augment is not None)
-        else:
+            self._gpu_id = torch.cuda.current_device() if device_id is None else device_id
+        # True where torch resizes the output between the decode and the finishing graphs
+        self._torch_resized = [self.device == "cpu" and torch_resize and o.interp in TORCH_RESIZE
+                               for o in self.outputs]
+        conditionals = self.augment is not None
+        self._resize_pool = self._decode_pipe = None
+        if any(self._torch_resized):
+            self._resize_pool = ThreadPoolExecutor(num_threads, "view-resize")
             self._decode_pipe = self._pipeline(self._decode_graph, False)
-            self._finish_pipe = self._pipeline(self._finish_graph, self.augment is not None)
+            self._finish_pipe = self._pipeline(self._finish_graph, conditionals)
+        else:
+            self._finish_pipe = self._pipeline(self._whole_graph, conditionals)
 
     # --- graphs
     def _pipeline(self, graph, conditionals: bool):
@@ -175,10 +183,9 @@ class ViewDecoder:
         return self._finish([self._dali_resize(box, o) for o in self.outputs])
 
     def _decode_graph(self):
-        """CPU: (the box, if torch resizes any output) + the DALI-resized outputs."""
+        """With torch resizes: the box + the DALI-resized outputs."""
         box = self._decode_box()
-        dali_resized = [self._dali_resize(box, o) for o, t in zip(self.outputs, self._torch_resized) if not t]
-        return tuple(([box] if any(self._torch_resized) else []) + dali_resized)
+        return (box, *[self._dali_resize(box, o) for o, t in zip(self.outputs, self._torch_resized) if not t])
 
     def _finish_graph(self):
         from nvidia.dali import fn, types
@@ -210,10 +217,9 @@ class ViewDecoder:
         return [_to_tensor(out) for out in outs]
 
     def _resized(self, decoded: tuple) -> dict[str, Any]:
-        """CPU: the decode graph's outputs -> the finishing graph's ``image{k}`` inputs, the box resized by
+        """The decode graph's outputs -> the finishing graph's ``image{k}`` inputs, the box resized by
         torch (on the thread pool) for the outputs that DALI did not resize."""
-        rest = list(decoded)
-        box = rest.pop(0) if any(self._torch_resized) else None
+        box, *rest = decoded
         return {f"image{k}": list(self._resize_pool.map(partial(_torch_resize, output=output), box)) if by_torch
                 else rest.pop(0) for k, (output, by_torch) in enumerate(zip(self.outputs, self._torch_resized))}
 
