@@ -58,7 +58,8 @@ class PILViewDecoder:
                params: Sequence[np.ndarray] | None = None) -> list[torch.Tensor]:
         """As :meth:`ViewDecoder.decode <itpn_ds.data.view_decoder.ViewDecoder.decode>`."""
         check_decode_args(encoded, views, params, self.batch_size, self.augment)
-        per_sample = list(self._pool.map(self._one, encoded, views, params if params is not None else [None] * len(views)))
+        per_sample_params = params if params is not None else [None] * len(views)
+        per_sample = list(self._pool.map(self._one, encoded, views, per_sample_params))
         return [torch.stack([s[k] for s in per_sample]) for k in range(len(self.outputs))]
 
 
