@@ -163,6 +163,14 @@ class RandomErasing:
             box = self.box(rng, height, width)
             if box is not None:
                 top, left, h, w = box
-                noise = torch.from_numpy(rng.standard_normal((channels, h, w), dtype=np.float32))
-                images[i, :, top:top + h, left:left + w] = noise.to(images.device)
+                _fill(images[i, :, top:top + h, left:left + w], rng.standard_normal((channels, h, w), dtype=np.float32))
         return images
+
+
+def _fill(region: torch.Tensor, values: np.ndarray) -> None:
+    """region[...] = values; on the CPU through numpy, as torch's copy would open an OpenMP region whose
+    spinning threads compete with the decoder's for the cores."""
+    if region.is_cuda:
+        region.copy_(torch.from_numpy(values))
+    else:
+        region.numpy()[...] = values
