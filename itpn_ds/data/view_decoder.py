@@ -179,6 +179,7 @@ class ViewDecoder:
         return tuple(outs)
 
     def _whole_graph(self):
+        """GPU, or CPU without torch resizes: decode, DALI resizes and finish in one graph."""
         box = self._decode_box()
         return self._finish([self._dali_resize(box, o) for o in self.outputs])
 
@@ -188,6 +189,7 @@ class ViewDecoder:
         return (box, *[self._dali_resize(box, o) for o, t in zip(self.outputs, self._torch_resized) if not t])
 
     def _finish_graph(self):
+        """With torch resizes: external sources ``image{k}`` (resized uint8 HWC per output) -> finish."""
         from nvidia.dali import fn, types
 
         return self._finish([fn.external_source(name=f"image{k}", dtype=types.UINT8, layout="HWC")
