@@ -162,3 +162,11 @@ def test_a_precision_the_accelerator_lacks_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         check_precision_supported("fp16")
     check_precision_supported("fp32")
+
+
+def test_auto_bucket_sizes_follow_the_model_up_to_deepspeeds_default():
+    cfg = load_config("tiny_pretrain_cpu", ["deepspeed.config=zero2"])
+    small = build_ds_config(cfg, world_size=2, num_params=4_000_000)["zero_optimization"]
+    assert small["reduce_bucket_size"] == small["allgather_bucket_size"] == 4_000_000
+    large = build_ds_config(cfg, world_size=2, num_params=2_000_000_000)["zero_optimization"]
+    assert large["reduce_bucket_size"] == 500_000_000

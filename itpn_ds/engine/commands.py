@@ -84,9 +84,9 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     if cfg.task == "finetune" and cfg.finetune.init and resume is None:
         init_from(model, cfg.finetune.init)
     flops = components.forward_flops_per_image(model, cfg)
-    ds_config = build_ds_config(cfg, runtime.world_size)
+    ds_config = build_ds_config(cfg, runtime.world_size, num_params=sum(p.numel() for p in model.parameters()))
     stage = zero_stage(ds_config)
-    engine = build_engine(model.to(runtime.device), cfg, runtime,
+    engine = build_engine(model.to(runtime.device), cfg, runtime, ds_config,
                           load_universal=resume is not None and needs_universal(resume, runtime.world_size, stage))
     train_loader, eval_loader = components.build_loaders(cfg, runtime.rank, runtime.world_size)
     steps_per_epoch = len(train_loader) // cfg.schedule.grad_accum

@@ -15,6 +15,10 @@ from itpn_ds.config import ConfigError, RunConfig
 
 DS_CONFIGS_DIR = Path(__file__).parents[1] / "ds_configs"  # a link to the repository's ds_configs/ (package data)
 AUTO = "auto"
+# Communication buckets (elements) that the JSON may leave "auto": the model's parameter count, capped at
+# DeepSpeed's default. A bucket larger than the model only costs memory (and, on the CPU, time).
+BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size")
+MAX_BUCKET = 500_000_000
 
 
 def ds_config_path(name: str) -> Path:
@@ -36,8 +40,9 @@ def load_ds_json(name: str) -> dict[str, Any]:
         raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {exc}") from exc
 
 
-def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The dict handed to ``deepspeed.initialize``: the JSON with every "auto" resolved from ``cfg``."""
+def build_ds_config(cfg: RunConfig, world_size: int, num_params: int = MAX_BUCKET) -> dict[str, Any]:
+    """The dict handed to ``deepspeed.initialize``: the JSON with every "auto" resolved from ``cfg`` (and the
+    bucket sizes from the model's ``num_params``)."""
     source = str(ds_config_path(cfg.deepspeed.config))
     ds = copy.deepcopy(load_ds_json(cfg.deepspeed.config))
     micro, accum = cfg.data.micro_batch, cfg.schedule.grad_accum
@@ -61,6 +66,9 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         zero["stage"] = cfg.deepspeed.zero_stage
     elif zero.get("stage") == AUTO:
         raise ConfigError(f"{source}: zero_optimization.stage is \"auto\"; set deepspeed.zero_stage")
+    for key in BUCKET_KEYS:
+        if zero.get(key) == AUTO:
+            zero[key] = min(num_params, MAX_BUCKET)
     ds.setdefault("steps_per_print", 10**9)
     return ds
 

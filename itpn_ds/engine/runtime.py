@@ -6,6 +6,7 @@ parameter groups and the run configuration into a DeepSpeed engine.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -18,7 +19,7 @@ from torch import nn
 
 from itpn_ds import distributed
 from itpn_ds.config import ConfigError, RunConfig
-from itpn_ds.engine.ds_config import build_ds_config, offloads_optimizer, zero_stage
+from itpn_ds.engine.ds_config import offloads_optimizer, zero_stage
 from itpn_ds.engine.optim import build_optimizer, choose_optimizer, param_groups
 
 log = logging.getLogger("itpn_ds.engine")
@@ -67,11 +68,12 @@ def make_deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def build_engine(model: nn.Module, cfg: RunConfig, runtime: Runtime, load_universal: bool = False) -> Any:
-    """``deepspeed.initialize`` with our parameter groups, optimizer and resolved JSON."""
+def build_engine(model: nn.Module, cfg: RunConfig, runtime: Runtime, ds_config: dict[str, Any],
+                 load_universal: bool = False) -> Any:
+    """``deepspeed.initialize`` with our parameter groups, optimizer and the resolved JSON (``build_ds_config``)."""
     import deepspeed
 
-    ds = build_ds_config(cfg, runtime.world_size)
+    ds = copy.deepcopy(ds_config)
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     stage = zero_stage(ds)
