@@ -18,15 +18,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from itpn_ds.engine.memory import local_weight
+
 log = logging.getLogger(__name__)
-
-
-def local_weight(param: nn.Parameter) -> torch.Tensor:
-    """The tensor this rank stores for ``param``: its ZeRO-3 partition, unless ZeRO-3 keeps it whole."""
-    partition = getattr(param, "ds_tensor", None)
-    if partition is None or getattr(param, "ds_persist", False):
-        return param.data
-    return partition
 
 
 class WeightEma:

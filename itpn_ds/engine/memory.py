@@ -1,8 +1,8 @@
 """What one rank holds of the model state, measured from the live tensors of a DeepSpeed engine.
 
 ``model_state_bytes`` walks the tensors, it does not apply a formula: the module's parameters as this
-rank stores them (under ZeRO-3 each parameter's local partition, ``ds_tensor``; otherwise the full
-tensor), and the optimizer's state: the fp32 master weights DeepSpeed keeps (whole or this rank's
+rank stores them (``local_weight``: under ZeRO-3 each parameter's local partition, ``ds_tensor``;
+otherwise the full tensor), and the optimizer's state: the fp32 master weights DeepSpeed keeps (whole or this rank's
 partition, ``MASTER_WEIGHT_ATTRS``), the tensors the inner torch optimizer updates and its moment buffers.
 Storages are counted once, so a tensor that is both a parameter and an optimizer parameter (fp32
 without ZeRO) is not counted twice.
@@ -35,16 +35,19 @@ class StateBytes:
 def model_state_bytes(engine: Any) -> StateBytes:
     """Measure ``engine`` (a DeepSpeed engine, any ZeRO stage) on this rank."""
     seen: set[int] = set()
-    params = _unique_bytes((_local_tensor(p) for p in engine.module.parameters()), seen)
+    params = _unique_bytes((local_weight(p) for p in engine.module.parameters()), seen)
     masters = (t for attr in MASTER_WEIGHT_ATTRS for t in getattr(engine.optimizer, attr, None) or ())
     optimizer = _unique_bytes(masters, seen) + _unique_bytes(_optimizer_tensors(_inner_optimizer(engine.optimizer)), seen)
     return StateBytes(params=params, optimizer=optimizer)
 
 
-def _local_tensor(param: torch.nn.Parameter) -> torch.Tensor:
-    """The part of a parameter this rank stores: its ZeRO-3 partition when it has one."""
+def local_weight(param: torch.nn.Parameter) -> torch.Tensor:
+    """The tensor this rank stores for ``param``: its ZeRO-3 partition (``ds_tensor``), unless ZeRO-3 keeps
+    the parameter whole on every rank (``ds_persist``) or there is no partitioning."""
     partition = getattr(param, "ds_tensor", None)
-    return partition if partition is not None else param.data
+    if partition is None or getattr(param, "ds_persist", False):
+        return param.data
+    return partition
 
 
 def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
