@@ -23,7 +23,8 @@ from itpn_ds.engine import components
 from itpn_ds.engine.checkpoint import CheckpointError, CheckpointManager, needs_universal, read_checkpoint
 from itpn_ds.engine.ds_config import build_ds_config, zero_stage
 from itpn_ds.engine.ema import WeightEma
-from itpn_ds.engine.export import consolidated_state_dict, export_checkpoint, live_state_dict, write_export
+from itpn_ds.engine.export import (consolidated_state_dict, export_checkpoint, live_state_dict, model_metadata,
+                                   write_export)
 from itpn_ds.engine.preemption import PREEMPTED_EXIT_CODE
 from itpn_ds.engine.runtime import build_engine, init_distributed, make_deterministic, seed_everything
 from itpn_ds.engine.schedule import CosineSchedule
@@ -209,11 +210,8 @@ def _export_live(engine: Any, cfg: RunConfig, out: Path, metrics: dict[str, floa
     checkpoint so far (``run_dir/best``) or the weight EMA at the end (``run_dir/ema``)."""
     state = live_state_dict(engine)
     if rank == 0:
-        meta = {"architecture": cfg.model.name, "model_kwargs": cfg.model.kwargs,
-                "img_size": cfg.model.kwargs.get("img_size", 224), "patch_size": cfg.model.kwargs.get("patch_size", 16),
-                "num_classes": cfg.model.kwargs.get("num_classes"), "teacher": None, "task": cfg.task, "step": step,
-                "source": str(out.parent.resolve()), "metrics": metrics}
-        write_export(state, meta, out)
+        write_export(state, model_metadata(cfg.model.name, cfg.model.kwargs, cfg.task, None, step, out.parent,
+                                           metrics=metrics), out)
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -46,20 +46,28 @@ def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
-def export_metadata(ref: CheckpointRef) -> dict[str, Any]:
-    model = ref.meta["model"]
-    kwargs = dict(model["kwargs"])
+def model_metadata(name: str, kwargs: dict[str, Any], task: str | None, teacher: dict[str, Any] | None, step: int,
+                   source: Path, **extra: Any) -> dict[str, Any]:
+    """``config.json`` of an export (see the module docstring); ``extra`` adds keys (e.g. ``metrics``)."""
     return {
-        "architecture": model["name"],
-        "model_kwargs": kwargs,
+        "architecture": name,
+        "model_kwargs": dict(kwargs),
         "img_size": kwargs.get("img_size", 224),
         "patch_size": kwargs.get("patch_size", 16),
         "num_classes": kwargs.get("num_classes"),
-        "teacher": ref.meta.get("teacher") if ref.meta.get("task") == "pretrain" else None,
-        "task": ref.meta.get("task"),
-        "step": ref.meta["step"],
-        "source": str(ref.path.resolve()),
+        "teacher": teacher if task == "pretrain" else None,
+        "task": task,
+        "step": step,
+        "source": str(source.resolve()),
+        **extra,
     }
+
+
+def export_metadata(ref: CheckpointRef) -> dict[str, Any]:
+    """The export metadata of a checkpoint, from its ``meta.json``."""
+    model = ref.meta["model"]
+    return model_metadata(model["name"], model["kwargs"], ref.meta.get("task"), ref.meta.get("teacher"),
+                          ref.meta["step"], ref.path)
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
