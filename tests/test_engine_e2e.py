@@ -1,10 +1,7 @@
 """The whole chain on the CPU with real components: demo shards -> CLIP targets extracted into an Arrow cache
 -> iTPN pre-training from the cache on 2 DeepSpeed ZeRO-2 ranks -> fine-tuning from that checkpoint ->
 export -> the export loaded through timm scores what the engine's evaluation of the checkpoint reports."""
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -14,7 +11,7 @@ import itpn_ds  # noqa: F401
 from itpn_ds.data import build_eval_loader
 from itpn_ds.engine.tasks import evaluate_classifier
 from itpn_ds.teacher.extract import ExtractConfig, extract_cache
-from tests.fixtures.cli import REPO, itpn_ds_cli, losses_by_step
+from tests.fixtures.cli import itpn_ds_cli, losses_by_step, run_cli
 from tests.fixtures.teacher import write_tiny_clip_checkpoint
 
 pytestmark = pytest.mark.dist
@@ -84,11 +81,9 @@ def test_pretraining_run_is_tracked_in_mlflow_with_config_curves_and_model(chain
 
 def test_pretraining_refuses_a_cache_made_with_another_teacher(chain, tmp_path):
     other = write_tiny_clip_checkpoint(tmp_path / "other_clip.pt", embed_dim=64, seed=1)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "itpn_ds.cli", "pretrain", "--config", "tiny_pretrain_cpu",
-                           "--run-dir", str(tmp_path / "run"), f"data.shards={chain['shards']}",
-                           f"teacher.cache={chain['root'] / 'cache'}", f"teacher.checkpoint={other}",
-                           "tracking.enabled=false"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_cli("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(tmp_path / "run"),
+                   f"data.shards={chain['shards']}", f"teacher.cache={chain['root'] / 'cache'}",
+                   f"teacher.checkpoint={other}", "tracking.enabled=false", timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "itpn-ds pretrain:" in proc.stderr and "checkpoint_sha256" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -126,7 +126,6 @@ class Trainer:
         """Load engine, counters, loader position and RNG from ``ref`` (all ranks)."""
         rank_state = self.p.checkpoints.load(self.p.engine, ref, int(self.p.engine.zero_optimization_stage()))
         self.state = TrainState(**ref.meta["trainer"])
-        self.p.loader.set_epoch(self.state.epoch)
         self.p.loader.load_state_dict(rank_state["loader"])
         if rank_state["rng"] is None:
             self._info("checkpoint %s was written by %d ranks under ZeRO stage %d: loaded through the universal "
