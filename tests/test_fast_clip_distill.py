@@ -6,7 +6,7 @@ import torch
 import itpn_ds  # noqa: F401  (registers the timm names)
 from itpn_ds.config import ConfigError, load_config
 from itpn_ds.engine import components
-from itpn_ds.models import FastITPN, FastITPNClipDistill
+from itpn_ds.models import MODEL_CONFIGS, FastITPN, FastITPNClipDistill
 from itpn_ds.models.fast_itpn import ConvStem
 from itpn_ds.models.flops import forward_flops
 from itpn_ds.models.itpn import tokens_to_map
@@ -181,3 +181,13 @@ def test_engine_builds_the_model_for_the_clip_objective_only():
     with pytest.raises(ConfigError, match=r"needs a CLIP-distillation model \(clip_tpn_\*, fast_clip_tpn_\*\).*FastITPN"):
         components.build_model(classifier)
     assert isinstance(components.build_model(load_config("tiny_fast_finetune_cpu", [])), FastITPN)
+
+
+@pytest.mark.parametrize("size, drop_path", [("tiny", 0.1), ("small", 0.1), ("base", 0.1), ("large", 0.2)])
+def test_pretraining_recipes_match_the_student_grid_to_the_teachers(size, drop_path):
+    cfg = load_config(f"fast_itpn_{size}_clip_l_pretrain")
+    img_size = cfg.model.kwargs.get("img_size", 224)  # what the data pipeline reads
+    assert img_size == MODEL_CONFIGS[cfg.model.name][1].get("img_size", 224)
+    assert img_size // 16 == cfg.teacher.resolution // 14  # CLIP-L/14 tokens = student tokens
+    assert (cfg.model.kwargs["teacher_dim"], cfg.model.kwargs["init_values"], cfg.model.drop_path_rate,
+            cfg.optim.lr, cfg.pretrain.objective) == (768, 0.1, drop_path, 1.5e-3, "clip")
