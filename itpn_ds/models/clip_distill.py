@@ -92,9 +92,11 @@ class ITPNClipDistill(ClipDistillHeads, HiViT):
         num_heads = self.main_blocks[0].attn.num_heads
         mlp_ratio = self.main_blocks[0].mlp.fc1.out_features / D
         rpe_grid = self.grid if self.rpe else None
-        # nn.LayerNorm (eps 1e-5) in the auxiliary blocks, as the published code builds them
-        aux_block = lambda drop_path: attention_block(D, num_heads, mlp_ratio, nn.LayerNorm, rpe_grid=rpe_grid,  # noqa: E731
-                                                      init_values=init_values, drop_path=drop_path)
+
+        def aux_block(drop_path: float) -> nn.Module:  # nn.LayerNorm (eps 1e-5), as the published code builds it
+            return attention_block(D, num_heads, mlp_ratio, nn.LayerNorm, rpe_grid=rpe_grid, init_values=init_values,
+                                   drop_path=drop_path)
+
         self.build_distill_heads(teacher_dim, self.norm_layer, aux_block, len(self.stage_blocks) - 2, drop_path_rate)
         self.init_weights()
         self.init_mask_token()
