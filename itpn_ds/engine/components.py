@@ -46,13 +46,14 @@ def _check_objective(cfg: RunConfig, model: nn.Module) -> None:
     """Pre-training objectives need their model family: CLIP distillation heads or a pixel decoder."""
     if cfg.task != "pretrain":
         return
-    from itpn_ds.models.clip_distill import ITPNClipDistill
+    from itpn_ds.models.clip_distill import ClipDistillHeads
     from itpn_ds.models.pixel_mae import ITPNPixelMAE
 
-    needed = {"clip": (ITPNClipDistill, "clip_tpn_*"), "pixel": (ITPNPixelMAE, "itpn_*_dec512d8b")}
-    cls, names = needed[cfg.pretrain.objective]
+    needed = {"clip": (ClipDistillHeads, "a CLIP-distillation model (clip_tpn_*, fast_clip_tpn_*)"),
+              "pixel": (ITPNPixelMAE, "an ITPNPixelMAE model (itpn_*_dec512d8b)")}
+    cls, family = needed[cfg.pretrain.objective]
     if not isinstance(model, cls):
-        raise ConfigError(f"pretrain.objective={cfg.pretrain.objective} needs a {cls.__name__} model ({names}); "
+        raise ConfigError(f"pretrain.objective={cfg.pretrain.objective} needs {family}; "
                           f"model.name={cfg.model.name!r} builds {type(model).__name__}")
 
 

@@ -1,6 +1,12 @@
-"""Fast-iTPN classifier: conv stem and ConvMLP stages, SwiGLU + sub-LN main blocks, APE, no RPE."""
+"""Fast-iTPN: conv stem and ConvMLP stages, SwiGLU + sub-LN main blocks, APE, no RPE.
+
+``FastITPNBackbone`` is what the classifier (``FastITPN``: + ``norm`` + ``head``) and the CLIP pre-training
+model (``FastITPNClipDistill``: + pyramid + distillation heads) share; its parameter names are the published
+classifier's, so every backbone key of a pre-training checkpoint loads into the classifier.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -23,32 +29,53 @@ class ConvStem(nn.Module):
         return self.proj(x)
 
 
-class FastITPN(GradCheckpointing, OptimizerMetadata, nn.Module):
-    """Fast-iTPN: NCHW conv stages (``depth_stage1``, merge, ``depth_stage2``, merge) then ``depth`` blocks."""
+@dataclass(frozen=True)
+class FastBlockConfig:
+    """One Fast-iTPN main block: split-q/k/v attention (biases on q and v) + SwiGLU (or GELU) MLP with sub-LN."""
+
+    dim: int
+    num_heads: int
+    mlp_ratio: float = 3.0
+    qkv_bias: bool = True
+    naiveswiglu: bool = True
+    drop: float = 0.0
+    init_values: float | None = 0.1
+    layernorm_eps: float = 1e-6
+
+    def build(self, drop_path: float = 0.0) -> Block:
+        norm = partial(nn.LayerNorm, eps=self.layernorm_eps)
+        hidden = int(self.dim * self.mlp_ratio)
+        mlp = SwiGLU(self.dim, hidden, norm, self.drop) if self.naiveswiglu else \
+            Mlp(self.dim, hidden, self.drop, subln_norm=norm)
+        attn = SplitQKVAttention(self.dim, self.num_heads, self.qkv_bias, proj_drop=self.drop)
+        return Block(self.dim, mlp, norm, attn, self.init_values, drop_path)
+
+
+class FastITPNBackbone(GradCheckpointing, OptimizerMetadata, nn.Module):
+    """NCHW conv stages (``depth_stage1``, merge, ``depth_stage2``, merge) then ``depth`` main blocks.
+
+    Input (B, 3, H, W) with H = W = ``img_size`` (the position embedding is not resized at run time).
+    Subclasses add their outputs and call ``init_weights`` once everything is registered.
+    """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 512,
                  depth_stage1: int = 3, depth_stage2: int = 3, depth: int = 24, num_heads: int = 8,
                  bridge_mlp_ratio: float = 3.0, mlp_ratio: float = 3.0, qkv_bias: bool = True,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, init_values: float | None = 0.1,
-                 num_classes: int = 1000, convmlp: bool = True, naiveswiglu: bool = True, subln: bool = True,
-                 layernorm_eps: float = 1e-6, init_scale: float = 0.01):
+                 naiveswiglu: bool = True, layernorm_eps: float = 1e-6):
         super().__init__()
-        if not (convmlp and subln):
-            raise ValueError("FastITPN implements the published layout (convmlp=True, subln=True); "
-                             "use ITPN for the non-convolutional HiViT stages")
         if img_size % patch_size or patch_size % 4:
             raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}, itself a multiple of 4")
         self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
-        self.num_features, self.num_classes, self.depth = embed_dim, num_classes, depth
-        self.num_main_blocks = depth
+        self.num_features, self.depth, self.num_main_blocks = embed_dim, depth, depth
+        self.num_stage_blocks = depth_stage1 + depth_stage2
         self.grid = img_size // patch_size
-        norm = partial(nn.LayerNorm, eps=layernorm_eps)
-        dims = (embed_dim // 4, embed_dim // 2, embed_dim)
-        dpr = iter(drop_path_rates(depth_stage1 + depth_stage2 + depth, drop_path_rate))
+        self.norm_layer = norm = partial(nn.LayerNorm, eps=layernorm_eps)
+        self.dims = dims = (embed_dim // 4, embed_dim // 2, embed_dim)
+        self.block_config = FastBlockConfig(embed_dim, num_heads, mlp_ratio, qkv_bias, naiveswiglu, drop_rate,
+                                            init_values, layernorm_eps)
+        dpr = iter(drop_path_rates(self.num_stage_blocks + depth, drop_path_rate))
         stage = lambda dim, n: [ConvMlpBlock(dim, bridge_mlp_ratio, norm, next(dpr)) for _ in range(n)]  # noqa: E731
-        hidden = int(embed_dim * mlp_ratio)
-        main_mlp = (lambda: SwiGLU(embed_dim, hidden, norm, drop_rate)) if naiveswiglu else \
-            (lambda: Mlp(embed_dim, hidden, drop_rate, subln_norm=norm))
 
         self.patch_embed = ConvStem(patch_size, dims[0], in_chans)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, embed_dim))
@@ -56,34 +83,78 @@ class FastITPN(GradCheckpointing, OptimizerMetadata, nn.Module):
         self.blocks = nn.ModuleList([
             *stage(dims[0], depth_stage1), ConvPatchMerge(dims[0], norm),
             *stage(dims[1], depth_stage2), ConvPatchMerge(dims[1], norm),
-            *[Block(embed_dim, main_mlp(), norm, SplitQKVAttention(embed_dim, num_heads, qkv_bias, proj_drop=drop_rate),
-                    init_values, next(dpr)) for _ in range(depth)]])
-        self.norm = norm(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_weights(init_scale)
+            *[self.block_config.build(next(dpr)) for _ in range(depth)]])
 
-    def _init_weights(self, init_scale: float) -> None:
+    def init_weights(self) -> None:
+        """Truncated-normal position embedding, then Linear weights and LayerNorms (as published; convs keep
+        PyTorch's default init)."""
         trunc_normal_(self.pos_embed, std=0.02)
         init_linear_and_norm_(self)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        H, W = x.shape[-2:]
+        if x.ndim != 4 or H % self.patch_size or W % self.patch_size or H != W:
+            raise ValueError(f"{type(self).__name__} takes square images (B, C, H, W) with sides a multiple of "
+                             f"{self.patch_size}, got {tuple(x.shape)}")
+        if H // self.patch_size != self.grid:
+            raise ValueError(f"this model's position embedding is for {self.img_size} px; got {H} px")
+
+    @property
+    def stage_blocks(self) -> nn.ModuleList:
+        return self.blocks[:-self.num_main_blocks]
+
+    @property
+    def main_blocks(self) -> nn.ModuleList:
+        return self.blocks[-self.num_main_blocks:]
+
+    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Images -> (tokens (B, N, D) row-major, [stage-1 map (B, D/4, H/4, W/4), stage-2 map (B, D/2, H/8, W/8)]),
+        each stage map taken before its merge."""
+        self.check_input(x)
+        x = self.patch_embed(x)
+        features = []
+        for i, blk in enumerate(self.stage_blocks):
+            if isinstance(blk, ConvPatchMerge):
+                features.append(x)
+            x = self.run_block(i, blk, x)
+        return x.flatten(2).transpose(1, 2), features
+
+    def add_position(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.pos_drop(tokens + self.pos_embed)
+
+    def forward_main(self, x: torch.Tensor, capture_after: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Main blocks on tokens (B, N, D); also returns the output of main block ``capture_after``."""
+        captured = None
+        offset = len(self.stage_blocks)
+        for i, blk in enumerate(self.main_blocks):
+            x = self.run_block(offset + i, blk, x)
+            if i == capture_after:
+                captured = x
+        return x, captured
+
+
+class FastITPN(FastITPNBackbone):
+    """Fast-iTPN classifier: backbone -> ``norm`` -> mean pool -> ``head``."""
+
+    def __init__(self, num_classes: int = 1000, convmlp: bool = True, subln: bool = True, init_scale: float = 0.01,
+                 **kwargs):
+        if not (convmlp and subln):
+            raise ValueError("FastITPN implements the published layout (convmlp=True, subln=True); "
+                             "use ITPN for the non-convolutional HiViT stages")
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.norm = self.norm_layer(self.embed_dim)
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
         if isinstance(self.head, nn.Linear):
             self.head.weight.data.mul_(init_scale)
             self.head.bias.data.mul_(init_scale)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> normed tokens (B, N, D)."""
-        H, W = x.shape[-2:]
-        if H % self.patch_size or W % self.patch_size or H != W:
-            raise ValueError(f"FastITPN takes square images with sides a multiple of {self.patch_size}, got {H}x{W}")
-        if H // self.patch_size != self.grid:
-            raise ValueError(f"this model's position embedding is for {self.img_size} px; got {H} px")
-        x = self.patch_embed(x)
-        stages = len(self.blocks) - self.num_main_blocks
-        for i, blk in enumerate(self.blocks[:stages]):
-            x = self.run_block(i, blk, x)
-        x = self.pos_drop(x.flatten(2).transpose(1, 2) + self.pos_embed)
-        for i, blk in enumerate(self.blocks[stages:]):
-            x = self.run_block(stages + i, blk, x)
-        return self.norm(x)
+        tokens, _ = self.forward_stages(x)
+        return self.norm(self.forward_main(self.add_position(tokens))[0])
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         pooled = tokens.mean(dim=1)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from itpn_ds.models.clip_distill import ITPNClipDistill
+from itpn_ds.models.clip_distill import ClipDistillHeads
 from itpn_ds.models.pixel_mae import ITPNPixelMAE
 
 
@@ -20,7 +20,7 @@ def example_inputs(model: nn.Module, img_size: int | None = None) -> tuple[tuple
     size = img_size or model.img_size
     images = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
     grid = (size // model.patch_size) ** 2
-    if isinstance(model, ITPNClipDistill):
+    if isinstance(model, ClipDistillHeads):  # iTPN and Fast-iTPN CLIP distillation
         return (images, torch.zeros(1, grid, dtype=torch.bool, device=param.device)), {}
     if isinstance(model, ITPNPixelMAE):
         keep = int(grid * 0.25)

@@ -4,8 +4,9 @@
 PatchMerge, ``mlp_depth2`` MLP-only blocks at D/2 on 2×2 sub-tokens, PatchMerge, then ``depth`` attention
 blocks at D on one token per 16×16 patch. Layer-wise lr decay counts every entry of that list as a layer.
 
-The pyramid (built when ``num_outs`` > 1) goes back up: 16→8 by PatchSplit plus a lateral Linear from the
-stage-2 map, ``fpn_depth`` MLP blocks; 8→4 likewise from stage 1; one MLP block per level at the output.
+The pyramid (built when ``num_outs`` > 1, ``itpn_ds.models.pyramid``) goes back up: 16→8 by PatchSplit plus a
+lateral Linear from the stage-2 map, ``fpn_depth`` MLP blocks; 8→4 likewise from stage 1; one MLP block per level
+at the output.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import trunc_normal_
 
-from itpn_ds.models.layers import (PatchEmbed, PatchMerge, PatchSplit, attention_block, init_linear_and_norm_, mlp_block,
+from itpn_ds.models.layers import (PatchEmbed, PatchMerge, attention_block, init_linear_and_norm_, mlp_block,
                                    relative_position_index)
+from itpn_ds.models.pyramid import FeaturePyramid
 
 
 def drop_path_rates(total: int, max_rate: float) -> list[float]:
@@ -73,7 +75,7 @@ class OptimizerMetadata:
         return self.num_lr_layers - 1
 
 
-class HiViT(GradCheckpointing, OptimizerMetadata, nn.Module):
+class HiViT(FeaturePyramid, GradCheckpointing, OptimizerMetadata, nn.Module):
     """HiViT backbone (+ iTPN pyramid when ``num_outs`` > 1). Input (B, 3, H, W), H = W = ``img_size``."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 512,
@@ -113,20 +115,7 @@ class HiViT(GradCheckpointing, OptimizerMetadata, nn.Module):
             *[attention_block(embed_dim, num_heads, mlp_ratio, norm, qkv_bias, self.grid if rpe else None,
                               init_values, next(dpr), drop_rate, attn_drop_rate) for _ in range(depth)]])
         if num_outs > 1:
-            self._build_pyramid(dims, fpn_dim, fpn_depth, mlp_ratio, norm)
-
-    def _build_pyramid(self, dims: tuple[int, int, int], fpn_dim: int, fpn_depth: int, mlp_ratio: float, norm) -> None:
-        self.fpn_dim = fpn_dim
-        fpn_block = lambda: mlp_block(fpn_dim, mlp_ratio, norm)  # noqa: E731
-        self.align_dim_16tofpn = nn.Linear(dims[2], fpn_dim) if dims[2] != fpn_dim else None
-        self.fpn_modules = nn.ModuleList([fpn_block() for _ in range(self.num_outs)])
-        self.align_dim_16to8 = nn.Linear(dims[1], fpn_dim, bias=False)
-        self.split_16to8 = PatchSplit(dims[2], fpn_dim, norm)
-        self.block_16to8 = nn.Sequential(*[fpn_block() for _ in range(fpn_depth)])
-        if self.num_outs > 2:
-            self.align_dim_8to4 = nn.Linear(dims[0], fpn_dim, bias=False)
-            self.split_8to4 = PatchSplit(fpn_dim, fpn_dim, norm)
-            self.block_8to4 = nn.Sequential(*[fpn_block() for _ in range(fpn_depth)])
+            self.build_pyramid(dims, num_outs, fpn_dim, fpn_depth, mlp_ratio, norm)
 
     def init_weights(self) -> None:
         """Truncated-normal Linear weights, zero biases, unit LayerNorms (as the published models)."""
@@ -202,14 +191,3 @@ class HiViT(GradCheckpointing, OptimizerMetadata, nn.Module):
             if i == capture_after:
                 captured = x
         return x, captured
-
-    def forward_pyramid(self, x: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Tokens (B, N, D) + stage maps -> [(B, N, 1, 1, F), (B, N, 2, 2, F), (B, N, 4, 4, F)][:num_outs]."""
-        x = x[..., None, None, :]
-        outs = [x if self.align_dim_16tofpn is None else self.align_dim_16tofpn(x)]
-        x = self.block_16to8(self.split_16to8(x) + self.align_dim_16to8(features[1]))
-        outs.append(x)
-        if self.num_outs > 2:
-            x = self.block_8to4(self.split_8to4(x) + self.align_dim_8to4(features[0]))
-            outs.append(x)
-        return [self.run_block(i, blk, out) for i, (blk, out) in enumerate(zip(self.fpn_modules, outs))]

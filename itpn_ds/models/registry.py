@@ -11,6 +11,7 @@ from timm.models import register_model
 from torch import nn
 
 from itpn_ds.models.clip_distill import ITPNClipDistill
+from itpn_ds.models.fast_clip_distill import FastITPNClipDistill
 from itpn_ds.models.fast_itpn import FastITPN
 from itpn_ds.models.itpn import ITPN
 from itpn_ds.models.loading import load_official_state_dict, read_checkpoint_file
@@ -19,6 +20,10 @@ from itpn_ds.models.pixel_mae import ITPNPixelMAE
 BASE = dict(embed_dim=512, num_heads=8)
 LARGE = dict(embed_dim=768, num_heads=12)
 PYRAMID = dict(num_outs=3, fpn_dim=256, fpn_depth=1)
+FAST_TINY = dict(embed_dim=384, num_heads=6, depth_stage1=1, depth_stage2=1, depth=12)
+FAST_SMALL = dict(embed_dim=384, num_heads=6, depth_stage1=2, depth_stage2=2, depth=20)
+FAST_BASE = dict(**BASE, depth_stage1=3, depth_stage2=3, depth=24)
+FAST_LARGE = dict(**LARGE, depth_stage1=2, depth_stage2=2, depth=40)
 
 # name -> (class, published keyword arguments)
 MODEL_CONFIGS: dict[str, tuple[type[nn.Module], dict]] = {
@@ -32,13 +37,17 @@ MODEL_CONFIGS: dict[str, tuple[type[nn.Module], dict]] = {
                                                decoder_depth=8, decoder_num_heads=16)),
     "itpn_large_dec512d8b": (ITPNPixelMAE, dict(**LARGE, num_outs=3, mlp_depth=2, depth=40, decoder_embed_dim=512,
                                                 decoder_depth=8, decoder_num_heads=16)),
-    "fast_itpn_tiny_1112_patch16_224": (FastITPN, dict(embed_dim=384, num_heads=6, depth_stage1=1, depth_stage2=1,
-                                                       depth=12)),
-    "fast_itpn_small_2220_patch16_224": (FastITPN, dict(embed_dim=384, num_heads=6, depth_stage1=2, depth_stage2=2,
-                                                        depth=20)),
-    "fast_itpn_base_3324_patch16_224": (FastITPN, dict(**BASE, depth_stage1=3, depth_stage2=3, depth=24)),
+    "fast_itpn_tiny_1112_patch16_224": (FastITPN, FAST_TINY),
+    "fast_itpn_small_2220_patch16_224": (FastITPN, FAST_SMALL),
+    "fast_itpn_base_3324_patch16_224": (FastITPN, FAST_BASE),
     # As published, this entry builds a 224 px position embedding (fine-tuning passes img_size=256).
-    "fast_itpn_large_2240_patch16_256": (FastITPN, dict(**LARGE, depth_stage1=2, depth_stage2=2, depth=40)),
+    "fast_itpn_large_2240_patch16_256": (FastITPN, FAST_LARGE),
+    # Ours (no published Fast-iTPN pre-training code): CLIP-L distillation on the Fast-iTPN backbones. L
+    # pre-trains at 256 px (16 x 16 tokens = CLIP-L/14 at 224 px); T/S/B at 224 px against CLIP-L/14 at 196 px.
+    "fast_clip_tpn_tiny_1112_patch16_224": (FastITPNClipDistill, dict(**FAST_TINY, **PYRAMID)),
+    "fast_clip_tpn_small_2220_patch16_224": (FastITPNClipDistill, dict(**FAST_SMALL, **PYRAMID)),
+    "fast_clip_tpn_base_3324_patch16_224": (FastITPNClipDistill, dict(**FAST_BASE, **PYRAMID)),
+    "fast_clip_tpn_large_2240_patch16_256": (FastITPNClipDistill, dict(**FAST_LARGE, **PYRAMID, img_size=256)),
 }
 
 
