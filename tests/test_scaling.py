@@ -210,3 +210,12 @@ def test_plan_reads_the_registered_itpn_large_pretraining_model(capsys):
     assert code == 0
     assert "307,452,904 params" in out  # REFERENCE.md's iTPN-L CLIP pre-training count
     assert "| 64 | " in out
+
+
+
+def test_plan_refuses_blocks_outside_its_activation_model(capsys):
+    """Fast-iTPN is traced with its mask (``flops.example_inputs``) and refused by name, not by a traceback:
+    its conv-stage and SwiGLU blocks are not in the activation model."""
+    code, _, err = run_cli(capsys, "--model", "fast_clip_tpn_tiny_1112_patch16_224", "--gpus", "8")
+    assert code == 2
+    assert "blocks.0 is a ConvMlpBlock with a ConvMlp" in err

@@ -19,10 +19,11 @@ def example_inputs(model: nn.Module, img_size: int | None = None) -> tuple[tuple
     param = next(model.parameters())
     size = img_size or model.img_size
     images = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
-    grid = (size // model.patch_size) ** 2
     if isinstance(model, ClipDistillHeads):  # iTPN and Fast-iTPN CLIP distillation
+        grid = (size // model.patch_size) ** 2
         return (images, torch.zeros(1, grid, dtype=torch.bool, device=param.device)), {}
     if isinstance(model, ITPNPixelMAE):
+        grid = (size // model.patch_size) ** 2
         keep = int(grid * 0.25)
         ids = torch.arange(grid, device=param.device)[None]
         return (images,), dict(ids_keep=ids[:, :keep], ids_restore=ids)

@@ -113,14 +113,9 @@ def student_spec(
 
 def example_forward(model: nn.Module, image_size: int, batch: int = 1) -> Callable[[], torch.Tensor]:
     """A training forward of ``batch`` images on the model's device, returning the tensor backward starts from."""
-    from itpn_ds.models import ITPNClipDistill, ITPNPixelMAE
     from itpn_ds.models.flops import example_inputs
 
-    if isinstance(model, (ITPNClipDistill, ITPNPixelMAE)):  # they also take a mask / kept-patch ids
-        args, kwargs = example_inputs(model, image_size)
-    else:
-        device = next(model.parameters()).device
-        args, kwargs = (torch.zeros(1, 3, image_size, image_size, device=device),), {}
+    args, kwargs = example_inputs(model, image_size)  # with the mask / kept-patch ids a family needs
     batched = lambda t: t.repeat(batch, *[1] * (t.ndim - 1))  # noqa: E731  (real tensors, not stride-0 views)
     args, kwargs = tuple(map(batched, args)), {k: batched(v) for k, v in kwargs.items()}
 
@@ -169,6 +164,11 @@ def trace(model: nn.Module, forward: Callable[[], torch.Tensor]) -> tuple[tuple[
 
 def block_shape(path: str, block: nn.Module, input_shape: torch.Size, flops: float) -> BlockShape:
     """A block's activation-model shape from its modules and the shape of its input (batch 1)."""
+    fc1 = getattr(block.mlp, "fc1", None)
+    if not isinstance(fc1, nn.Linear):
+        raise ValueError(f"the activation model covers blocks with a Linear MLP (ViT, iTPN); {path} is a "
+                         f"{type(block).__name__} with a {type(block.mlp).__name__} (Fast-iTPN's conv / SwiGLU "
+                         "blocks are not modelled yet)")
     dim = input_shape[-1]
     attn = getattr(block, "attn", None)
     names = [name for name, _ in block.named_parameters()]
@@ -177,7 +177,7 @@ def block_shape(path: str, block: nn.Module, input_shape: torch.Size, flops: flo
         kind="attention" if attn is not None else "mlp",
         tokens=math.prod(input_shape[1:-1]),
         dim=dim,
-        hidden=block.mlp.fc1.out_features,
+        hidden=fc1.out_features,
         heads=getattr(attn, "num_heads", 0),
         layer_scale=any("gamma" in name for name in names),
         relative_position_bias=any("relative_position_bias" in name for name in names),
