@@ -122,7 +122,10 @@ class OptimConfig:
     """AdamW with per-step cosine schedules of lr and weight decay after a linear lr warmup.
 
     lr is the peak rate for the actual global batch (no implicit scaling). ``layer_decay`` < 1 scales the
-    lr of layer i by ``layer_decay ** (num_layers - i)`` (fine-tuning). ``clip_grad`` 0 disables clipping.
+    lr of layer i by ``layer_decay ** (num_layers - i)`` (fine-tuning); with ``layer_decay_depth`` N > 0 the
+    decay is spread as iTPN's scripts do, ``layer_decay ** ((N + 1) (num_layers - i) / num_layers)``, so the
+    embedding gets ``layer_decay ** (N + 1)`` at any depth (iTPN: N = 12, a ViT-B's depth; Fast-iTPN: 0).
+    ``clip_grad`` 0 disables clipping.
     ``optimizer`` ``auto`` picks FusedAdam on CUDA, DeepSpeedCPUAdam with optimizer offload, torch AdamW
     otherwise.
     """
@@ -137,6 +140,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     layer_decay: float = 1.0
+    layer_decay_depth: int = 0
     clip_grad: float = 3.0
 
     def __post_init__(self) -> None:
@@ -146,6 +150,9 @@ class OptimConfig:
             raise ConfigError(f"optim.betas must hold two numbers, got {self.betas}")
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.layer_decay_depth < 0:
+            raise ConfigError(f"optim.layer_decay_depth must be >= 0 (0 = the model's own layers), got "
+                              f"{self.layer_decay_depth}")
         if self.clip_grad < 0:
             raise ConfigError(f"optim.clip_grad must be >= 0 (0 = off), got {self.clip_grad}")
 

@@ -200,12 +200,15 @@ def test_timm_pretrained_loads_an_official_file(tmp_path):
 
 def test_layer_ids_follow_published_layer_decay_semantics():
     model = ITPN(num_classes=5, **TINY)
-    assert model.num_lr_layers == len(model.blocks) + 2 == 10
+    # blocks: MLP, merge, MLP, merge, 4 attention blocks; itpn_clip/utils/lr_decay.py gives a merge the layer of
+    # the block before it, so 6 block layers between the embedding (0) and the head (7)
+    assert model.num_lr_layers == len(model.blocks) - 2 + 2 == 8
     assert model.lr_layer_id("patch_embed.proj.weight") == 0
     assert model.lr_layer_id("absolute_pos_embed") == 0
-    assert model.lr_layer_id("blocks.1.reduction.weight") == 2  # merges count as layers
-    assert model.lr_layer_id("blocks.7.attn.qkv.weight") == 8
-    assert model.lr_layer_id("head.weight") == 9
+    assert model.lr_layer_id("blocks.0.mlp.fc1.weight") == model.lr_layer_id("blocks.1.reduction.weight") == 1
+    assert model.lr_layer_id("blocks.2.mlp.fc1.weight") == model.lr_layer_id("blocks.3.reduction.weight") == 2
+    assert model.lr_layer_id("blocks.7.attn.qkv.weight") == 6
+    assert model.lr_layer_id("head.weight") == 7
     no_wd = model.no_weight_decay()
     assert {"absolute_pos_embed", "blocks.4.attn.relative_position_bias_table", "blocks.4.norm1.weight",
             "blocks.4.attn.qkv.bias"} <= no_wd

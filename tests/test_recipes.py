@@ -53,6 +53,17 @@ FAST_T, FAST_S, FAST_B, FAST_L = 24_219_976, 39_902_920, 84_825_192, 312_017_320
 # Not in REFERENCE.md: counted from the published itpn_pixel/models/models_itpn_mim.py (itpn_base_dec512d8b(),
 # itpn_large_dec512d8b(); fpn_depth 2; every parameter, the frozen decoder position embedding included).
 PIXEL_B, PIXEL_L = 108_493_344, 318_339_808
+# Fast-iTPN CLIP pre-training is ours (no published count): the classifier's backbone (the published count less
+# its 1000-class head and final norm) plus the pre-training parts, whose sizes tests/test_fast_clip_distill.py
+# states: pyramid, decoder embeddings, mask token, two 768-d heads and two auxiliary blocks.
+FAST_PRETRAIN_PARTS = {384: 8_034_424, 512: 11_451_040, 768: 20_840_176}
+
+
+
+def fast_clip(classifier: int, dim: int) -> int:
+    """A Fast-iTPN CLIP pre-training model from its classifier's published count."""
+    return classifier - (dim + 1) * 1000 - 2 * dim + FAST_PRETRAIN_PARTS[dim]
+
 
 LS_B = layer_scale_params(512, 3, 3, 24)   # 25,728
 LS_L = layer_scale_params(768, 2, 2, 40)   # 62,592
@@ -69,6 +80,10 @@ EXPECTED: dict[str, tuple[str, int]] = {
     "fast_itpn_base_finetune_224": ("finetune", FAST_B),
     "fast_itpn_base_finetune_512": ("finetune", FAST_B + position_embedding_delta(512, 512)),
     "fast_itpn_large_finetune_640": ("finetune", FAST_L + position_embedding_delta(768, 640)),
+    "fast_itpn_tiny_clip_l_pretrain": ("pretrain", fast_clip(FAST_T, 384)),
+    "fast_itpn_small_clip_l_pretrain": ("pretrain", fast_clip(FAST_S, 384)),
+    "fast_itpn_base_clip_l_pretrain": ("pretrain", fast_clip(FAST_B, 512)),
+    "fast_itpn_large_clip_l_pretrain": ("pretrain", fast_clip(FAST_L + position_embedding_delta(768, 256), 768)),
     "itpn_base_clip_l_pretrain": ("pretrain", CLIP_TPN_B),
     "itpn_large_clip_l_pretrain": ("pretrain", CLIP_TPN_L),
     "itpn_base_clip_b_pretrain": ("pretrain", CLIP_TPN_B + CLIP_B_HEADS[512]),
@@ -91,7 +106,8 @@ EXPECTED: dict[str, tuple[str, int]] = {
 # Test-only recipes (CPU tests and the demo): tiny models without a published count; they must still build.
 # Every other recipe is a published one and gets every check below.
 TEST_ONLY: dict[str, str] = {"tiny_finetune_cpu": "finetune", "tiny_pretrain_cpu": "pretrain",
-                             "tiny_pretrain_pixel_cpu": "pretrain"}
+                             "tiny_pretrain_pixel_cpu": "pretrain", "tiny_fast_pretrain_cpu": "pretrain",
+                             "tiny_fast_finetune_cpu": "finetune"}
 
 # iTPN (HiViT) fine-tuning recipes whose published script decays the lr as itpn_clip/utils/lr_decay.py does:
 # recipe -> (the published --layer_decay, the script's layer count = stage-1/2/main blocks + 1).
@@ -106,11 +122,6 @@ PUBLISHED_LAYER_DECAY: dict[str, tuple[float, int]] = {
 PENDING: dict[tuple[str, str], str] = {
     ("count", "itpn_base_finetune"): "model.kwargs needs init_values: 0.1 (published layer scale)",
     ("count", "itpn_large_finetune"): "model.kwargs needs init_values: 0.1 (published layer scale)",
-    ("layer_decay", "itpn_base_finetune"): "optim.layer_decay 0.60 is the published value, not our per-entry 0.80717",
-    ("layer_decay", "itpn_large_finetune"): "optim.layer_decay 0.55 is the published value, not our per-entry 0.84138",
-    ("batch", "itpn_base_finetune"): "the header states no per-rank batch and rank count",
-    ("batch", "itpn_large_finetune"): "the header states no per-rank batch and rank count",
-    ("batch", "itpn_large_clip_l_pretrain"): "the header states no global batch",
 }
 
 SHIPPED = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
@@ -192,28 +203,44 @@ def test_recipe_header_states_a_global_batch_its_numbers_make(recipe):
     assert micro * ranks * accum == int(batch), f"{recipe}: {micro} x {ranks} x {accum} != {batch}"
 
 
+def published_itpn_lr_scales(model: torch.nn.Module, layer_decay: float) -> dict[str, float]:
+    """The lr scale of every parameter as itpn_clip/utils/lr_decay.py computes it, written out independently:
+    main_block = indices of blocks that are not merges, L = len(main_block) + 1, r = d ** (13 / L); a block's
+    layer is its position in main_block + 1 (a merge: the block before it, or 0); embeddings 0; the rest L;
+    scale = r ** (L − layer)."""
+    from itpn_ds.models.layers import PatchMerge
+
+    main_block = [i for i, blk in enumerate(model.blocks) if not isinstance(blk, PatchMerge)]
+    num_layers = len(main_block) + 1
+    rate = layer_decay ** (13 / num_layers)
+
+    def layer_of(name: str) -> int:
+        if name in ("cls_token", "pos_embed", "absolute_pos_embed", "mask_token") or name.startswith("patch_embed"):
+            return 0
+        if name.startswith("blocks."):
+            i = int(name.split(".")[1])
+            while i >= 0 and i not in main_block:
+                i -= 1
+            return main_block.index(i) + 1 if i >= 0 else 0
+        return num_layers
+
+    return {name: rate ** (num_layers - layer_of(name)) for name, _ in model.named_parameters()}
+
+
 @pytest.mark.parametrize("recipe", cases("layer_decay", sorted(PUBLISHED_LAYER_DECAY)))
-def test_itpn_layer_decay_gives_the_published_rates_to_the_main_blocks(recipe):
-    """itpn_clip/utils/lr_decay.py: r = ld ** (13 / L) per layer, main block k of `depth` gets r ** (depth − k)
-    and the head 1. Our param_groups must give the main blocks and the head those rates (the stage-1/2 entries
-    and the embedding get at most r² less: our scheme counts each merge as a layer)."""
+def test_itpn_layer_decay_gives_every_parameter_the_published_rate(recipe):
     published, layers = PUBLISHED_LAYER_DECAY[recipe]
     cfg = resolve(recipe)
+    assert (cfg.optim.layer_decay, cfg.optim.layer_decay_depth) == (published, 12), recipe
     model = build_on_meta(cfg)
-    rate, depth = published ** (13 / layers), model.num_main_blocks
-    first_main = len(model.blocks) - depth  # stage-1/2 blocks and the two merges come first
-    assert layers == (first_main - 2) + depth + 1, f"{recipe}: the script counts {layers} layers"
+    assert layers == model.num_lr_layers - 1, f"{recipe}: the script counts {layers} layers"
+    expected = published_itpn_lr_scales(model, published)
     names = {id(p): n for n, p in model.named_parameters()}
-    main_groups = 0
-    for group in param_groups(model, cfg.optim.layer_decay):
-        layer = model.lr_layer_id(names[id(group["params"][0])])
-        main = layer - 1 - first_main  # index among the main blocks; negative for embedding and stages 1-2
-        if 0 <= main < depth:
-            assert group["lr_scale"] == pytest.approx(rate ** (depth - main), rel=2e-3), f"{recipe}: {group['name']}"
-            main_groups += 1
-        elif layer == model.num_lr_layers - 1:
-            assert group["lr_scale"] == 1.0, f"{recipe}: head group {group['name']}"
-    assert main_groups == 2 * depth  # a decay and a no-decay group per main block
+    groups = param_groups(model, cfg.optim.layer_decay, cfg.optim.layer_decay_depth)
+    ours = {names[id(p)]: group["lr_scale"] for group in groups for p in group["params"]}
+    assert ours.keys() == expected.keys()
+    wrong = {n: (ours[n], expected[n]) for n in ours if ours[n] != pytest.approx(expected[n], rel=1e-9)}
+    assert not wrong, f"{recipe}: {len(wrong)} parameters off the published rate, e.g. {list(wrong.items())[:3]}"
 
 
 def test_every_recipe_is_in_the_recipe_table():

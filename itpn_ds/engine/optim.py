@@ -18,11 +18,12 @@ from torch import nn
 from itpn_ds.config import ConfigError, OptimConfig
 
 
-def param_groups(model: nn.Module, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, layer_decay: float = 1.0, layer_decay_depth: int = 0) -> list[dict[str, Any]]:
     """AdamW groups for ``model``: [{"params", "lr_scale", "wd_scale", "name"}], no empty groups.
 
     With ``layer_decay`` < 1 the model must expose ``lr_layer_id(name) -> int`` and ``num_lr_layers``
-    (layers 0 .. num_lr_layers - 1, the head last); layer i gets ``layer_decay ** (num_lr_layers - 1 - i)``.
+    (layers 0 .. top = num_lr_layers - 1, the head last); layer i gets ``layer_decay ** (top - i)``, or with
+    ``layer_decay_depth`` N > 0 ``layer_decay ** ((N + 1) (top - i) / top)`` (iTPN's scripts, N = 12).
     """
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     use_layers = layer_decay < 1.0
@@ -30,6 +31,7 @@ def param_groups(model: nn.Module, layer_decay: float = 1.0) -> list[dict[str, A
         raise ConfigError(f"optim.layer_decay={layer_decay} needs a model with lr_layer_id() and num_lr_layers; "
                           f"{type(model).__name__} has neither")
     top = model.num_lr_layers - 1 if use_layers else 0
+    per_layer = (layer_decay_depth + 1) / top if use_layers and layer_decay_depth else 1.0
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -39,7 +41,7 @@ def param_groups(model: nn.Module, layer_decay: float = 1.0) -> list[dict[str, A
         key = (layer, decay)
         if key not in groups:
             groups[key] = {"name": f"layer{layer}_{'decay' if decay else 'no_decay'}", "params": [],
-                           "lr_scale": layer_decay ** (top - layer) if use_layers else 1.0,
+                           "lr_scale": layer_decay ** ((top - layer) * per_layer) if use_layers else 1.0,
                            "wd_scale": 1.0 if decay else 0.0}
         groups[key]["params"].append(param)
     return [groups[k] for k in sorted(groups)]

@@ -82,7 +82,7 @@ def build_engine(model: nn.Module, cfg: RunConfig, runtime: Runtime, ds_config: 
                           "DeepSpeed, so bad steps could not be skipped; use bf16/fp16 or ZeRO stage >= 1")
     check_precision_supported(cfg.deepspeed.precision)
     kind = choose_optimizer(cfg.optim, offloads_optimizer(ds), runtime.device.type == "cuda")
-    groups = param_groups(model, cfg.optim.layer_decay)
+    groups = param_groups(model, cfg.optim.layer_decay, cfg.optim.layer_decay_depth)
     optimizer = build_optimizer(groups, cfg.optim, kind)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     if runtime.rank == 0:

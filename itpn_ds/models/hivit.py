@@ -2,7 +2,8 @@
 
 ``blocks`` is one list, as in the published code: ``mlp_depth1`` MLP-only blocks at D/4 on 4×4 sub-tokens,
 PatchMerge, ``mlp_depth2`` MLP-only blocks at D/2 on 2×2 sub-tokens, PatchMerge, then ``depth`` attention
-blocks at D on one token per 16×16 patch. Layer-wise lr decay counts every entry of that list as a layer.
+blocks at D on one token per 16×16 patch. Layer-wise lr decay counts every block of that list as a layer; a
+PatchMerge shares the layer of the block before it (as the published lr_decay.py).
 
 The pyramid (built when ``num_outs`` > 1, ``itpn_ds.models.pyramid``) goes back up: 16→8 by PatchSplit plus a
 lateral Linear from the stage-2 map, ``fpn_depth`` MLP blocks; 8→4 likewise from stage 1; one MLP block per level
@@ -52,31 +53,48 @@ EMBEDDING_PREFIXES = ("patch_embed", "absolute_pos_embed", "pos_embed", "mask_to
 
 
 class OptimizerMetadata:
-    """What the engine's parameter groups need: names without weight decay and layer ids for lr decay."""
+    """What the engine's parameter groups need: names without weight decay and layer ids for lr decay.
+
+    Layer ids: 0 = patch embed, position embedding and tokens; then one layer per entry of ``blocks``, except
+    that an entry of a type in ``merges_without_layer`` shares the layer of the entry before it; last = the rest
+    (heads, final norms, pyramid). Fast-iTPN's script counts every entry (merges too); iTPN's scripts
+    (``itpn_clip/utils/lr_decay.py``) give a PatchMerge the layer of the block before it.
+    """
 
     blocks: nn.ModuleList
+    merges_without_layer: tuple[type[nn.Module], ...] = ()
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names without weight decay: position embeddings, mask tokens, RPE tables, norms, biases."""
         return {name for name, p in self.named_parameters()
                 if p.ndim <= 1 or name.endswith(EMBEDDING_PREFIXES[1:]) or "relative_position_bias_table" in name}
 
+    def block_lr_layers(self) -> list[int]:
+        """The layer id of each entry of ``blocks`` (the first layer after the embedding is 1)."""
+        layers, layer = [], 0
+        for block in self.blocks:
+            layer += not isinstance(block, self.merges_without_layer)
+            layers.append(layer)
+        return layers
+
     @property
     def num_lr_layers(self) -> int:
-        """Layers for layer-wise lr decay: 0 = patch embed + pos embed, 1..len(blocks) = blocks, last = rest."""
-        return len(self.blocks) + 2
+        """Layers for layer-wise lr decay: the embedding, the block layers, and the rest (the last)."""
+        return self.block_lr_layers()[-1] + 2
 
     def lr_layer_id(self, name: str) -> int:
-        """Layer of a parameter for layer-wise lr decay (every entry of ``blocks``, merges too, is one layer)."""
+        """Layer of a parameter for layer-wise lr decay (see the class docstring)."""
         if name.startswith(EMBEDDING_PREFIXES):
             return 0
         if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
+            return self.block_lr_layers()[int(name.split(".")[1])]
         return self.num_lr_layers - 1
 
 
 class HiViT(FeaturePyramid, GradCheckpointing, OptimizerMetadata, nn.Module):
     """HiViT backbone (+ iTPN pyramid when ``num_outs`` > 1). Input (B, 3, H, W), H = W = ``img_size``."""
+
+    merges_without_layer = (PatchMerge,)
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 512,
                  mlp_depth1: int = 3, mlp_depth2: int = 3, depth: int = 24, num_heads: int = 8,
