@@ -1,7 +1,12 @@
-"""Fine-tuning initialisation (``finetune.init``) from a real run: a tiny CLIP pre-training with layer scale
-(the CLI, 1 rank, 2 steps, from the demo teacher cache), then the classifier of ``tiny_finetune_cpu`` from its
-checkpoint directory, its export and a ``.pth`` laid out as the published pre-training code saves it."""
+"""Fine-tuning from a real pre-training run: a tiny CLIP pre-training with layer scale (the CLI, 1 rank, 2 steps,
+from the demo teacher cache at 64 px), then
+
+* the classifier of ``tiny_finetune_cpu`` initialised from its checkpoint directory, its export and a ``.pth``
+  laid out as the published pre-training code saves it (``finetune.init``), or refused with the fix;
+* fine-tuning and evaluation at 96 px from the 64 px run (position embedding and bias tables resized);
+* the evaluation crop that follows the model's input size."""
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,7 @@ from itpn_ds.engine import components
 from itpn_ds.engine.checkpoint import CheckpointError, read_checkpoint
 from itpn_ds.engine.commands import init_from
 from itpn_ds.engine.export import consolidated_state_dict, export_checkpoint
-from tests.fixtures.cli import itpn_ds_cli, run_cli
+from tests.fixtures.cli import itpn_ds_cli, losses_by_step, run_cli
 
 pytestmark = pytest.mark.dist
 
@@ -89,3 +94,24 @@ def test_published_pth_without_layer_scale_in_the_model_is_refused(pretrained, t
 def test_evaluation_refuses_a_pretraining_checkpoint(pretrain_run):
     with pytest.raises(CheckpointError, match="leaves 4 keys of ITPN at their initialisation"):
         init_from(classifier(), str(pretrain_run), strict=True)
+
+
+def test_finetuning_and_evaluation_at_another_resolution(pretrain_run, demo_shards, tmp_path):
+    finetuned = itpn_ds_cli("finetune", "--config", "tiny_finetune_cpu", "--run-dir", str(tmp_path / "ft96"),
+                            f"data.shards={demo_shards}", f"finetune.init={pretrain_run}", "model.kwargs.img_size=96",
+                            "schedule.max_steps=2", "tracking.enabled=false")
+    tables = ", ".join(f"blocks.{i}.attn.relative_position_bias_table" for i in range(4, 8))
+    assert f"resized 5: absolute_pos_embed, {tables}" in finetuned
+    assert sorted(losses_by_step(finetuned)) == [1, 2]
+    evaluated = itpn_ds_cli("evaluate", "--config", "tiny_finetune_cpu", "--checkpoint", str(tmp_path / "ft96"),
+                            f"data.val_shards={demo_shards}", "model.kwargs.img_size=96", "tracking.enabled=false")
+    assert re.search(r"top1 [0-9.]+ top5 [0-9.]+", evaluated), evaluated[-2000:]
+
+
+@pytest.mark.parametrize("img_size,stated,expected", [(96, None, 224 / 256), (384, None, 1.0), (384, 0.9, 0.9)])
+def test_evaluation_crop_follows_the_model_size_unless_the_recipe_states_it(img_size, stated, expected, demo_shards):
+    stated_crop = [f"data.crop_pct={stated}"] if stated else []
+    cfg = load_config("tiny_finetune_cpu", ["task=finetune", f"data.val_shards={demo_shards}",
+                                            f"model.kwargs.img_size={img_size}", *stated_crop])
+    _, loader = components.build_loaders(cfg, rank=0, world_size=1, train=False)
+    assert loader.crop_pct == expected

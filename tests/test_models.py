@@ -1,6 +1,7 @@
 """The iTPN model zoo: conformance with the published code, counts, gradients, checkpointing, errors."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -9,7 +10,7 @@ import itpn_ds  # noqa: F401  (registers the timm names)
 from itpn_ds.models import (CheckpointMismatchError, FastITPN, ITPN, ITPNClipDistill, ITPNPixelMAE,
                             load_official_state_dict)
 from itpn_ds.models.flops import forward_flops
-from itpn_ds.models.layers import Attention, attention_math
+from itpn_ds.models.layers import Attention, attention_math, relative_position_index
 
 REFERENCE = Path(__file__).parent / "data" / "reference"
 
@@ -152,7 +153,6 @@ def test_sdpa_attention_equals_plain_math_with_position_bias():
     torch.manual_seed(0)
     attn = Attention(dim=32, num_heads=4, rpe_grid=3)
     torch.nn.init.normal_(attn.relative_position_bias_table)
-    from itpn_ds.models.layers import relative_position_index
     index = relative_position_index(3).view(-1)
     x = torch.randn(2, 9, 32)
     q, k, v = attn.qkv_heads(x)
@@ -285,6 +285,44 @@ def test_position_embedding_is_resized_for_another_resolution():
     report = load_official_state_dict(model, fx["state_dict"])
     assert report.resized == ["pos_embed"] and model.pos_embed.shape == (1, 36, 64)
     assert torch.isfinite(model(torch.randn(1, 3, 96, 96))).all()
+
+
+def keys_cubic(d: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel at distances ``d`` (the kernel of torch's and OpenCV's bicubic)."""
+    d = np.abs(d)
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
+
+
+def bicubic_matrix(n: int, m: int) -> np.ndarray:
+    """(m, n) weights resampling n samples to m: half-pixel centres (align_corners=False), edges replicated."""
+    weights = np.zeros((m, n))
+    for i in range(m):
+        x = (i + 0.5) * n / m - 0.5
+        base = int(np.floor(x))
+        for k in range(base - 1, base + 3):
+            weights[i, min(max(k, 0), n - 1)] += keys_cubic(np.array(x - k))
+    return weights
+
+
+def test_relative_position_bias_is_resized_per_head_for_another_resolution():
+    torch.manual_seed(0)
+    small = ITPN(num_classes=5, **TINY)
+    for name, p in small.named_parameters():
+        if name.endswith("relative_position_bias_table"):
+            torch.nn.init.normal_(p)
+    big = ITPN(num_classes=5, **{**TINY, "img_size": 96})
+    report = load_official_state_dict(big, small.state_dict())
+    tables = [f"blocks.{i}.attn.relative_position_bias_table" for i in range(4, 8)]
+    assert report.resized == sorted(["absolute_pos_embed", *tables]) and not report.fresh
+    rows = bicubic_matrix(7, 11)  # 4 x 4 patches: 7 x 7 offsets; 6 x 6 patches: 11 x 11
+    for name in tables:
+        source = small.get_parameter(name).detach().double().numpy()  # (49, heads)
+        expected = np.stack([rows @ source[:, h].reshape(7, 7) @ rows.T for h in range(2)], -1).reshape(121, 2)
+        np.testing.assert_allclose(big.get_parameter(name).detach().numpy(), expected, atol=1e-5, rtol=0)
+    assert torch.equal(big.relative_position_index, relative_position_index(6))
+    assert torch.isfinite(big(torch.randn(1, 3, 96, 96))).all()
 
 
 def test_timm_pretrained_loads_an_official_file(tmp_path):

@@ -152,7 +152,7 @@ def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
 def init_from(model: torch.nn.Module, source: str, strict: bool = False) -> LoadReport:
     """Initialise ``model`` from our checkpoint (any ZeRO stage / world size), an export directory or
     ``.safetensors`` file, or an official ``.pth``, by the one loading rule of ``itpn_ds.models.loading``:
-    pre-training-only parts dropped, a classifier's new head left at init, position embeddings resized,
+    pre-training-only parts dropped, a classifier's new head left at init, position tables resized,
     anything else that does not fit refused. ``strict`` (evaluation): every model weight must come from
     ``source``. Logs the ``LoadReport``; raises ``CheckpointError`` naming ``source``, the keys and the fix.
     """

@@ -13,7 +13,8 @@ keys are sorted:
   loads, except ``head.*`` trained for another number of classes, which stays at init (``reinitialised``);
 * relative-position bias tables the checkpoint has none of (pixel pre-training has no RPE): at init, zeros,
   as the published pixel fine-tuning leaves them (``fresh``);
-* position embeddings trained at another resolution: resized bicubically to the model's grid (``resized``);
+* position embeddings and relative-position bias tables trained at another resolution: resized bicubically
+  to the model's grid, each head's table over its (2g-1)×(2g-1) offsets (``resized``);
   ``relative_position_index`` is always the model's own buffer;
 * everything else must match one to one: a key on one side only or a shape mismatch raises
   ``CheckpointMismatchError`` naming the keys and the fix (e.g. the layer-scale setting).
@@ -82,14 +83,31 @@ def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
     return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
+def resize_grid(values: torch.Tensor, side: int) -> torch.Tensor:
+    """(n², C) values on an n×n grid -> (side², C), bicubic (align_corners=False), computed in fp32."""
+    n = math.isqrt(values.shape[0])
+    if n * n != values.shape[0]:
+        raise CheckpointMismatchError(f"a table of {values.shape[0]} rows is not a square grid")
+    grid = values.float().T.reshape(1, -1, n, n)
+    grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+    return grid.reshape(-1, side * side).T.to(values.dtype).contiguous()
+
+
 def resize_pos_embed(pos: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """(1, n², D) -> (1, num_tokens, D) by bicubic interpolation on the n×n grid."""
-    n, m = math.isqrt(pos.shape[1]), math.isqrt(num_tokens)
-    if n * n != pos.shape[1] or m * m != num_tokens:
-        raise CheckpointMismatchError(f"position embedding of {pos.shape[1]} tokens is not a square grid")
-    grid = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(m, m), mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, m * m, -1).to(pos.dtype)
+    """(1, n², D) -> (1, num_tokens, D): the absolute position embedding resampled on its token grid."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise CheckpointMismatchError(f"position embedding of {num_tokens} tokens is not a square grid")
+    return resize_grid(pos[0], side)[None]
+
+
+def resize_rpe_table(table: torch.Tensor, num_offsets: int) -> torch.Tensor:
+    """((2g-1)², heads) -> (num_offsets, heads): each head's bias over the (2g-1)×(2g-1) relative offsets
+    resampled to the model's (2g'-1)×(2g'-1) offsets, num_offsets = (2g'-1)²."""
+    side = math.isqrt(num_offsets)
+    if side * side != num_offsets:
+        raise CheckpointMismatchError(f"relative-position table of {num_offsets} offsets is not a square grid")
+    return resize_grid(table, side)
 
 
 def head_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -138,12 +156,19 @@ def sort_keys(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], h
 
 
 def resize_to_model(sd: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> list[str]:
-    """Resample, in place, the checkpoint's position embeddings trained at another grid; -> their keys."""
+    """Resample, in place, the checkpoint's position embeddings and relative-position bias tables trained at
+    another grid (the same number of heads); -> their keys."""
     resized = []
     for k in sorted(set(sd) & set(own)):
-        if sd[k].shape != own[k].shape and k in POS_EMBED_KEYS:
+        if sd[k].shape == own[k].shape:
+            continue
+        if k in POS_EMBED_KEYS:
             sd[k] = resize_pos_embed(sd[k], own[k].shape[1])
-            resized.append(k)
+        elif k.endswith(RPE_TABLE) and sd[k].shape[1] == own[k].shape[1]:
+            sd[k] = resize_rpe_table(sd[k], own[k].shape[0])
+        else:
+            continue
+        resized.append(k)
     return resized
 
 
