@@ -53,7 +53,7 @@ def source(kind: str, run_dir: Path, pretrained: dict[str, torch.Tensor], tmp_pa
     if kind == "checkpoint":
         return str(run_dir)
     if kind == "export":
-        return str(export_checkpoint(run_dir, tmp_path / "export") / "model.safetensors")
+        return str(export_checkpoint(run_dir, tmp_path / "export"))  # the directory: model.safetensors + config.json
     return str(published_pth(tmp_path / "checkpoint-1.pth", pretrained))
 
 
