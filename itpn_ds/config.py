@@ -73,7 +73,8 @@ class DataConfig:
     num_masked:   pre-training block masks: patches masked per image (None: 75 of 196, scaled to the grid).
     rand_augment_ops, rand_augment_magnitude: fine-tuning RandAugment n and m (m of 30; 0 ops: off).
     reprob:       fine-tuning random-erasing probability per image (0: off).
-    crop_pct:     evaluation: resize the shorter side to size / crop_pct, then center-crop ``size``.
+    crop_pct:     evaluation: resize the shorter side to size / crop_pct, then center-crop ``size``; None: as
+                  published for the model's img_size, 224/256 below 384 px and 1.0 from 384 up.
     """
 
     shards: str = ""
@@ -87,7 +88,7 @@ class DataConfig:
     rand_augment_ops: int = 2
     rand_augment_magnitude: int = 9
     reprob: float = 0.25
-    crop_pct: float = 0.875
+    crop_pct: float | None = None
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1:

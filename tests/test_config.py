@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from itpn_ds.config import ConfigError, RECIPES_DIR, load_config, save_config
-from itpn_ds.engine.ds_config import build_ds_config
+from itpn_ds.engine.ds_config import auto_bucket_size, build_ds_config
 from itpn_ds.engine.optim import choose_optimizer, param_groups
 from itpn_ds.engine.schedule import CosineSchedule
 
@@ -170,3 +170,12 @@ def test_auto_bucket_sizes_follow_the_model_up_to_deepspeeds_default():
     assert small["reduce_bucket_size"] == small["allgather_bucket_size"] == 4_000_000
     large = build_ds_config(cfg, world_size=2, num_params=2_000_000_000)["zero_optimization"]
     assert large["reduce_bucket_size"] == 500_000_000
+
+
+@pytest.mark.parametrize("config", ["zero1", "zero2", "zero3"])
+def test_auto_bucket_sizes_of_an_odd_parameter_count_are_rounded_to_deepspeeds_alignment(config):
+    cfg = load_config("tiny_pretrain_cpu", [f"deepspeed.config={config}"])
+    zero = build_ds_config(cfg, world_size=2, num_params=318_339_809)["zero_optimization"]
+    buckets = [zero[key] for key in ("reduce_bucket_size", "allgather_bucket_size") if key in zero]
+    assert buckets and all(size == 318_339_810 for size in buckets), zero
+    assert auto_bucket_size(565) == 566 and auto_bucket_size(566) == 566 and auto_bucket_size(10**9) == 500_000_000

@@ -1,4 +1,5 @@
-"""Exact resume after SIGKILL and non-finite handling, 2 gloo ranks under torchrun (real DeepSpeed)."""
+"""Exact resume after SIGKILL and non-finite handling, 2 gloo ranks under torchrun (real DeepSpeed); and a
+ZeRO-2 start of a model with an odd parameter count (the "auto" buckets rounded to DeepSpeed's alignment)."""
 import json
 import os
 import subprocess
@@ -80,3 +81,11 @@ def test_nan_steps_are_skipped_then_rolled_back_and_their_batches_skipped(tmp_pa
     assert attempts[4] == 2  # replayed after the rollback to step_00000004
     assert attempts[5] == attempts[6] == attempts[7] == 1  # the failed attempts only: skipped after the rollback
     assert attempts[12] == 1 and attempts[15] == 1  # the lone NaN at step 13 was skipped without a rollback
+
+
+def test_zero2_starts_a_model_with_an_odd_parameter_count(tmp_path):
+    from tests.fixtures.engine import SmallNet
+
+    assert sum(p.numel() for p in SmallNet(5).parameters()) % 2 == 1
+    out = result(run_ranks(tmp_path, "finetune.num_classes=5", "schedule.epochs=1"))
+    assert out["state"]["step"] == 8 and out["loss"] > 0

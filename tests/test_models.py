@@ -1,6 +1,7 @@
 """The iTPN model zoo: conformance with the published code, counts, gradients, checkpointing, errors."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -9,7 +10,7 @@ import itpn_ds  # noqa: F401  (registers the timm names)
 from itpn_ds.models import (CheckpointMismatchError, FastITPN, ITPN, ITPNClipDistill, ITPNPixelMAE,
                             load_official_state_dict)
 from itpn_ds.models.flops import forward_flops
-from itpn_ds.models.layers import Attention, attention_math
+from itpn_ds.models.layers import Attention, attention_math, relative_position_index
 
 REFERENCE = Path(__file__).parent / "data" / "reference"
 
@@ -60,6 +61,9 @@ PUBLISHED_COUNTS = {
     "fast_itpn_small_2220_patch16_224": 39_902_920,
     "fast_itpn_base_3324_patch16_224": 84_825_192,
     "fast_itpn_large_2240_patch16_256": 312_017_320,
+    # pixel models: all parameters, as ``count_on_meta`` counts, the fixed decoder position embedding included
+    "itpn_base_dec512d8b": 108_493_344,
+    "itpn_large_dec512d8b": 318_339_808,
 }
 
 
@@ -78,9 +82,28 @@ def test_clip_pretraining_counts_without_layer_scale():
     assert count_on_meta("clip_tpn_large_2240_patch16_224", init_values=0) == 307_387_240
 
 
-@pytest.mark.parametrize("name", ["clip_tpn_large_2240_patch16_256", "itpn_base_dec512d8b", "itpn_large_dec512d8b"])
-def test_other_registered_models_build(name):
-    assert count_on_meta(name) > 100_000_000
+def test_registered_model_at_256_px_builds():
+    assert count_on_meta("clip_tpn_large_2240_patch16_256") > 300_000_000
+
+
+@pytest.mark.parametrize("name", ["itpn_base_dec512d8b", "itpn_large_dec512d8b"])
+def test_pixel_models_have_two_block_pyramid_and_a_trainable_sincos_position_embedding(name):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    names = {n for n, _ in model.named_parameters()}
+    assert {"block_16to8.1.mlp.fc1.weight", "block_8to4.1.mlp.fc1.weight"} <= names
+    assert "block_16to8.2.mlp.fc1.weight" not in names
+    assert model.absolute_pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == PUBLISHED_COUNTS[name] - model.decoder_pos_embed.numel()
+
+
+def test_pixel_position_embedding_is_sincos_initialised():
+    from itpn_ds.models.pixel_mae import sincos_2d
+
+    model = ITPNPixelMAE(mlp_depth=1, img_size=64, embed_dim=64, depth=2, num_heads=2, fpn_dim=32,
+                         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    assert torch.equal(model.absolute_pos_embed.detach(), sincos_2d(64, 4)[None])
 
 
 TINY = dict(img_size=64, patch_size=16, embed_dim=64, mlp_depth1=1, mlp_depth2=1, depth=4, num_heads=2)
@@ -130,7 +153,6 @@ def test_sdpa_attention_equals_plain_math_with_position_bias():
     torch.manual_seed(0)
     attn = Attention(dim=32, num_heads=4, rpe_grid=3)
     torch.nn.init.normal_(attn.relative_position_bias_table)
-    from itpn_ds.models.layers import relative_position_index
     index = relative_position_index(3).view(-1)
     x = torch.randn(2, 9, 32)
     q, k, v = attn.qkv_heads(x)
@@ -151,25 +173,109 @@ def test_bad_inputs_get_clear_errors():
         ITPN(img_size=70, patch_size=16)
 
 
-def test_loader_is_strict_and_names_keys():
+def test_loader_names_the_keys_on_each_side_and_the_fix():
     fx = reference("itpn_classifier")
     model = build_from_fixture(ITPN, fx)
     sd = dict(fx["state_dict"])
-    sd.pop("head.weight")
+    sd.pop("blocks.5.mlp.fc1.weight")
     sd["surprise.weight"] = torch.zeros(1)
-    with pytest.raises(CheckpointMismatchError, match=r"missing keys \['head.weight'\].*unexpected keys \['surprise"):
+    names_both = (r"checkpoint keys the model lacks \(surprise.weight\); "
+                  r"1 model keys the checkpoint lacks \(blocks.5.mlp.fc1.weight\); fix: build")
+    with pytest.raises(CheckpointMismatchError, match=names_both):
         load_official_state_dict(model, {"model": sd})
 
 
-def test_classifier_from_pretraining_checkpoint_drops_pretraining_keys():
+CLIP_FIXTURE_BACKBONE = ("teacher_dim", "fpn_dim", "fpn_depth")
+
+
+def classifier_for(fixture: dict, **overrides) -> ITPN:
+    """The classifier of the fixture's backbone (its config without the pre-training arguments)."""
+    config = {k: v for k, v in fixture["config"].items() if k not in CLIP_FIXTURE_BACKBONE}
+    return ITPN(**{**config, "num_outs": 1, "num_classes": 7, **overrides})
+
+
+def published_pretraining_file(path: Path, state_dict: dict) -> Path:
+    """A .pth as the published pre-training saves it: {'model', 'optimizer', 'epoch', 'args'}, here with the
+    DDP ``module.`` prefix the file gets when the wrapped model is saved."""
+    import argparse
+
+    torch.save({"model": {f"module.{k}": v for k, v in state_dict.items()},
+                "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-3}]},
+                "epoch": 299, "args": argparse.Namespace(model="clip_tpn_base_3324_patch16_224", lr=1.5e-3)}, path)
+    return path
+
+
+def test_classifier_from_published_pretraining_keeps_layer_scale_and_only_its_head_is_new():
     fx = reference("itpn_clip_pretrain")
-    config = {k: v for k, v in fx["config"].items() if k not in ("teacher_dim", "fpn_dim", "fpn_depth")}
-    classifier = ITPN(**{**config, "num_outs": 1})
-    sd = dict(fx["state_dict"], **{k: v for k, v in classifier.state_dict().items() if k.startswith(("fc_norm", "head"))})
-    report = load_official_state_dict(classifier, {"module": sd})
-    assert "lm_head.weight" in report.dropped and "mask_token" in report.dropped
-    assert not any(k.startswith("blocks.") for k in report.dropped)
-    torch.testing.assert_close(classifier.blocks[5].attn.qkv.weight, fx["state_dict"]["blocks.5.attn.qkv.weight"])
+    classifier = classifier_for(fx)
+    head_at_init = {k: v.clone() for k, v in classifier.state_dict().items() if k.startswith(("head.", "fc_norm."))}
+    report = load_official_state_dict(classifier, {"module": fx["state_dict"]})
+    assert report.fresh == sorted(head_at_init) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert {"lm_head.weight", "mask_token", "norm.weight", "block_16to8.0.mlp.fc1.weight"} <= set(report.dropped)
+    assert not any(k.startswith("blocks.") for k in report.dropped) and not report.reinitialised
+    state = classifier.state_dict()
+    gammas = [k for k in fx["state_dict"] if k.startswith("blocks.") and ".gamma_" in k]
+    assert len(gammas) > 10 and all(torch.equal(state[k], fx["state_dict"][k]) for k in gammas)
+    assert all(torch.equal(state[k], v) for k, v in head_at_init.items())
+    assert set(report.loaded) == set(state) - set(head_at_init) - {"relative_position_index"}
+
+
+@pytest.mark.parametrize("init_values,fix", [(0, "add model.kwargs.init_values=0.1"),
+                                              (0.1, "the checkpoint has no layer scale: model.kwargs.init_values=0")])
+def test_layer_scale_on_one_side_only_is_refused_with_the_setting_to_change(init_values, fix):
+    fx = reference("itpn_clip_pretrain")
+    sd = fx["state_dict"] if init_values == 0 else {k: v for k, v in fx["state_dict"].items() if ".gamma_" not in k}
+    with pytest.raises(CheckpointMismatchError, match=f"gamma_.*fix: .*{fix}"):
+        load_official_state_dict(classifier_for(fx, init_values=init_values), sd)
+
+
+def test_classification_checkpoint_loads_its_head_or_reinitialises_it_for_another_class_count():
+    fx = reference("itpn_classifier")
+    config = {k: v for k, v in fx["config"].items() if k != "num_classes"}
+    same = ITPN(**config, num_classes=10)
+    report = load_official_state_dict(same, fx["state_dict"])
+    assert not report.fresh and not report.reinitialised and not report.dropped
+    assert torch.equal(same.head.weight, fx["state_dict"]["head.weight"])
+    other = ITPN(**config, num_classes=3)  # e.g. ImageNet-21K -> 1K intermediate fine-tuning
+    head_at_init = other.head.weight.clone()
+    report = load_official_state_dict(other, fx["state_dict"])
+    assert report.reinitialised == ["head.bias", "head.weight"] and not report.fresh
+    assert torch.equal(other.head.weight, head_at_init)
+    assert torch.equal(other.fc_norm.weight, fx["state_dict"]["fc_norm.weight"])
+    with pytest.raises(CheckpointMismatchError, match=r"leaves 2 keys of ITPN at their initialisation \(head.bias"):
+        load_official_state_dict(ITPN(**config, num_classes=3), fx["state_dict"], strict=True)
+
+
+def test_fast_itpn_from_pretraining_keeps_its_final_norm_new_and_from_classification_loads_it():
+    fx = reference("fast_itpn_classifier")
+    backbone = {k: v for k, v in fx["state_dict"].items() if not k.startswith(("head.", "norm."))}
+    pretraining = {**backbone, "mask_token": torch.zeros(1, 1, 64), "lm_head.weight": torch.zeros(48, 64),
+                   "norm.weight": torch.full((64,), 3.0), "norm.bias": torch.ones(64)}  # the fused-pyramid norm
+    model = FastITPN(**fx["config"])
+    report = load_official_state_dict(model, pretraining)
+    assert report.fresh == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    assert {"lm_head.weight", "mask_token", "norm.weight", "norm.bias"} == set(report.dropped)
+    assert torch.equal(model.norm.weight, torch.ones(64))
+    classified = FastITPN(**fx["config"])
+    assert not load_official_state_dict(classified, fx["state_dict"]).fresh
+    assert torch.equal(classified.norm.weight, fx["state_dict"]["norm.weight"])
+
+
+def test_classifier_from_pixel_pretraining_starts_its_relative_position_bias_at_zero_as_published():
+    pixel = ITPNPixelMAE(mlp_depth=1, img_size=64, embed_dim=64, depth=4, num_heads=2, fpn_dim=32,
+                         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    classifier = ITPN(num_classes=5, **TINY)  # no layer scale: pixel models have none
+    report = load_official_state_dict(classifier, pixel.state_dict())
+    tables = [f"blocks.{i}.attn.relative_position_bias_table" for i in range(4, 8)]
+    assert report.fresh == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight", *tables]
+    assert all(not classifier.get_parameter(t).any() for t in tables)
+    assert torch.equal(classifier.absolute_pos_embed, pixel.absolute_pos_embed)
+
+
+def test_strict_loading_refuses_a_pretraining_checkpoint():
+    fx = reference("itpn_clip_pretrain")
+    with pytest.raises(CheckpointMismatchError, match=r"leaves 4 keys .*fc_norm.bias.*give a checkpoint of this"):
+        load_official_state_dict(classifier_for(fx), fx["state_dict"], strict=True)
 
 
 def test_position_embedding_is_resized_for_another_resolution():
@@ -179,6 +285,44 @@ def test_position_embedding_is_resized_for_another_resolution():
     report = load_official_state_dict(model, fx["state_dict"])
     assert report.resized == ["pos_embed"] and model.pos_embed.shape == (1, 36, 64)
     assert torch.isfinite(model(torch.randn(1, 3, 96, 96))).all()
+
+
+def keys_cubic(d: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel at distances ``d`` (the kernel of torch's and OpenCV's bicubic)."""
+    d = np.abs(d)
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
+
+
+def bicubic_matrix(n: int, m: int) -> np.ndarray:
+    """(m, n) weights resampling n samples to m: half-pixel centres (align_corners=False), edges replicated."""
+    weights = np.zeros((m, n))
+    for i in range(m):
+        x = (i + 0.5) * n / m - 0.5
+        base = int(np.floor(x))
+        for k in range(base - 1, base + 3):
+            weights[i, min(max(k, 0), n - 1)] += keys_cubic(np.array(x - k))
+    return weights
+
+
+def test_relative_position_bias_is_resized_per_head_for_another_resolution():
+    torch.manual_seed(0)
+    small = ITPN(num_classes=5, **TINY)
+    for name, p in small.named_parameters():
+        if name.endswith("relative_position_bias_table"):
+            torch.nn.init.normal_(p)
+    big = ITPN(num_classes=5, **{**TINY, "img_size": 96})
+    report = load_official_state_dict(big, small.state_dict())
+    tables = [f"blocks.{i}.attn.relative_position_bias_table" for i in range(4, 8)]
+    assert report.resized == sorted(["absolute_pos_embed", *tables]) and not report.fresh
+    rows = bicubic_matrix(7, 11)  # 4 x 4 patches: 7 x 7 offsets; 6 x 6 patches: 11 x 11
+    for name in tables:
+        source = small.get_parameter(name).detach().double().numpy()  # (49, heads)
+        expected = np.stack([rows @ source[:, h].reshape(7, 7) @ rows.T for h in range(2)], -1).reshape(121, 2)
+        np.testing.assert_allclose(big.get_parameter(name).detach().numpy(), expected, atol=1e-5, rtol=0)
+    assert torch.equal(big.relative_position_index, relative_position_index(6))
+    assert torch.isfinite(big(torch.randn(1, 3, 96, 96))).all()
 
 
 def test_timm_pretrained_loads_an_official_file(tmp_path):
@@ -196,6 +340,18 @@ def test_timm_pretrained_loads_an_official_file(tmp_path):
                           pretrained_cfg_overlay=dict(file=str(tmp_path / "missing.pth")), **overrides)
     with pytest.raises(ValueError, match="needs a local file"):
         timm.create_model("itpn_base_3324_patch16_224", pretrained=True, **overrides)
+
+
+def test_timm_pretrained_classifier_starts_from_a_published_pretraining_file(tmp_path):
+    fx = reference("itpn_clip_pretrain")
+    path = published_pretraining_file(tmp_path / "checkpoint-299.pth", fx["state_dict"])
+    overrides = {k: v for k, v in fx["config"].items() if k not in (*CLIP_FIXTURE_BACKBONE, "num_outs")}
+    model = timm.create_model("itpn_base_3324_patch16_224", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)), num_classes=7, **overrides)
+    for name, value in model.state_dict().items():
+        if name in fx["state_dict"]:
+            assert torch.equal(value, fx["state_dict"][name]), name
+    assert not {"head.weight", "fc_norm.weight"} & set(fx["state_dict"])
 
 
 def test_layer_ids_follow_published_layer_decay_semantics():

@@ -117,13 +117,6 @@ PUBLISHED_LAYER_DECAY: dict[str, tuple[float, int]] = {
     "itpn_large_in21k_finetune": (0.75, 45), "itpn_large_in21k_to_in1k_finetune_384": (0.80, 45),
 }
 
-# Values of existing recipes that the lead is correcting (issue 11): the checks
-# below fail on them until then (strict: they turn red once fixed, so the mark is removed with the fix).
-PENDING: dict[tuple[str, str], str] = {
-    ("count", "itpn_base_finetune"): "model.kwargs needs init_values: 0.1 (published layer scale)",
-    ("count", "itpn_large_finetune"): "model.kwargs needs init_values: 0.1 (published layer scale)",
-}
-
 SHIPPED = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 PUBLISHED = [name for name in SHIPPED if name not in TEST_ONLY]
 BATCH = re.compile(r"global batch (\d+) (?:= (\d+) per rank x (\d+) ranks(?: x (\d+) accumulation steps)?"
@@ -132,11 +125,6 @@ BATCH = re.compile(r"global batch (\d+) (?:= (\d+) per rank x (\d+) ranks(?: x (
 
 def recipe_text(recipe: str) -> str:
     return (RECIPES_DIR / f"{recipe}.yaml").read_text()
-
-
-def cases(check: str, names: list[str]) -> list:
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=PENDING[(check, name)]))
-            if (check, name) in PENDING else name for name in names]
 
 
 def command_of(recipe: str) -> str:
@@ -161,7 +149,7 @@ def build_on_meta(cfg) -> torch.nn.Module:
         return components.build_model(cfg)
 
 
-@pytest.mark.parametrize("recipe", cases("count", SHIPPED))
+@pytest.mark.parametrize("recipe", SHIPPED)
 def test_recipe_builds_its_model_with_the_published_parameter_count(recipe):
     cfg = resolve(recipe)
     model = build_on_meta(cfg)
@@ -191,7 +179,7 @@ def test_finetune_recipe_crop_pct_follows_the_384_px_rule(recipe):
         f"{recipe}: crop_pct {cfg.data.crop_pct} at {size} px (published: 224/256 below 384 px, 1.0 from 384 up)"
 
 
-@pytest.mark.parametrize("recipe", cases("batch", PUBLISHED))
+@pytest.mark.parametrize("recipe", PUBLISHED)
 def test_recipe_header_states_a_global_batch_its_numbers_make(recipe):
     cfg = resolve(recipe)
     found = BATCH.search(recipe_text(recipe))
@@ -227,7 +215,7 @@ def published_itpn_lr_scales(model: torch.nn.Module, layer_decay: float) -> dict
     return {name: rate ** (num_layers - layer_of(name)) for name, _ in model.named_parameters()}
 
 
-@pytest.mark.parametrize("recipe", cases("layer_decay", sorted(PUBLISHED_LAYER_DECAY)))
+@pytest.mark.parametrize("recipe", sorted(PUBLISHED_LAYER_DECAY))
 def test_itpn_layer_decay_gives_every_parameter_the_published_rate(recipe):
     published, layers = PUBLISHED_LAYER_DECAY[recipe]
     cfg = resolve(recipe)

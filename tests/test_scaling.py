@@ -42,6 +42,8 @@ def test_deepspeed_buffers_follow_the_stage():
     assert model_state_bytes(n, 2, 8, buffers=buffers).comm_buffers == 2 * 100 * 2  # two bf16 buckets
     stage3 = model_state_bytes(n, 3, 8, largest_module_params=500, buffers=buffers)
     assert stage3.comm_buffers == 2 * 100 * 2 + 2 * (500 + 10)
+    small = model_state_bytes(565, 2, 8, buffers=DeepSpeedBuffers())  # odd count: the engine's "auto" bucket
+    assert small.comm_buffers == 2 * 566
 
 
 @pytest.mark.parametrize("bad", [dict(stage=4), dict(world=0), dict(n_params=0)])

@@ -23,13 +23,14 @@ from itpn_ds.engine import components
 from itpn_ds.engine.checkpoint import CheckpointError, CheckpointManager, needs_universal, read_checkpoint
 from itpn_ds.engine.ds_config import build_ds_config, zero_stage
 from itpn_ds.engine.ema import WeightEma
-from itpn_ds.engine.export import (consolidated_state_dict, export_checkpoint, live_state_dict, model_metadata,
-                                   write_export)
+from itpn_ds.engine.export import (WEIGHTS, consolidated_state_dict, export_checkpoint, live_state_dict,
+                                   model_metadata, write_export)
 from itpn_ds.engine.preemption import PREEMPTED_EXIT_CODE
 from itpn_ds.engine.runtime import build_engine, init_distributed, make_deterministic, seed_everything
 from itpn_ds.engine.schedule import CosineSchedule
 from itpn_ds.engine.tasks import ClassifyTask, ClipDistillTask, PixelTask, evaluate_classifier
 from itpn_ds.engine.trainer import LoopParts, Preempted, Trainer
+from itpn_ds.models.loading import CheckpointMismatchError, LoadReport, load_official_state_dict, read_checkpoint_file
 from itpn_ds.teacher.cache import CacheError
 from itpn_ds.teacher.clip import TeacherLoadError
 from itpn_ds.tracking.mlflow_tracker import TrackingUnavailable
@@ -148,36 +149,29 @@ def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
     return 0
 
 
-def init_from(model: torch.nn.Module, source: str, strict: bool = False) -> None:
+def init_from(model: torch.nn.Module, source: str, strict: bool = False) -> LoadReport:
     """Initialise ``model`` from our checkpoint (any ZeRO stage / world size), an export directory or
-    ``.safetensors`` file, or an official ``.pth`` (through ``itpn_ds.models.load_official_state_dict``).
-
-    Pre-training-only keys (pyramid, decoder, heads) are dropped and named in the log; with ``strict``
-    every model key must be present.
+    ``.safetensors`` file, or an official ``.pth``, by the one loading rule of ``itpn_ds.models.loading``:
+    pre-training-only parts dropped, a classifier's new head left at init, position tables resized,
+    anything else that does not fit refused. ``strict`` (evaluation): every model weight must come from
+    ``source``. Logs the ``LoadReport``; raises ``CheckpointError`` naming ``source``, the keys and the fix.
     """
-    path = Path(source)
-    if path.suffix in (".pth", ".pt") and path.is_file():
-        from itpn_ds.models import load_official_state_dict
+    try:
+        report = load_official_state_dict(model, read_weights(Path(source)), strict=strict)
+    except CheckpointMismatchError as exc:
+        raise CheckpointError(f"{source}: {exc}") from exc
+    log.info("initialised %s from %s: %s", type(model).__name__, source, report.summary())
+    return report
 
-        load_official_state_dict(model, torch.load(path, map_location="cpu", weights_only=False))
-        return
-    if path.suffix == ".safetensors" or (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
 
-        state = load_file(str(path if path.suffix == ".safetensors" else path / "model.safetensors"))
-    else:
-        state = consolidated_state_dict(read_checkpoint(path))
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    dropped = sorted(set(state) - set(usable))
-    missing = sorted(set(own) - set(usable))
-    if not usable:
-        raise CheckpointError(f"{source}: no parameter matches {type(model).__name__} by name and shape")
-    if strict and missing:
-        raise CheckpointError(f"{source}: missing {len(missing)} parameters of the model, e.g. {missing[:5]}")
-    model.load_state_dict(usable, strict=False)
-    log.info("initialised from %s: %d tensors loaded, %d dropped (%s), %d left at init (%s)", source, len(usable),
-             len(dropped), ", ".join(dropped[:8]), len(missing), ", ".join(missing[:8]))
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.pth`` / ``.safetensors`` file, an export directory, or a checkpoint of ours
+    (its fp32 weights consolidated from any ZeRO stage)."""
+    if path.is_file():
+        return read_checkpoint_file(path)
+    if (path / WEIGHTS).is_file():
+        return read_checkpoint_file(path / WEIGHTS)
+    return consolidated_state_dict(read_checkpoint(path))
 
 
 def _task(cfg: RunConfig, device: torch.device) -> Any:

@@ -88,8 +88,17 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
                                                   rand_augment_magnitude=d.rand_augment_magnitude, reprob=d.reprob,
                                                   **common)
     if cfg.task == "finetune" and d.val_shards:
-        eval_loader = data.build_eval_loader(d.val_shards, crop_pct=d.crop_pct, **common)
+        eval_loader = data.build_eval_loader(d.val_shards, crop_pct=eval_crop_pct(d.crop_pct, common["img_size"]),
+                                             **common)
     return train_loader, eval_loader
+
+
+def eval_crop_pct(crop_pct: float | None, img_size: int) -> float:
+    """``data.crop_pct``, or when it is None the published default for ``img_size`` (px): 224/256 below 384,
+    1.0 from 384 up (a 384 px model is evaluated on the whole resized center square)."""
+    if crop_pct is not None:
+        return crop_pct
+    return 224 / 256 if img_size < 384 else 1.0
 
 
 def _view_source(cfg: RunConfig) -> Any:

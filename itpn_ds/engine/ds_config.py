@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ AUTO = "auto"
 # DeepSpeed's default. A bucket larger than the model only costs memory (and, on the CPU, time).
 BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size")
 MAX_BUCKET = 500_000_000
+# What DeepSpeed 0.19.8 requires of them: ZeRO-1/2 (runtime/zero/stage_1_and_2.py) asserts allgather_bucket_size
+# % nccl_start_alignment_factor == 0, the factor being 2 (4-byte alignment of 2-byte elements); reduce_bucket_size
+# must be > 0 (runtime/zero/config.py) at every stage, and ZeRO-3 (stage3.py) places no alignment on it.
+BUCKET_ALIGNMENT = 2
 
 
 def ds_config_path(name: str) -> Path:
@@ -68,9 +73,15 @@ def build_ds_config(cfg: RunConfig, world_size: int, num_params: int = MAX_BUCKE
         raise ConfigError(f"{source}: zero_optimization.stage is \"auto\"; set deepspeed.zero_stage")
     for key in BUCKET_KEYS:
         if zero.get(key) == AUTO:
-            zero[key] = min(num_params, MAX_BUCKET)
+            zero[key] = auto_bucket_size(num_params)
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def auto_bucket_size(num_params: int, cap: int = MAX_BUCKET) -> int:
+    """Elements of an "auto" bucket: ``num_params`` capped at ``cap``, rounded up to a multiple of
+    ``BUCKET_ALIGNMENT`` (so an odd parameter count passes ZeRO-1/2's check)."""
+    return BUCKET_ALIGNMENT * math.ceil(min(num_params, cap) / BUCKET_ALIGNMENT)
 
 
 def zero_stage(ds: dict[str, Any]) -> int:

@@ -58,6 +58,10 @@ class FastITPNBackbone(GradCheckpointing, OptimizerMetadata, nn.Module):
     Subclasses add their outputs and call ``init_weights`` once everything is registered.
     """
 
+    # New parts when fine-tuning from pre-training (models/loading.py): ``norm`` is the final backbone norm here,
+    # while a pre-training checkpoint's ``norm.`` is the norm of its fused pyramid output.
+    head_prefixes = ("head.", "norm.")
+
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 512,
                  depth_stage1: int = 3, depth_stage2: int = 3, depth: int = 24, num_heads: int = 8,
                  bridge_mlp_ratio: float = 3.0, mlp_ratio: float = 3.0, qkv_bias: bool = True,

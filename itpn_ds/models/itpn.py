@@ -10,6 +10,8 @@ from itpn_ds.models.hivit import HiViT
 class ITPN(HiViT):
     """``num_outs`` = 1: classifier (mean pool -> ``fc_norm`` -> ``head``); > 1: dense backbone with a pyramid."""
 
+    head_prefixes = ("head.", "fc_norm.")  # new parts when fine-tuning from pre-training (models/loading.py)
+
     def __init__(self, num_classes: int = 1000, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes

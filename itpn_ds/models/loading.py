@@ -1,42 +1,75 @@
-"""Load official iTPN checkpoints (and our exports) into our models.
+"""One loading rule for every checkpoint source: official ``.pth`` files, our exports and our checkpoints.
 
-Our parameter names equal the published ones, so loading is a strict ``load_state_dict`` after three
-adaptations: unwrapping (``model`` / ``module`` / ``state_dict`` keys, ``module.`` prefixes), dropping the
-pre-training-only keys when the target is a classifier, and resizing absolute position embeddings
-(bicubic) when the checkpoint was trained at another resolution.
+Our parameter names equal the published ones, so there is no conversion table. After unwrapping
+(``model`` / ``module`` / ``state_dict`` / ``model_ema`` keys, DDP's ``module.`` prefix) the checkpoint's
+keys are sorted:
+
+* pre-training only (``PRETRAIN_ONLY_PREFIXES``: pyramid, decoders, prediction heads, mask token) and absent
+  from the model: dropped (``LoadReport.dropped``);
+* the classification head, the prefixes a classifier class declares in ``head_prefixes`` (ITPN: ``head.``,
+  ``fc_norm.``; FastITPN: ``head.``, ``norm.``). From a pre-training checkpoint the head stays at its
+  initialisation (``fresh``) and the checkpoint's keys under those prefixes are dropped (a pre-training
+  ``norm.`` is the fused-pyramid norm, not FastITPN's final norm). From a classification checkpoint the head
+  loads, except ``head.*`` trained for another number of classes, which stays at init (``reinitialised``);
+* relative-position bias tables the checkpoint has none of (pixel pre-training has no RPE): at init, zeros,
+  as the published pixel fine-tuning leaves them (``fresh``);
+* position embeddings and relative-position bias tables trained at another resolution: resized bicubically
+  to the model's grid, each head's table over its (2g-1)×(2g-1) offsets (``resized``);
+  ``relative_position_index`` is always the model's own buffer;
+* everything else must match one to one: a key on one side only or a shape mismatch raises
+  ``CheckpointMismatchError`` naming the keys and the fix (e.g. the layer-scale setting).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger(__name__)
-
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_ema")
 POS_EMBED_KEYS = ("absolute_pos_embed", "pos_embed")
+RPE_TABLE = "relative_position_bias_table"
+RPE_INDEX = "relative_position_index"
+LAYER_SCALE = ("gamma_1", "gamma_2")
+CLASS_HEAD = "head."  # the classifier's last Linear: the only head part whose shape follows the class count
 PRETRAIN_ONLY_PREFIXES = ("mask_token", "lm_head", "lm_cls_head", "norm.", "norm_cls", "cls_pt_layers",
                           "decoder_", "fpn_modules", "align_dim_", "split_", "block_16to8", "block_8to4")
 
 
 @dataclass
 class LoadReport:
-    """What ``load_official_state_dict`` changed on the way in."""
+    """What loading did with each key (checkpoint keys for ``dropped``, model keys for the rest)."""
 
-    dropped: list[str] = field(default_factory=list)   # pre-training-only keys not used by a classifier
-    resized: list[str] = field(default_factory=list)   # position embeddings resized to the model's grid
+    loaded: list[str] = field(default_factory=list)         # model keys set from the checkpoint (resized included)
+    dropped: list[str] = field(default_factory=list)        # checkpoint keys of pre-training-only parts, not used
+    fresh: list[str] = field(default_factory=list)          # model keys the checkpoint has no counterpart for: at init
+    reinitialised: list[str] = field(default_factory=list)  # head keys trained for another class count: at init
+    resized: list[str] = field(default_factory=list)        # keys interpolated to the model's grid
+
+    def summary(self) -> str:
+        """One log line: counts, and the keys of every category but ``loaded``."""
+        parts = [f"{len(self.loaded)} tensors loaded"]
+        for name in ("resized", "fresh", "reinitialised", "dropped"):
+            keys = getattr(self, name)
+            if keys:
+                parts.append(f"{name} {len(keys)}: {name_keys(keys)}")
+        return "; ".join(parts)
 
 
 class CheckpointMismatchError(RuntimeError):
     """The state dict does not fit the model (missing or unexpected keys, incompatible shapes)."""
+
+
+def name_keys(keys: Iterable[str], limit: int = 6) -> str:
+    """``a, b, c`` or ``a, b, ... (+N more)``: key lists short enough for one line."""
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown if len(keys) <= limit else f"{shown}, ... (+{len(keys) - limit} more)"
 
 
 def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
@@ -50,52 +83,132 @@ def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
     return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
+def resize_grid(values: torch.Tensor, side: int) -> torch.Tensor:
+    """(n², C) values on an n×n grid -> (side², C), bicubic (align_corners=False), computed in fp32."""
+    n = math.isqrt(values.shape[0])
+    if n * n != values.shape[0]:
+        raise CheckpointMismatchError(f"a table of {values.shape[0]} rows is not a square grid")
+    grid = values.float().T.reshape(1, -1, n, n)
+    grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+    return grid.reshape(-1, side * side).T.to(values.dtype).contiguous()
+
+
 def resize_pos_embed(pos: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """(1, n², D) -> (1, num_tokens, D) by bicubic interpolation on the n×n grid."""
-    n, m = math.isqrt(pos.shape[1]), math.isqrt(num_tokens)
-    if n * n != pos.shape[1] or m * m != num_tokens:
-        raise CheckpointMismatchError(f"position embedding of {pos.shape[1]} tokens is not a square grid")
-    grid = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(m, m), mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, m * m, -1).to(pos.dtype)
+    """(1, n², D) -> (1, num_tokens, D): the absolute position embedding resampled on its token grid."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise CheckpointMismatchError(f"position embedding of {num_tokens} tokens is not a square grid")
+    return resize_grid(pos[0], side)[None]
 
 
-def is_classifier(model: nn.Module) -> bool:
-    return hasattr(model, "head") and not hasattr(model, "lm_head")
+def resize_rpe_table(table: torch.Tensor, num_offsets: int) -> torch.Tensor:
+    """((2g-1)², heads) -> (num_offsets, heads): each head's bias over the (2g-1)×(2g-1) relative offsets
+    resampled to the model's (2g'-1)×(2g'-1) offsets, num_offsets = (2g'-1)²."""
+    side = math.isqrt(num_offsets)
+    if side * side != num_offsets:
+        raise CheckpointMismatchError(f"relative-position table of {num_offsets} offsets is not a square grid")
+    return resize_grid(table, side)
 
 
-def load_official_state_dict(model: nn.Module, state_dict: Mapping) -> LoadReport:
-    """Strictly load an official (or our) state dict into ``model``; see the module docstring.
+def head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Key prefixes of the model's classification head (its class's ``head_prefixes``); () if it has none."""
+    return tuple(getattr(model, "head_prefixes", ()))
 
-    Raises ``CheckpointMismatchError`` naming every missing and unexpected key.
+
+def is_pretraining_checkpoint(sd: Mapping[str, torch.Tensor], heads: tuple[str, ...]) -> bool:
+    """A checkpoint with any pre-training-only part (outside the classifier's head prefixes)."""
+    return any(k.startswith(PRETRAIN_ONLY_PREFIXES) and not k.startswith(heads) for k in sd)
+
+
+def load_official_state_dict(model: nn.Module, state_dict: Mapping, strict: bool = False) -> LoadReport:
+    """Load ``state_dict`` (official, exported or consolidated from our checkpoints) into ``model`` by the
+    rule of the module docstring.
+
+    ``strict``: every model key must come from the checkpoint (nothing ``fresh`` or ``reinitialised``), as
+    evaluation needs. Raises ``CheckpointMismatchError`` naming the keys and the fix.
     """
-    sd = unwrap_state_dict(state_dict)
+    sd = {k: v for k, v in unwrap_state_dict(state_dict).items() if not k.endswith(RPE_INDEX)}
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith(RPE_INDEX)}
+    report = sort_keys(sd, own, head_prefixes(model))
+    for k in report.dropped + report.reinitialised:
+        del sd[k]
+    report.resized = resize_to_model(sd, own)
+    check_fit(model, sd, own, report, strict)
+    model.load_state_dict(sd, strict=False)
+    report.loaded = sorted(sd)
+    return report
+
+
+def sort_keys(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], heads: tuple[str, ...]) -> LoadReport:
+    """The report's ``dropped`` (checkpoint keys), ``fresh`` and ``reinitialised`` (model keys) by the rule."""
+    from_pretraining = is_pretraining_checkpoint(sd, heads)
     report = LoadReport()
-    own = model.state_dict()
-    if is_classifier(model):
-        report.dropped = sorted(k for k in sd if k not in own and k.startswith(PRETRAIN_ONLY_PREFIXES))
-        for k in report.dropped:
-            del sd[k]
-        if report.dropped:
-            log.warning("dropped %d pre-training-only keys for a classifier: %s", len(report.dropped),
-                        ", ".join(report.dropped[:8]) + (" ..." if len(report.dropped) > 8 else ""))
-    for key in POS_EMBED_KEYS:
-        if key in sd and key in own and sd[key].shape != own[key].shape:
-            sd[key] = resize_pos_embed(sd[key], own[key].shape[1])
-            report.resized.append(key)
-    if "relative_position_index" in own and "relative_position_index" in sd \
-            and sd["relative_position_index"].shape != own["relative_position_index"].shape:
-        raise CheckpointMismatchError("relative position bias was trained at another resolution: rebuild the "
-                                      "model with the checkpoint's img_size")
-    missing = sorted(set(own) - set(sd) - {"relative_position_index"})
+    report.dropped = sorted(k for k in sd if (k not in own and k.startswith(PRETRAIN_ONLY_PREFIXES))
+                            or (from_pretraining and k.startswith(heads)))
+    if from_pretraining:
+        report.fresh = sorted(k for k in own if k.startswith(heads))
+    else:
+        report.reinitialised = sorted(k for k in own if k.startswith(heads) and k.startswith(CLASS_HEAD)
+                                      and k in sd and sd[k].shape != own[k].shape)
+    if not any(k.endswith(RPE_TABLE) for k in sd):
+        report.fresh += sorted(k for k in own if k.endswith(RPE_TABLE))
+    return report
+
+
+def resize_to_model(sd: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> list[str]:
+    """Resample, in place, the checkpoint's position embeddings and relative-position bias tables trained at
+    another grid (the same number of heads); -> their keys."""
+    resized = []
+    for k in sorted(set(sd) & set(own)):
+        if sd[k].shape == own[k].shape:
+            continue
+        if k in POS_EMBED_KEYS:
+            sd[k] = resize_pos_embed(sd[k], own[k].shape[1])
+        elif k.endswith(RPE_TABLE) and sd[k].shape[1] == own[k].shape[1]:
+            sd[k] = resize_rpe_table(sd[k], own[k].shape[0])
+        else:
+            continue
+        resized.append(k)
+    return resized
+
+
+def check_fit(model: nn.Module, sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], report: LoadReport,
+              strict: bool) -> None:
+    """Raise ``CheckpointMismatchError`` unless ``sd`` covers ``own`` one to one, the report's fresh and
+    reinitialised keys excepted (``strict`` allows none of those either)."""
+    missing = sorted(set(own) - set(sd) - set(report.fresh) - set(report.reinitialised))
     unexpected = sorted(set(sd) - set(own))
     wrong_shape = sorted(k for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
-    if missing or unexpected or wrong_shape:
+    problems = []
+    if unexpected:
+        problems.append(f"{len(unexpected)} checkpoint keys the model lacks ({name_keys(unexpected)})")
+    if missing:
+        problems.append(f"{len(missing)} model keys the checkpoint lacks ({name_keys(missing)})")
+    if wrong_shape:
+        problems.append("shape mismatches " + ", ".join(
+            f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape[:4]))
+    if problems:
+        raise CheckpointMismatchError(f"checkpoint does not fit {type(model).__name__}: {'; '.join(problems)}; "
+                                      f"fix: {mismatch_fix(missing, unexpected)}")
+    at_init = report.fresh + report.reinitialised
+    if strict and at_init:
         raise CheckpointMismatchError(
-            f"checkpoint does not fit {type(model).__name__}: missing keys {missing}, unexpected keys {unexpected}, "
-            f"shape mismatches {[(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in wrong_shape]}")
-    model.load_state_dict(sd, strict=False)
-    return report
+            f"checkpoint leaves {len(at_init)} keys of {type(model).__name__} at their initialisation "
+            f"({name_keys(at_init)}); give a checkpoint of this classifier (a fine-tuning run or its export)")
+
+
+def mismatch_fix(missing: list[str], unexpected: list[str]) -> str:
+    """The model setting that makes the model match the checkpoint, for the mismatches we can name."""
+    def has(keys: list[str], suffixes: tuple[str, ...]) -> bool:
+        return any(k.endswith(suffixes) for k in keys)
+
+    if has(unexpected, LAYER_SCALE) and not has(missing, LAYER_SCALE):
+        return "the checkpoint has layer scale (gamma_*): add model.kwargs.init_values=0.1"
+    if has(missing, LAYER_SCALE) and not has(unexpected, LAYER_SCALE):
+        return "the checkpoint has no layer scale: model.kwargs.init_values=0"
+    if has(unexpected, (RPE_TABLE,)):
+        return "the checkpoint has relative-position bias tables: model.kwargs.rpe=true"
+    return "build the model the checkpoint was trained as (model.name and model.kwargs: dims, depths, heads)"
 
 
 def read_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -112,8 +225,3 @@ def read_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # a truncated or foreign file: say which
         raise CheckpointMismatchError(f"cannot read checkpoint {path}: {exc}") from exc
 
-
-def export_metadata(path: str | Path) -> dict | None:
-    """The JSON metadata written beside an exported safetensors file (``<name>.json``), if any."""
-    meta = Path(path).with_suffix(".json")
-    return json.loads(meta.read_text()) if meta.is_file() else None

@@ -51,12 +51,15 @@ def mask_from_ids(ids_restore: torch.Tensor, num_keep: int) -> torch.Tensor:
 
 
 class ITPNPixelMAE(HiViT):
-    """``mlp_depth`` MLP blocks in both early stages; no RPE and fixed sin-cos position embeddings."""
+    """``mlp_depth`` MLP blocks in both early stages, ``fpn_depth`` 2 pyramid blocks per level, no RPE; the
+    encoder's absolute position embedding is sin-cos initialised and trained, the decoder's is fixed sin-cos
+    (as published)."""
 
     def __init__(self, mlp_depth: int = 3, decoder_embed_dim: int = 512, decoder_depth: int = 8,
-                 decoder_num_heads: int = 16, num_outs: int = 3, rpe: bool = False, norm_pix_loss: bool = True,
-                 **kwargs):
-        super().__init__(mlp_depth1=mlp_depth, mlp_depth2=mlp_depth, num_outs=num_outs, rpe=rpe, **kwargs)
+                 decoder_num_heads: int = 16, num_outs: int = 3, fpn_depth: int = 2, rpe: bool = False,
+                 norm_pix_loss: bool = True, **kwargs):
+        super().__init__(mlp_depth1=mlp_depth, mlp_depth2=mlp_depth, num_outs=num_outs, fpn_depth=fpn_depth, rpe=rpe,
+                         **kwargs)
         if num_outs < 2:
             raise ValueError("ITPNPixelMAE needs the pyramid: num_outs must be 2 or 3")
         self.norm_pix_loss = norm_pix_loss
@@ -73,7 +76,6 @@ class ITPNPixelMAE(HiViT):
         self.init_weights()
         if self.ape:
             self.absolute_pos_embed.data.copy_(sincos_2d(self.embed_dim, self.grid)[None])
-            self.absolute_pos_embed.requires_grad_(False)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """timm registrations: ``timm.create_model(NAME)`` after ``import itpn_ds``.
 
 ``pretrained=True`` never downloads: pass ``pretrained_cfg_overlay=dict(file=PATH)`` with an official ``.pth``
-checkpoint or one of our ``.safetensors`` exports; it goes through ``load_official_state_dict``.
+checkpoint or one of our ``.safetensors`` exports; it goes through ``load_official_state_dict`` (the loading
+rule of ``itpn_ds.models.loading``) and the ``LoadReport`` is logged.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 from timm.models import register_model
@@ -16,6 +18,8 @@ from itpn_ds.models.fast_itpn import FastITPN
 from itpn_ds.models.itpn import ITPN
 from itpn_ds.models.loading import load_official_state_dict, read_checkpoint_file
 from itpn_ds.models.pixel_mae import ITPNPixelMAE
+
+log = logging.getLogger(__name__)
 
 BASE = dict(embed_dim=512, num_heads=8)
 LARGE = dict(embed_dim=768, num_heads=12)
@@ -73,7 +77,8 @@ def _entrypoint(name: str) -> Callable[..., nn.Module]:
             if not file:
                 raise ValueError(f"{name}: pretrained=True needs a local file: "
                                  "timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))")
-            load_official_state_dict(model, read_checkpoint_file(file))
+            report = load_official_state_dict(model, read_checkpoint_file(file))
+            log.info("%s from %s: %s", name, file, report.summary())
         return model
 
     create.__name__ = name

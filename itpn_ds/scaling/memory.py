@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from itpn_ds.engine.ds_config import auto_bucket_size
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -118,13 +120,13 @@ def model_state_bytes(
 
 def comm_buffer_bytes(n_params: int, stage: int, largest_module_params: int, buffers: DeepSpeedBuffers) -> int:
     """DeepSpeed's staging buffers: none at stage 0; the gradient reduce bucket(s) at stages 1-2 (allocated at
-    full ``reduce_bucket_size``, which our JSONs leave "auto": the parameter count capped at
-    ``reduce_bucket_elements``, see ``itpn_ds.engine.ds_config``); at stage 3 a reduce bucket plus the
+    full ``reduce_bucket_size``, which our JSONs leave "auto": ``auto_bucket_size``, the parameter count capped
+    at ``reduce_bucket_elements`` and rounded up to DeepSpeed's alignment); at stage 3 a reduce bucket plus the
     gathered bf16 parameters (the running module and the prefetch bucket, at most the whole model)."""
     if stage == 0:
         return 0
     n_reduce_buffers = 2 if buffers.overlap_comm else 1
-    reduce = BF16_BYTES * min(n_params, buffers.reduce_bucket_elements) * n_reduce_buffers
+    reduce = BF16_BYTES * auto_bucket_size(n_params, buffers.reduce_bucket_elements) * n_reduce_buffers
     if stage < 3:
         return reduce
     gathered = min(n_params, largest_module_params + buffers.prefetch_bucket_elements)
