@@ -175,8 +175,9 @@ def test_every_expected_recipe_is_shipped():
 def test_finetune_recipe_crop_pct_follows_the_384_px_rule(recipe):
     cfg = resolve(recipe)
     size = cfg.model.kwargs.get("img_size", 224)
-    assert cfg.data.crop_pct == pytest.approx(224 / 256 if size < 384 else 1.0), \
-        f"{recipe}: crop_pct {cfg.data.crop_pct} at {size} px (published: 224/256 below 384 px, 1.0 from 384 up)"
+    crop_pct = components.eval_crop_pct(cfg.data.crop_pct, size)  # what the evaluation loader gets
+    assert crop_pct == pytest.approx(224 / 256 if size < 384 else 1.0), \
+        f"{recipe}: crop_pct {crop_pct} at {size} px (published: 224/256 below 384 px, 1.0 from 384 up)"
 
 
 @pytest.mark.parametrize("recipe", PUBLISHED)
