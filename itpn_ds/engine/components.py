@@ -100,7 +100,7 @@ def _view_source(cfg: RunConfig) -> Any:
                                     expected_teacher=expected_cache_teacher(cfg))
     from itpn_ds.data.views import SampledViews
 
-    return SampledViews(seed=cfg.schedule.seed)
+    return SampledViews(seed=cfg.schedule.seed, color_jitter=cfg.data.color_jitter)
 
 
 def expected_cache_teacher(cfg: RunConfig) -> dict[str, Any]:

@@ -80,6 +80,11 @@ class TeacherCache:
     def teacher(self) -> dict[str, Any]:
         return self.meta.teacher
 
+    @property
+    def color_jitter(self) -> float:
+        """Colour-jitter strength of the stored views: 0, this format stores none."""
+        return 0.0
+
     def __len__(self) -> int:
         """Number of samples."""
         return len(self._index)

@@ -1,0 +1,90 @@
+"""Colour jitter of a view: brightness, contrast and saturation factors applied to the decoded box.
+
+The published CLIP pre-training applies torchvision's ``ColorJitter(0.4, 0.4, 0.4)`` to the image before
+the crop shared by the student and the teacher view. Here a view carries its three factors
+(:class:`JitterFactors`, drawn with the box by ``views.sample_view``); the decoders apply them to the
+decoded box before any resize, so every output of the view sees the same jittered pixels, and the teacher
+cache stores them next to the box.
+
+A factor of strength ``s`` is drawn uniformly from ``[max(0, 1 - s), 1 + s]`` (torchvision's range). On the
+uint8 RGB box ``x``, each op clamps to [0, 255] and rounds to uint8, as torchvision's ops on a uint8
+image return a uint8 image:
+
+* brightness ``b``: ``b x``;
+* contrast ``c``: ``m + c (x - m)``, ``m`` the mean over the box of the grayscale ``0.299 R + 0.587 G +
+  0.114 B`` (torchvision takes the mean of the image it is given; we jitter the box, so it is the box's);
+* saturation ``s``: ``g + s (x - g)``, ``g`` the pixel's grayscale.
+
+The order is fixed: brightness, contrast, saturation (docs/data.md says why). :func:`jitter_dali` builds
+the ops into a DALI graph (CPU or GPU), :func:`jitter_pil` applies them with PIL's ``ImageEnhance``, the
+ops torchvision runs on PIL images (which truncate instead of rounding: within one level per op).
+"""
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as PIL's "L" conversion and torchvision's grayscale
+
+
+def check_strength(strength: float, name: str = "colour-jitter strength") -> None:
+    """``ValueError`` naming ``name`` unless 0 <= strength < 1 (0: no jitter)."""
+    if not 0 <= strength < 1:
+        raise ValueError(f"{name} must be in [0, 1) (0: off), got {strength}")
+
+
+@dataclass(frozen=True)
+class JitterFactors:
+    """One view's brightness, contrast and saturation factors (1.0: unchanged). Values are float32-exact,
+    so the cache's float32 column and DALI's float32 arguments hold exactly these numbers."""
+
+    brightness: float = 1.0
+    contrast: float = 1.0
+    saturation: float = 1.0
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, strength: float) -> "JitterFactors":
+        """Three factors uniform in ``[max(0, 1 - strength), 1 + strength]``; strength 0 draws nothing."""
+        check_strength(strength)
+        if strength == 0:
+            return cls()
+        drawn = rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength, 3).astype(np.float32)
+        return cls(*(float(v) for v in drawn))
+
+    def as_array(self) -> np.ndarray:
+        """(3,) float32: brightness, contrast, saturation."""
+        return np.array(astuple(self), dtype=np.float32)
+
+    @property
+    def is_identity(self) -> bool:
+        return self == NO_JITTER
+
+
+NO_JITTER = JitterFactors()
+
+
+def jitter_dali(images: Any, factors: Any) -> Any:
+    """DALI graph: uint8 HWC images node, factors node ((3,) float32 per sample: brightness, contrast,
+    saturation) -> the jittered uint8 HWC node. Works on CPU and GPU nodes alike: the factors are CPU
+    arguments, the box's mean grayscale is a per-sample reduction used in an arithmetic expression."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dali_math
+
+    brightened = fn.brightness(images, brightness=factors[0])
+    channel_mean = fn.reductions.mean(brightened, axes=[0, 1], dtype=types.FLOAT)  # (3,) per sample
+    red, green, blue = GRAY_WEIGHTS
+    gray_mean = red * channel_mean[0] + green * channel_mean[1] + blue * channel_mean[2]
+    contrasted = fn.cast(dali_math.clamp(gray_mean + factors[1] * (brightened - gray_mean), 0, 255),
+                         dtype=types.UINT8)
+    return fn.saturation(contrasted, saturation=factors[2])
+
+
+def jitter_pil(image: Image.Image, factors: JitterFactors) -> Image.Image:
+    """The same ops, in the same order, on one PIL RGB image (``ImageEnhance``: Brightness, Contrast,
+    Color)."""
+    image = ImageEnhance.Brightness(image).enhance(factors.brightness)
+    image = ImageEnhance.Contrast(image).enhance(factors.contrast)
+    return ImageEnhance.Color(image).enhance(factors.saturation)
