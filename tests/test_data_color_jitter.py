@@ -18,9 +18,10 @@ STRENGTH = 0.4
 
 
 def _reference_jitter(box: np.ndarray, factors: JitterFactors) -> np.ndarray:
-    """The documented formula, written independently: (H, W, 3) uint8 -> uint8; each op clamps and rounds."""
+    """The documented formula, written independently: (H, W, 3) uint8 -> uint8; each op clamps and rounds
+    (half up, as DALI)."""
     def to_uint8(x: np.ndarray) -> np.ndarray:
-        return np.clip(np.round(x), 0, 255)
+        return np.clip(np.floor(x + 0.5), 0, 255)
 
     def gray(x: np.ndarray) -> np.ndarray:
         return x @ np.array([0.299, 0.587, 0.114])

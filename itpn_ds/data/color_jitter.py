@@ -7,8 +7,8 @@ decoded box before any resize, so every output of the view sees the same jittere
 cache stores them next to the box.
 
 A factor of strength ``s`` is drawn uniformly from ``[max(0, 1 - s), 1 + s]`` (torchvision's range). On the
-uint8 RGB box ``x``, each op clamps to [0, 255] and rounds to uint8, as torchvision's ops on a uint8
-image return a uint8 image:
+uint8 RGB box ``x``, each op clamps to [0, 255] and rounds (half up) to uint8, as torchvision's ops on a
+uint8 image return a uint8 image:
 
 * brightness ``b``: ``b x``;
 * contrast ``c``: ``m + c (x - m)``, ``m`` the mean over the box of the grayscale ``0.299 R + 0.587 G +
@@ -67,19 +67,24 @@ NO_JITTER = JitterFactors()
 
 
 def jitter_dali(images: Any, factors: Any) -> Any:
-    """DALI graph: uint8 HWC images node, factors node ((3,) float32 per sample: brightness, contrast,
-    saturation) -> the jittered uint8 HWC node. Works on CPU and GPU nodes alike: the factors are CPU
-    arguments, the box's mean grayscale is a per-sample reduction used in an arithmetic expression."""
+    """DALI graph: uint8 HWC images node (CPU or GPU), factors node ((3,) float32 per sample: brightness,
+    contrast, saturation) -> the jittered uint8 HWC node.
+
+    ``brightness`` and ``contrast`` are DALI's uint8 ops (they clamp and round); the contrast centre is the
+    per-sample mean grayscale of the brightened box, a reduction in the graph (an argument input, so on
+    the GPU it is copied to the host: one small device-to-host copy per batch). ``saturation`` runs in
+    float and is cast (clamped, rounded) to uint8 once: on the CPU DALI's uint8 output of that op costs
+    about twice the float op + the cast (docs/benchmarks.md)."""
     from nvidia.dali import fn, types
-    from nvidia.dali import math as dali_math
 
     brightened = fn.brightness(images, brightness=factors[0])
     channel_mean = fn.reductions.mean(brightened, axes=[0, 1], dtype=types.FLOAT)  # (3,) per sample
     red, green, blue = GRAY_WEIGHTS
     gray_mean = red * channel_mean[0] + green * channel_mean[1] + blue * channel_mean[2]
-    contrasted = fn.cast(dali_math.clamp(gray_mean + factors[1] * (brightened - gray_mean), 0, 255),
-                         dtype=types.UINT8)
-    return fn.saturation(contrasted, saturation=factors[2])
+    center = gray_mean.cpu() if gray_mean.device == "gpu" else gray_mean
+    contrasted = fn.contrast(brightened, contrast=factors[1], contrast_center=center)
+    saturated = fn.saturation(contrasted, saturation=factors[2], dtype=types.FLOAT)
+    return fn.cast(saturated, dtype=types.UINT8)
 
 
 def jitter_pil(image: Image.Image, factors: JitterFactors) -> Image.Image:
