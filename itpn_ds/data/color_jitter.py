@@ -73,8 +73,8 @@ def jitter_dali(images: Any, factors: Any) -> Any:
     ``brightness`` and ``contrast`` are DALI's uint8 ops (they clamp and round); the contrast centre is the
     per-sample mean grayscale of the brightened box, a reduction in the graph (an argument input, so on
     the GPU it is copied to the host: one small device-to-host copy per batch). ``saturation`` runs in
-    float and is cast (clamped, rounded) to uint8 once: on the CPU DALI's uint8 output of that op costs
-    about twice the float op + the cast (docs/benchmarks.md)."""
+    float and is cast (clamped, rounded) to uint8 once, which on the CPU is faster than the op's own uint8
+    output (docs/benchmarks.md)."""
     from nvidia.dali import fn, types
 
     brightened = fn.brightness(images, brightness=factors[0])
