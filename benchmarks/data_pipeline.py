@@ -4,17 +4,22 @@ our PIL fallback (``backend="torch"``), a torchvision ImageFolder-style DataLoad
 processes (PIL decode and transforms: the baseline) and the same DataLoader with ``decode_jpeg`` and
 ``transforms.v2`` on uint8 tensors (torch's resize kernels, which our CPU loader also uses).
 
-All of them do the fine-tuning train transform without RandAugment/erasing: RandomResizedCrop 224 bicubic
-+ flip + normalize, batches of ``--batch``, on ``--threads`` CPU threads / workers. The images are the demo
-set (scikit-image photos cropped and rescaled, sides ``--min-side``..``--max-side``), written as shards
-once under ``--work``. Each measurement runs in a fresh process, so peak RSS is its own; the pipelines
-take turns, ``--repeats`` rounds, and the table reports each one's median. The CPU time counts every
-thread of the process and of its worker processes, so it shows the cost of an image independently of
+Suite ``loaders`` (default): all of them do the fine-tuning train transform without RandAugment/erasing:
+RandomResizedCrop 224 bicubic + flip + normalize, batches of ``--batch``, on ``--threads`` CPU threads /
+workers. Suites ``jitter`` (DALI CPU) and ``jitter_pil`` (PIL fallback): the cost of the pre-training
+colour jitter, our pre-training loader (student view 224 bicubic, block masks) with
+``SampledViews(color_jitter=0)`` against 0.4.
+
+The images are the demo set (scikit-image photos cropped and rescaled, sides ``--min-side``..``--max-side``),
+written as shards once under ``--work``. Each measurement runs in a fresh process, so peak RSS is its own;
+the pipelines take turns, ``--repeats`` rounds, and the table reports each one's median. The CPU time counts
+every thread of the process and of its worker processes, so it shows the cost of an image independently of
 other load on the machine; images/s needs an idle machine (the 1-minute load average before each run is
 recorded).
 
     python benchmarks/data_pipeline.py [--images 2400] [--threads 2] [--repeats 3]
                                        [--out benchmarks/results/data_pipeline.json]
+    python benchmarks/data_pipeline.py --suite jitter --images 800   # about a minute and a half on 2 cores
 """
 from __future__ import annotations
 
@@ -32,7 +37,12 @@ from pathlib import Path
 
 import psutil
 
-PIPELINES = ("dali_cpu", "dali_cpu_dali_resize", "pil_threads", "torchvision_dataloader", "torchvision_v2_tensors")
+SUITES = {"loaders": ("dali_cpu", "dali_cpu_dali_resize", "pil_threads", "torchvision_dataloader",
+                       "torchvision_v2_tensors"),
+          "jitter": ("pretrain_dali_cpu", "pretrain_dali_cpu_jitter"),
+          "jitter_pil": ("pretrain_pil", "pretrain_pil_jitter")}
+PIPELINES = tuple(name for names in SUITES.values() for name in names)
+JITTER = 0.4  # the ``_jitter`` pipelines' strength (the published recipe's)
 
 
 class ShardImages:
@@ -86,9 +96,17 @@ def batches_of(name: str, shards: Path, batch: int, threads: int, img_size: int)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=threads,
                                              persistent_workers=False, prefetch_factor=2)
         return loader, lambda b: len(b[0])
+    backend = "torch" if "pil" in name else "dali"
+    if name.startswith("pretrain"):
+        from itpn_ds.data import build_pretrain_loader
+        from itpn_ds.data.views import SampledViews
+
+        views = SampledViews(seed=0, color_jitter=JITTER if name.endswith("_jitter") else 0.0)
+        loader = build_pretrain_loader(shards, views=views, img_size=img_size, micro_batch=batch, num_threads=threads,
+                                       device="cpu", backend=backend)
+        return loader, lambda b: int(b.valid.sum())
     from itpn_ds.data import build_finetune_loader
 
-    backend = "torch" if name == "pil_threads" else "dali"
     loader = build_finetune_loader(shards, img_size=img_size, micro_batch=batch, num_threads=threads, device="cpu",
                                    backend=backend, rand_augment_ops=0, reprob=0.0,
                                    torch_resize=name != "dali_cpu_dali_resize")
@@ -151,41 +169,60 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all pipelines (median reported)")
+    parser.add_argument("--suite", choices=SUITES, default="loaders",
+                        help="loaders: ours against torchvision; jitter, jitter_pil: pre-training loader (DALI CPU, "
+                             "PIL), colour jitter off/on")
     parser.add_argument("--work", type=Path, default=Path("/tmp/itpn_ds_bench_data"))
-    parser.add_argument("--out", default="benchmarks/results/data_pipeline.json")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/data_pipeline[_jitter].json")
     parser.add_argument("--single", choices=PIPELINES, help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
     shards = prepare(args.work, args.images, args.min_side, args.max_side)
     if args.single:
         print(json.dumps(measure(args.single, shards, args.batch, args.threads, args.img_size, args.warmup)))
         return
-    runs: dict[str, list[dict]] = {name: [] for name in PIPELINES}
+    pipelines = SUITES[args.suite]
+    runs: dict[str, list[dict]] = {name: [] for name in pipelines}
     for round_ in range(args.repeats):
-        for name in PIPELINES:
+        for name in pipelines:
             load = os.getloadavg()[0]
             child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--single", name], check=True,
                                    capture_output=True, text=True)
             runs[name].append({**json.loads(child.stdout.strip().splitlines()[-1]), "load_1min": load})
-            print(f"round {round_}: {name:<24} {runs[name][-1]['images_per_s']:6.0f} images/s (load {load:.2f})",
+            print(f"round {round_}: {name:<26} {runs[name][-1]['images_per_s']:6.0f} images/s (load {load:.2f})",
                   flush=True)
-    rows = [median_row(runs[name]) for name in PIPELINES]
-    print(f"{'pipeline (median)':<24} {'images/s':>9} {'CPU ms/img':>11} {'peak RSS MiB':>13} "
+    rows = [median_row(runs[name]) for name in pipelines]
+    print(f"{'pipeline (median)':<26} {'images/s':>9} {'CPU ms/img':>11} {'peak RSS MiB':>13} "
           f"{'largest worker MiB':>19}")
     for r in rows:
-        print(f"{r['pipeline']:<24} {r['images_per_s']:>9.0f} {r['cpu_ms_per_image']:>11.2f} "
+        print(f"{r['pipeline']:<26} {r['images_per_s']:>9.0f} {r['cpu_ms_per_image']:>11.2f} "
               f"{r['peak_rss_mib']:>13.0f} {r['peak_child_rss_mib']:>19.0f}")
     by_name = {r["pipeline"]: r for r in rows}
+    summary = loaders_summary(by_name) if args.suite == "loaders" else jitter_summary(*rows)
+    suffix = "" if args.suite == "loaders" else f"_{args.suite}"
+    out = Path(args.out or f"benchmarks/results/data_pipeline{suffix}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                               "suite": args.suite, "images": args.images, "sides": [args.min_side, args.max_side],
+                               "batch": args.batch, "threads": args.threads, "repeats": args.repeats, **summary,
+                               "rows": rows}, indent=1))
+
+
+def loaders_summary(by_name: dict[str, dict]) -> dict:
+    """Our DALI CPU loader against the torchvision DataLoaders (median images/s ratios), printed."""
     speedup = by_name["dali_cpu"]["images_per_s"] / by_name["torchvision_dataloader"]["images_per_s"]
     versus_v2 = by_name["dali_cpu"]["images_per_s"] / by_name["torchvision_v2_tensors"]["images_per_s"]
     print(f"DALI CPU / torchvision DataLoader: {speedup:.2f}x images/s (medians); "
           f"/ torchvision v2 on tensors: {versus_v2:.2f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                               "images": args.images, "sides": [args.min_side, args.max_side], "batch": args.batch,
-                               "threads": args.threads, "repeats": args.repeats,
-                               "dali_vs_torchvision": speedup, "dali_vs_torchvision_v2": versus_v2, "rows": rows},
-                              indent=1))
+    return {"dali_vs_torchvision": speedup, "dali_vs_torchvision_v2": versus_v2}
+
+
+def jitter_summary(off: dict, on: dict) -> dict:
+    """The jitter's extra CPU ms per image and the images/s with it over without (median rows), printed."""
+    extra = on["cpu_ms_per_image"] - off["cpu_ms_per_image"]
+    ratio = on["images_per_s"] / off["images_per_s"]
+    print(f"colour jitter {JITTER} on {off['pipeline']}: +{extra:.2f} CPU ms per image, {ratio:.2f}x images/s")
+    return {"jitter_extra_cpu_ms_per_image": extra, "jitter_images_per_s_ratio": ratio}
+
 
 if __name__ == "__main__":
     main()

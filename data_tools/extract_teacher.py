@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="teacher input px (default 196 for ViT-L-14, else the checkpoint's)")
     parser.add_argument("--num-views", type=int, default=8, help="K views per image (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="view seed; training replays the cache's views")
+    parser.add_argument("--color-jitter", type=float, default=0.4,
+                        help="colour-jitter strength of the views (brightness, contrast, saturation), in [0, 1), "
+                             "0: off (default 0.4, the published recipe; training's data.color_jitter must match)")
     parser.add_argument("--dtype", choices=DTYPES, default="fp16", help="stored target type (int8: per-token scale)")
     parser.add_argument("--batch-size", type=int, default=256, help="views per teacher forward")
     parser.add_argument("--device", default="auto", help="auto (the rank's GPU when CUDA is present), cpu, cuda")
@@ -40,8 +43,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = ExtractConfig(shards=args.shards, out=args.out, checkpoint=args.teacher_checkpoint,
                             arch=args.teacher_arch, resolution=args.teacher_resolution, num_views=args.num_views,
-                            seed=args.seed, dtype=args.dtype, batch_size=args.batch_size, device=args.device,
-                            num_threads=args.num_threads, progress=not args.no_progress)
+                            seed=args.seed, color_jitter=args.color_jitter, dtype=args.dtype,
+                            batch_size=args.batch_size, device=args.device, num_threads=args.num_threads,
+                            progress=not args.no_progress)
         written = extract_cache(cfg)
     except (ShardError, CacheError, TeacherLoadError, ValueError) as exc:
         print(f"itpn-ds extract-teacher: {exc}", file=sys.stderr)

@@ -71,6 +71,9 @@ class DataConfig:
     device:       DALI decoding: ``auto`` (GPU ``mixed`` decoding when CUDA is present), ``cpu`` or ``gpu``.
     on_corrupt:   an undecodable sample met in training: ``skip`` (counted and logged with its key) or ``raise``.
     num_masked:   pre-training block masks: patches masked per image (None: 75 of 196, scaled to the grid).
+    color_jitter: pre-training colour jitter of each view (torchvision's ColorJitter(s, s, s): brightness,
+                  contrast, saturation) in [0, 1), 0: off. A teacher cache defines the views: its strength
+                  (``extract-teacher --color-jitter``) must be this one.
     rand_augment_ops, rand_augment_magnitude: fine-tuning RandAugment n and m (m of 30; 0 ops: off).
     reprob:       fine-tuning random-erasing probability per image (0: off).
     crop_pct:     evaluation: resize the shorter side to size / crop_pct, then center-crop ``size``; None: as
@@ -85,6 +88,7 @@ class DataConfig:
     device: str = "auto"
     on_corrupt: str = "skip"
     num_masked: int | None = None
+    color_jitter: float = 0.4
     rand_augment_ops: int = 2
     rand_augment_magnitude: int = 9
     reprob: float = 0.25
@@ -96,6 +100,8 @@ class DataConfig:
         _check_choice("data.device", self.device, ("auto", "cpu", "gpu"))
         _check_choice("data.on_corrupt", self.on_corrupt, ("skip", "raise"))
         _check_choice("data.loader", self.loader, ("dali", "torch"))
+        if not 0 <= self.color_jitter < 1:
+            raise ConfigError(f"data.color_jitter must be in [0, 1) (0: off), got {self.color_jitter}")
 
 
 @dataclass

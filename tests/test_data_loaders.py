@@ -18,6 +18,8 @@ COMMON = dict(micro_batch=8, num_threads=1, device="cpu")
 class FixedViews:
     """A ViewSource standing in for a teacher cache: view id 7, a fixed box, targets that encode the key."""
 
+    color_jitter = 0.0
+
     def views(self, keys, sizes, epoch):
         return [(7, CropView(2, 3, min(w, 60) - 2, min(h, 50) - 3, True)) for w, h in sizes]
 
@@ -53,16 +55,19 @@ def test_every_sample_once_per_epoch_across_ranks(demo_shards, world):
 
 
 def test_mid_epoch_resume_continues_with_the_unseen_samples(demo_shards):
-    loader = build_pretrain_loader(demo_shards, views=SampledViews(seed=0), img_size=16, patch_size=8, **COMMON)
+    """Resumed mid-epoch: the unseen samples with bitwise the same (colour-jittered) pixels and masks."""
+    views = SampledViews(seed=0, color_jitter=0.4)
+    loader = build_pretrain_loader(demo_shards, views=views, img_size=16, patch_size=8, **COMMON)
     loader.set_epoch(1)
     it = iter(loader)
     first = [next(it), next(it)]
     state = loader.state_dict()
-    resumed = build_pretrain_loader(demo_shards, views=SampledViews(seed=0), img_size=16, patch_size=8, **COMMON)
+    resumed = build_pretrain_loader(demo_shards, views=views, img_size=16, patch_size=8, **COMMON)
     resumed.load_state_dict(state)
     rest, expected = list(resumed), list(it)
     assert [b.keys for b in rest] == [b.keys for b in expected]
     assert all(torch.equal(a.bool_masked_pos, b.bool_masked_pos) for a, b in zip(rest, expected))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(rest, expected))
     seen = [k for b in first + rest for k, v in zip(b.keys, b.valid) if v]
     assert sorted(seen) == sorted(Manifest.load(demo_shards).keys)
 
@@ -112,8 +117,8 @@ def test_finetune_augmentations_change_pixels_but_not_shapes(demo_shards):
 def test_torch_backend_gives_the_same_samples_and_nearly_the_same_pixels(demo_shards, kind):
     def build(backend):
         if kind == "pretrain":
-            return build_pretrain_loader(demo_shards, views=SampledViews(seed=0), img_size=32, patch_size=8,
-                                         backend=backend, **COMMON)
+            return build_pretrain_loader(demo_shards, views=SampledViews(seed=0, color_jitter=0.4), img_size=32,
+                                         patch_size=8, backend=backend, **COMMON)
         if kind == "finetune":
             return build_finetune_loader(demo_shards, img_size=32, rand_augment_ops=0, reprob=0.0, backend=backend,
                                          **COMMON)

@@ -1,9 +1,13 @@
 """Teacher cache: extraction over the demo shards, replay through the pre-training loader, refusals."""
 from __future__ import annotations
 
+import json
+import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,53 +16,85 @@ from itpn_ds.cli import main as cli_main
 from itpn_ds.data import build_pretrain_loader
 from itpn_ds.data.shards import Manifest, ShardReader
 from itpn_ds.data.view_decoder import ViewDecoder
-from itpn_ds.data.views import CropView, sample_view, view_for_epoch
+from itpn_ds.data.color_jitter import NO_JITTER
+from itpn_ds.data.views import sample_view, view_for_epoch
 from itpn_ds.teacher.cache import CacheError, TeacherCache
+from itpn_ds.teacher.cache_format import META_KEY
 from itpn_ds.teacher.clip import load_clip_teacher
 from itpn_ds.teacher.extract import ExtractConfig, Worker, extract_cache
-from tests.fixtures.teacher import DEMO_CACHE_SEED, DEMO_CACHE_VIEWS, TINY_RESOLUTION
+from tests.fixtures.teacher import DEMO_CACHE_JITTER, DEMO_CACHE_SEED, DEMO_CACHE_VIEWS, TINY_RESOLUTION
+
+FP16_TARGETS_ATOL = 1e-2  # targets of a LayerNorm (|t| < 8) stored as fp16: half an ulp is at most 2**-9
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1).mean().item()
 
 
+def _rewrite_as_version_1(cache: Path, out: Path, version: int = 1) -> Path:
+    """A copy of ``cache`` in the layout of format version 1 (no ``jitter`` column, no ``color_jitter`` in the
+    metadata), record batches kept; ``version`` is the one its metadata claims."""
+    out.mkdir()
+    for path in sorted(cache.glob("*.arrow")):
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+        meta = json.loads(reader.schema.metadata[META_KEY])
+        del meta["color_jitter"]
+        meta["format_version"] = version
+        schema = reader.schema.remove(reader.schema.get_field_index("jitter")).with_metadata(
+            {META_KEY: json.dumps(meta).encode()})
+        with pa.OSFile(str(out / path.name), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for i in range(reader.num_record_batches):
+                columns = reader.get_batch(i).drop_columns(["jitter"]).columns
+                writer.write_batch(pa.record_batch(columns, schema=schema))
+    return out
+
+
 def test_cache_replays_stored_views_and_serves_targets(demo_cache, demo_shards):
-    cache = TeacherCache(demo_cache, shards=demo_shards)
+    cache = TeacherCache(demo_cache, shards=demo_shards, color_jitter=DEMO_CACHE_JITTER)
     manifest = Manifest.load(demo_shards)
     assert len(cache) == len(manifest) and cache.num_views == DEMO_CACHE_VIEWS
+    assert cache.meta.format_version == 2 and cache.color_jitter == DEMO_CACHE_JITTER
     keys, sizes = manifest.keys[:5], manifest.sizes[:5]
     for epoch in (0, 1, 7):
         pairs = cache.views(keys, sizes, epoch)
         for key, (w, h), (view_id, view) in zip(keys, sizes, pairs):
             assert view_id == view_for_epoch(DEMO_CACHE_SEED, key, epoch, DEMO_CACHE_VIEWS)
-            assert view == sample_view(DEMO_CACHE_SEED, key, view_id, w, h)
+            assert view == sample_view(DEMO_CACHE_SEED, key, view_id, w, h, color_jitter=DEMO_CACHE_JITTER)
+            assert view.jitter != NO_JITTER
     targets = cache.targets(keys, [p[0] for p in pairs])
     assert targets.dtype == torch.float32 and targets.shape == (5, 16, 32)
 
 
 def test_cached_targets_equal_teacher_on_the_pipeline_view(demo_cache, demo_shards, tiny_clip_checkpoint):
-    """Exactness: the teacher run on the view the pre-training loader decodes agrees with the cache;
-    the same check fails on a wrong box (the stored box's centre half) and on a wrong flip."""
+    """Exactness: the teacher run on the (colour-jittered) view the pre-training loader decodes gives the
+    cached targets within fp16 rounding; the same check fails on a wrong box (the stored box's centre half),
+    a wrong flip, a wrong contrast factor and no jitter at all."""
     teacher = load_clip_teacher(tiny_clip_checkpoint)
-    cache = TeacherCache(demo_cache, shards=demo_shards, expected_teacher=teacher.identity.as_dict())
+    cache = TeacherCache(demo_cache, shards=demo_shards, expected_teacher=teacher.identity.as_dict(),
+                         color_jitter=DEMO_CACHE_JITTER)
     loader = build_pretrain_loader(demo_shards, views=cache, micro_batch=8, img_size=64,
                                    teacher_resolution=TINY_RESOLUTION, device="cpu")
     loader.set_epoch(3)
     batch = next(iter(loader))
-    assert _cosine(teacher(batch.teacher_images), batch.targets) >= 0.99
+    torch.testing.assert_close(teacher(batch.teacher_images), batch.targets, atol=FP16_TARGETS_ATOL, rtol=0)
 
     reader = ShardReader(demo_shards)
-    decoder = ViewDecoder([(TINY_RESOLUTION, "lanczos")], device="cpu", batch_size=8)
+    decoder = ViewDecoder([(TINY_RESOLUTION, "lanczos")], device="cpu", batch_size=8, color_jitter=True)
     pairs = cache.views(batch.keys, [reader.manifest.sizes[reader.index_of(k)] for k in batch.keys], 3)
     encoded = [reader.read(k) for k in batch.keys]
     (stored,) = decoder.decode(encoded, [v for _, v in pairs])
-    torch.testing.assert_close(stored, batch.teacher_images)  # the loader decoded the stored views
-    wrong_box = [CropView(v.x + v.w // 4, v.y + v.h // 4, v.w // 2, v.h // 2, v.flip) for _, v in pairs]
-    wrong_flip = [CropView(v.x, v.y, v.w, v.h, not v.flip) for _, v in pairs]
-    for wrong_views in (wrong_box, wrong_flip):
-        (wrong,) = decoder.decode(encoded, wrong_views)
-        assert _cosine(teacher(wrong), batch.targets) < 0.9
+    assert torch.equal(stored, batch.teacher_images)  # the loader decoded the stored views
+    other = lambda factor: 1.3 if factor < 1 else 0.7  # noqa: E731
+    wrong = {"box": [replace(v, x=v.x + v.w // 4, y=v.y + v.h // 4, w=v.w // 2, h=v.h // 2) for _, v in pairs],
+             "flip": [replace(v, flip=not v.flip) for _, v in pairs],
+             "contrast": [replace(v, jitter=replace(v.jitter, contrast=other(v.jitter.contrast))) for _, v in pairs],
+             "no jitter": [replace(v, jitter=NO_JITTER) for _, v in pairs]}
+    for name, wrong_views in wrong.items():
+        (images,) = decoder.decode(encoded, wrong_views)
+        if name == "no jitter":
+            assert (images - batch.teacher_images).abs().flatten(1).mean(1).min() > 0.005  # jitter was applied
+        error = (teacher(images) - batch.targets).abs().flatten(1).amax(1)
+        assert (error > 10 * FP16_TARGETS_ATOL).all(), (name, error)
 
 
 def test_int8_close_to_fp16_at_about_half_the_bytes(demo_cache, demo_shards, tiny_clip_checkpoint, tmp_path):
@@ -82,9 +118,33 @@ def test_resume_skips_finished_files_and_refuses_other_settings(demo_cache, demo
                         seed=DEMO_CACHE_SEED, batch_size=16, progress=False)
     assert [p.name for p in extract_cache(cfg)] == ["shard-00001.arrow"]
     assert extract_cache(cfg) == []
-    cfg.seed = 5
-    with pytest.raises(CacheError, match=r"shard-00000.arrow: exists but was made differently \(seed differ"):
-        extract_cache(cfg)
+    for field, value in (("seed", 5), ("color_jitter", 0.2)):
+        with pytest.raises(CacheError, match=rf"shard-00000.arrow: exists but was made differently \({field} differ"):
+            extract_cache(replace(cfg, **{field: value}))
+
+
+def test_old_format_cache_replays_jitter_free_views_with_one_warning(demo_cache, demo_shards, tmp_path, caplog):
+    old = _rewrite_as_version_1(demo_cache, tmp_path / "v1")
+    current, manifest = TeacherCache(demo_cache), Manifest.load(demo_shards)
+    with caplog.at_level(logging.WARNING, logger="itpn_ds.teacher.cache"):
+        cache = TeacherCache(old, shards=demo_shards, color_jitter=0.4)
+    warnings = [r.getMessage() for r in caplog.records if "format version 1" in r.getMessage()]
+    assert len(warnings) == 1 and str(old) in warnings[0] and "jitter-free" in warnings[0]
+    assert cache.meta.format_version == 1 and cache.color_jitter == 0.0
+    keys, sizes = manifest.keys, manifest.sizes
+    for (_, view), (_, stored) in zip(cache.views(keys, sizes, 2), current.views(keys, sizes, 2)):
+        assert view == replace(stored, jitter=NO_JITTER)  # the same box and flip, no jitter
+    assert torch.equal(cache.targets(keys, [1] * len(keys)), current.targets(keys, [1] * len(keys)))
+    loader = build_pretrain_loader(demo_shards, views=cache, micro_batch=8, img_size=32, patch_size=8, device="cpu")
+    assert loader.decoder.color_jitter is False
+
+
+def test_refuses_a_cache_of_another_jitter_strength_or_layout(demo_cache, tmp_path):
+    with pytest.raises(CacheError, match=r"drawn with colour jitter 0.4, the run has data.color_jitter=0.0"):
+        TeacherCache(demo_cache, color_jitter=0.0)
+    claims_version_2 = _rewrite_as_version_1(demo_cache, tmp_path / "no_jitter_column", version=2)
+    with pytest.raises(CacheError, match=r"shard-00000.arrow: columns \[.*\], a format version 2 fp16 cache has"):
+        TeacherCache(claims_version_2)
 
 
 def test_refuses_mismatched_missing_or_corrupt_cache(demo_cache, demo_shards, tmp_path):
@@ -146,3 +206,5 @@ def test_cli_names_a_corrupt_sample_and_a_missing_checkpoint(demo_shards, tiny_c
 
     assert cli_main([*args, "--teacher-checkpoint", str(tmp_path / "ViT-L-14.pt")]) == 2
     assert "ViT-L-14.pt not found: nothing is downloaded" in capsys.readouterr().err
+    assert cli_main([*args, "--teacher-checkpoint", str(tiny_clip_checkpoint), "--color-jitter", "1.5"]) == 2
+    assert "color_jitter (--color-jitter) must be in [0, 1) (0: off), got 1.5" in capsys.readouterr().err

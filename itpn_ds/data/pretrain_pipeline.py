@@ -1,7 +1,9 @@
 """Pre-training loader: student view (+ optional teacher view from the SAME box) and block masks.
 
-Views come from a :class:`~itpn_ds.data.views.ViewSource`: a teacher cache replays the box it was
-extracted with and hands its targets; ``SampledViews`` draws a fresh RandomResizedCrop per epoch.
+Views come from a :class:`~itpn_ds.data.views.ViewSource`: a teacher cache replays the box, flip and
+colour-jitter factors it was extracted with and hands its targets; ``SampledViews`` draws a fresh
+RandomResizedCrop + flip + jitter per epoch. The decoder applies the jitter when the source's views carry
+it (``views.color_jitter > 0``), to the box before both resizes.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class PretrainLoader(ShardLoader):
                  teacher_resolution: int = 0, patch_size: int = 16, num_masked: int | None = None,
                  mask_ratio: float | None = None, **kwargs) -> None:
         outputs = [student_output(img_size)] + ([(teacher_resolution, "lanczos")] if teacher_resolution else [])
-        super().__init__(shards, outputs, micro_batch, **kwargs)
+        super().__init__(shards, outputs, micro_batch, color_jitter=views.color_jitter > 0, **kwargs)
         self.view_source = views
         grid = img_size // patch_size
         self.masks = (BlockMaskGenerator(grid, grid, num_masked=num_masked) if mask_ratio is None

@@ -3,8 +3,8 @@
 :class:`PILViewDecoder` has :class:`~itpn_ds.data.view_decoder.ViewDecoder`'s ``decode`` signature, so
 the pre-training, fine-tuning and evaluation loaders run unchanged with ``backend="torch"``: the same
 epoch order, views, masks, augmentation draws, state and corrupt-sample handling; only the pixels come
-from PIL (decode the whole image, crop the box, resize, augment, flip). A thread pool of ``num_threads``
-decodes a batch in parallel (PIL releases the GIL while decoding and resizing).
+from PIL (decode the whole image, crop the box, colour-jitter it, resize, augment, flip). A thread pool of
+``num_threads`` decodes a batch in parallel (PIL releases the GIL while decoding and resizing).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from itpn_ds.data.color_jitter import jitter_pil
 from itpn_ds.data.view_decoder import SampleAugment, ViewOutput, check_decode_args
 from itpn_ds.data.views import CropView
 
@@ -32,13 +33,15 @@ class PILViewDecoder:
     """decode(encoded, views) -> one (B, 3, S, S) float32 tensor per output, normalized like ViewDecoder's.
 
     augment: optional :class:`SampleAugment` applied (``augment.pil``) to the FIRST output after its resize.
+    color_jitter: apply each view's jitter factors to the cropped box before the resizes (``jitter_pil``).
     """
 
     def __init__(self, outputs: Sequence[tuple[int, str] | ViewOutput], batch_size: int = 32, num_threads: int = 2,
-                 augment: SampleAugment | None = None, **_: Any) -> None:
+                 augment: SampleAugment | None = None, color_jitter: bool = False, **_: Any) -> None:
         self.outputs = [o if isinstance(o, ViewOutput) else ViewOutput(*o) for o in outputs]
         self.batch_size = batch_size
         self.augment = augment
+        self.color_jitter = color_jitter
         self._pool = ThreadPoolExecutor(max_workers=max(1, num_threads))
 
     def _one(self, data: bytes, view: CropView, params: np.ndarray | None) -> list[torch.Tensor]:
@@ -47,6 +50,8 @@ class PILViewDecoder:
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
             raise PILDecodeError(f"cannot decode: {exc}") from exc
         box = image.crop((view.x, view.y, view.x + view.w, view.y + view.h))
+        if self.color_jitter:
+            box = jitter_pil(box, view.jitter)
         outs = [box.resize((o.size, o.size), PIL_INTERPOLATIONS[o.interp]) for o in self.outputs]
         if self.augment is not None:
             outs[0] = self.augment.pil(outs[0], params)
@@ -57,7 +62,7 @@ class PILViewDecoder:
     def decode(self, encoded: Sequence[np.ndarray | bytes], views: Sequence[CropView],
                params: Sequence[np.ndarray] | None = None) -> list[torch.Tensor]:
         """As :meth:`ViewDecoder.decode <itpn_ds.data.view_decoder.ViewDecoder.decode>`."""
-        check_decode_args(encoded, views, params, self.batch_size, self.augment)
+        check_decode_args(encoded, views, params, self.batch_size, self.augment, self.color_jitter)
         per_sample_params = params if params is not None else [None] * len(views)
         per_sample = list(self._pool.map(self._one, encoded, views, per_sample_params))
         return [torch.stack([s[k] for s in per_sample]) for k in range(len(self.outputs))]

@@ -1,10 +1,11 @@
 """Decode exactly a view's box of each JPEG with DALI and resize it to one or more output sizes.
 
-The box is decoded by ``decoders.image_slice`` (only the box, in source pixels), resized once per output,
+The box is decoded by ``decoders.image_slice`` (only the box, in source pixels), colour-jittered with the
+view's factors (``color_jitter=True``; ``itpn_ds/data/color_jitter.py``), resized once per output,
 optionally augmented (first output only) and normalized by ``crop_mirror_normalize``, which also applies
 the view's horizontal flip. The same decoder serves the pre-training pipeline (student view, optional
-teacher view from the SAME box) and the teacher extraction job, so cached targets are computed from
-exactly the pixels training sees.
+teacher view from the SAME jittered box) and the teacher extraction job, so cached targets are computed
+from exactly the pixels training sees.
 
 Devices (``device="auto"`` picks ``gpu`` when CUDA is present, the CPU otherwise):
 
@@ -12,9 +13,10 @@ Devices (``device="auto"`` picks ``gpu`` when CUDA is present, the CPU otherwise
 * ``cpu`` (``device_id=None``): DALI's CPU resampling costs about 1.3 ms per 224 px image (2 cores,
   x86-64), three times the box decode, while torch's antialiased uint8 bicubic/bilinear kernels
   (vectorized, PIL's filters) take about 0.2 ms. So with ``torch_resize`` (default), outputs with
-  ``cubic``/``linear`` interpolation are resized by torch between a decode graph and a finishing graph
-  (augment, flip, normalize); other interpolations (``lanczos``, ...) are resized by DALI in the decode
-  graph. Without any torch-resized output the CPU runs the single graph as the GPU does.
+  ``cubic``/``linear`` interpolation are resized by torch between a decode graph (box decode and colour
+  jitter) and a finishing graph (augment, flip, normalize); other interpolations (``lanczos``, ...) are
+  resized by DALI in the decode graph. Without any torch-resized output the CPU runs the single graph as
+  the GPU does.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from itpn_ds.data.color_jitter import jitter_dali
 from itpn_ds.data.views import CropView
 
 if TYPE_CHECKING:
@@ -106,17 +109,20 @@ class ViewDecoder:
     augment:     optional :class:`SampleAugment` applied to the FIRST output after its resize; ``decode``
                  then takes each sample's drawn parameters, so its result depends only on them.
     torch_resize: CPU only: resize ``cubic``/``linear`` outputs with torch (False: everything in DALI).
+    color_jitter: apply each view's jitter factors (``CropView.jitter``) to the decoded box, before every
+                  resize. False builds the graphs without the jitter ops and refuses views that carry factors.
     """
 
     def __init__(self, outputs: Sequence[tuple[int, str] | ViewOutput], device: str = "auto", batch_size: int = 32,
                  num_threads: int = 2, device_id: int | None = None, augment: SampleAugment | None = None,
-                 torch_resize: bool = True) -> None:
+                 torch_resize: bool = True, color_jitter: bool = False) -> None:
         if not outputs:
             raise ValueError("ViewDecoder needs at least one output")
         self.outputs = [o if isinstance(o, ViewOutput) else ViewOutput(*o) for o in outputs]
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.augment = augment
+        self.color_jitter = color_jitter
         self._num_threads = num_threads
         self._gpu_id = None
         if self.device == "gpu":
@@ -155,6 +161,16 @@ class ViewDecoder:
                                        output_type=types.RGB, axis_names="WH", normalized_anchor=False,
                                        normalized_shape=False)
 
+    def _box(self):
+        """The box every output is resized from: decoded, then with ``color_jitter`` jittered by the
+        external source ``jitter`` ((3,) float32 factors per sample), uint8 HWC."""
+        from nvidia.dali import fn, types
+
+        box = self._decode_box()
+        if not self.color_jitter:
+            return box
+        return jitter_dali(box, fn.external_source(name="jitter", dtype=types.FLOAT))
+
     @staticmethod
     def _dali_resize(image, output: ViewOutput):
         from nvidia.dali import fn
@@ -179,13 +195,13 @@ class ViewDecoder:
         return tuple(outs)
 
     def _whole_graph(self):
-        """GPU, or CPU without torch resizes: decode, DALI resizes and finish in one graph."""
-        box = self._decode_box()
+        """GPU, or CPU without torch resizes: decode (+ jitter), DALI resizes and finish in one graph."""
+        box = self._box()
         return self._finish([self._dali_resize(box, o) for o in self.outputs])
 
     def _decode_graph(self):
-        """With torch resizes: the box + the DALI-resized outputs."""
-        box = self._decode_box()
+        """With torch resizes: the (jittered) box + the DALI-resized outputs."""
+        box = self._box()
         return (box, *[self._dali_resize(box, o) for o, t in zip(self.outputs, self._torch_resized) if not t])
 
     def _finish_graph(self):
@@ -204,11 +220,13 @@ class ViewDecoder:
         Raises ``RuntimeError`` from DALI when a JPEG cannot be decoded; callers that must survive bad
         samples decode one at a time after a batch failed.
         """
-        check_decode_args(encoded, views, params, self.batch_size, self.augment)
+        check_decode_args(encoded, views, params, self.batch_size, self.augment, self.color_jitter)
         box_feed = {"encoded": [np.frombuffer(e, dtype=np.uint8) if isinstance(e, (bytes, bytearray, memoryview))
                                 else np.asarray(e, dtype=np.uint8) for e in encoded],
                     "anchor": [np.array([v.x, v.y], dtype=np.float32) for v in views],
                     "shape": [np.array([v.w, v.h], dtype=np.float32) for v in views]}
+        if self.color_jitter:
+            box_feed["jitter"] = [v.jitter.as_array() for v in views]
         finish_feed: dict[str, Any] = {"flip": [np.array(int(v.flip), dtype=np.int32) for v in views]}
         if params is not None:
             finish_feed["params"] = [np.asarray(p, dtype=np.int32) for p in params]
@@ -227,7 +245,7 @@ class ViewDecoder:
 
 
 def check_decode_args(encoded: Sequence[Any], views: Sequence[CropView], params: Sequence[np.ndarray] | None,
-                      batch_size: int, augment: SampleAugment | None) -> None:
+                      batch_size: int, augment: SampleAugment | None, color_jitter: bool) -> None:
     """The checks every decoder's ``decode`` makes on its arguments (``ValueError``)."""
     if len(encoded) != len(views):
         raise ValueError(f"{len(encoded)} images but {len(views)} views")
@@ -237,6 +255,8 @@ def check_decode_args(encoded: Sequence[Any], views: Sequence[CropView], params:
         raise ValueError("augmentation parameters are needed exactly when the decoder has an augment")
     if params is not None and len(params) != len(views):
         raise ValueError(f"{len(params)} augmentation parameter arrays for {len(views)} views")
+    if not color_jitter and not all(v.jitter.is_identity for v in views):
+        raise ValueError("views carry colour-jitter factors but the decoder was built without color_jitter=True")
 
 
 def _run(pipe, feed: dict[str, Any]) -> tuple:

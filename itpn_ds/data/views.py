@@ -1,8 +1,9 @@
-"""Augmentation views: a crop box in the original image's pixels plus a horizontal flip.
+"""Augmentation views: a crop box in the original image's pixels, a horizontal flip and colour-jitter factors.
 
 A view is drawn deterministically from (seed, sample key, view id) with torchvision's RandomResizedCrop
-algorithm, so the teacher-extraction job and the pre-training pipeline agree on it without talking:
-the extraction job stores the box it used, and the pipeline replays it (``ViewSource``).
+algorithm (box and flip) and torchvision's ColorJitter ranges (factors, ``color_jitter``), so the
+teacher-extraction job and the pre-training pipeline agree on it without talking: the extraction job
+stores the view it used, and the pipeline replays it (``ViewSource``).
 
 Without a teacher cache, the pipeline draws a fresh view per epoch with ``view_id = epoch``
 (``SampledViews``).
@@ -17,19 +18,23 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from itpn_ds.data.color_jitter import NO_JITTER, JitterFactors
+
 DEFAULT_SCALE = (0.08, 1.0)
 DEFAULT_RATIO = (3 / 4, 4 / 3)
 
 
 @dataclass(frozen=True)
 class CropView:
-    """Crop box (x, y = top-left corner; w, h = size; all in source-image pixels) and a flip flag."""
+    """Crop box (x, y = top-left corner; w, h = size; all in source-image pixels), a flip flag and the
+    colour-jitter factors the decoders apply to the box before resizing it (default: none)."""
 
     x: int
     y: int
     w: int
     h: int
     flip: bool
+    jitter: JitterFactors = NO_JITTER
 
     def box(self) -> tuple[int, int, int, int]:
         return (self.x, self.y, self.w, self.h)
@@ -43,15 +48,18 @@ def key_hash(*parts: object) -> int:
 
 def sample_view(seed: int, key: str, view_id: int, width: int, height: int,
                 scale: tuple[float, float] = DEFAULT_SCALE, ratio: tuple[float, float] = DEFAULT_RATIO,
-                flip_prob: float = 0.5) -> CropView:
-    """RandomResizedCrop box + flip for one (seed, key, view id) on a ``width`` x ``height`` image.
+                flip_prob: float = 0.5, color_jitter: float = 0.0) -> CropView:
+    """RandomResizedCrop box + flip + colour-jitter factors for one (seed, key, view id) on a ``width`` x
+    ``height`` image.
 
     Same algorithm as ``torchvision.transforms.RandomResizedCrop.get_params``: up to 10 tries at a random
     area fraction in ``scale`` and log-uniform aspect ratio in ``ratio``; otherwise a center crop with the
-    aspect ratio clamped into ``ratio``.
+    aspect ratio clamped into ``ratio``. The jitter factors (strength ``color_jitter``, 0: none) come from
+    a stream of their own, so the box and flip of a (seed, key, view id) do not depend on the strength.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"sample {key!r}: image size must be positive, got {width}x{height}")
+    jitter = JitterFactors.draw(np.random.default_rng(key_hash("color-jitter", seed, key, view_id)), color_jitter)
     rng = np.random.default_rng(key_hash("view", seed, key, view_id))
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -64,7 +72,7 @@ def sample_view(seed: int, key: str, view_id: int, width: int, height: int,
         if 0 < w <= width and 0 < h <= height:
             x = int(rng.integers(0, width - w + 1))
             y = int(rng.integers(0, height - h + 1))
-            return CropView(x, y, w, h, flip)
+            return CropView(x, y, w, h, flip, jitter)
     in_ratio = width / height
     if in_ratio < min(ratio):
         w, h = width, int(round(width / min(ratio)))
@@ -72,7 +80,7 @@ def sample_view(seed: int, key: str, view_id: int, width: int, height: int,
         w, h = int(round(height * max(ratio))), height
     else:
         w, h = width, height
-    return CropView((width - w) // 2, (height - h) // 2, w, h, flip)
+    return CropView((width - w) // 2, (height - h) // 2, w, h, flip, jitter)
 
 
 def view_for_epoch(seed: int, key: str, epoch: int, num_views: int) -> int:
@@ -81,7 +89,12 @@ def view_for_epoch(seed: int, key: str, epoch: int, num_views: int) -> int:
 
 
 class ViewSource(Protocol):
-    """Where the pre-training pipeline gets each sample's view (and, from a cache, its teacher targets)."""
+    """Where the pre-training pipeline gets each sample's view (and, from a cache, its teacher targets).
+
+    ``color_jitter`` is the strength the views' jitter factors were drawn with (0: the views carry none, and
+    the decoder is built without the jitter ops)."""
+
+    color_jitter: float
 
     def views(self, keys: Sequence[str], sizes: Sequence[tuple[int, int]], epoch: int) -> list[tuple[int, CropView]]:
         """(view id, view) per sample; ``sizes`` are the source images' (width, height)."""
@@ -94,14 +107,17 @@ class ViewSource(Protocol):
 
 @dataclass(frozen=True)
 class SampledViews:
-    """No cache: a fresh RandomResizedCrop view per (sample, epoch)."""
+    """No cache: a fresh RandomResizedCrop view (+ colour jitter of strength ``color_jitter``) per
+    (sample, epoch)."""
 
     seed: int
     scale: tuple[float, float] = DEFAULT_SCALE
     ratio: tuple[float, float] = DEFAULT_RATIO
+    color_jitter: float = 0.0
 
     def views(self, keys: Sequence[str], sizes: Sequence[tuple[int, int]], epoch: int) -> list[tuple[int, CropView]]:
-        return [(epoch, sample_view(self.seed, k, epoch, w, h, self.scale, self.ratio)) for k, (w, h) in zip(keys, sizes)]
+        return [(epoch, sample_view(self.seed, k, epoch, w, h, self.scale, self.ratio, color_jitter=self.color_jitter))
+                for k, (w, h) in zip(keys, sizes)]
 
     def targets(self, keys: Sequence[str], view_ids: Sequence[int]) -> None:
         return None

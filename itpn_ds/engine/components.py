@@ -107,10 +107,10 @@ def _view_source(cfg: RunConfig) -> Any:
             raise ConfigError("teacher.mode=cache needs teacher.cache (itpn-ds extract-teacher output)")
         teacher = _import("itpn_ds.teacher", "teacher.cache")
         return teacher.TeacherCache(Path(cfg.teacher.cache), shards=Path(cfg.data.shards),
-                                    expected_teacher=expected_cache_teacher(cfg))
+                                    expected_teacher=expected_cache_teacher(cfg), color_jitter=cfg.data.color_jitter)
     from itpn_ds.data.views import SampledViews
 
-    return SampledViews(seed=cfg.schedule.seed)
+    return SampledViews(seed=cfg.schedule.seed, color_jitter=cfg.data.color_jitter)
 
 
 def expected_cache_teacher(cfg: RunConfig) -> dict[str, Any]:

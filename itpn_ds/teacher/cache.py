@@ -7,10 +7,12 @@ builds an in-memory index key -> (file, record batch, first row). A lookup is th
 slice of a memory-mapped buffer.
 
 Per epoch a sample uses view ``view_for_epoch(seed, key, epoch, K)`` of its K cached views, with the seed
-the cache was extracted with, and the pipeline decodes exactly the STORED box and flip.
+the cache was extracted with, and the pipeline decodes exactly the STORED box, flip and colour-jitter
+factors. A cache of format version 1 (no jitter stored) is read as jitter-free views, with a warning.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,8 +21,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from itpn_ds.data.color_jitter import NO_JITTER, JitterFactors
 from itpn_ds.data.views import CropView, view_for_epoch
-from itpn_ds.teacher.cache_format import FORMAT_VERSION, META_KEY, SUFFIX, CacheMeta, cache_file_name
+from itpn_ds.teacher.cache_format import (JITTER_FIELDS, META_KEY, READABLE_VERSIONS, SUFFIX, CacheMeta,
+                                          cache_file_name, column_names)
+
+log = logging.getLogger(__name__)
 
 
 class CacheError(RuntimeError):
@@ -29,11 +35,12 @@ class CacheError(RuntimeError):
 
 @dataclass(frozen=True)
 class _Batch:
-    """Zero-copy numpy views of one record batch: box (N, 4) int32, flip (N,) bool, targets (N, T*D)
-    fp16/int8, scales (N, T) float32 or None."""
+    """Zero-copy numpy views of one record batch: box (N, 4) int32, flip (N,) bool, jitter (N, 3) float32
+    (None in format version 1), targets (N, T*D) fp16/int8, scales (N, T) float32 or None."""
 
     box: np.ndarray
     flip: np.ndarray
+    jitter: np.ndarray | None
     targets: np.ndarray
     scales: np.ndarray | None
 
@@ -46,10 +53,13 @@ class TeacherCache:
                       sample count (None: skip this check).
     expected_teacher: fields of ``TeacherIdentity.as_dict()`` the run requires (e.g. ``{"arch": ...,
                       "resolution": 196, "checkpoint_sha256": ...}``); any mismatch is refused.
+    color_jitter:     the run's colour-jitter strength (``data.color_jitter``); a cache drawn with another
+                      strength is refused, as the cache defines the views (None: skip this check). A cache of
+                      format version 1 holds jitter-free views: it is read with a warning whatever this is.
     """
 
     def __init__(self, directory: str | Path, shards: str | Path | None = None,
-                 expected_teacher: Mapping[str, Any] | None = None) -> None:
+                 expected_teacher: Mapping[str, Any] | None = None, color_jitter: float | None = None) -> None:
         self.directory = Path(directory)
         paths = sorted(self.directory.glob(f"*{SUFFIX}"))
         if not paths:
@@ -60,6 +70,7 @@ class TeacherCache:
         self.meta = self._common_meta(paths, [meta for _, meta in opened])
         if expected_teacher:
             self._check_teacher(expected_teacher)
+        self._check_color_jitter(color_jitter)
         if shards is not None:
             self._check_shards(Path(shards), {p.name: meta for p, (_, meta) in zip(paths, opened)})
         self._batches: list[list[_Batch]] = []
@@ -80,6 +91,11 @@ class TeacherCache:
     def teacher(self) -> dict[str, Any]:
         return self.meta.teacher
 
+    @property
+    def color_jitter(self) -> float:
+        """Strength the stored views' jitter factors were drawn with (0: none; format version 1)."""
+        return self.meta.color_jitter
+
     def __len__(self) -> int:
         """Number of samples."""
         return len(self._index)
@@ -89,7 +105,8 @@ class TeacherCache:
 
     # ---------------------------------------------------------------------------------------- ViewSource
     def views(self, keys: Sequence[str], sizes: Sequence[tuple[int, int]], epoch: int) -> list[tuple[int, CropView]]:
-        """(view id, stored view) per sample for ``epoch``; a stored box outside ``sizes`` is refused."""
+        """(view id, stored view: box, flip, jitter factors) per sample for ``epoch``; a stored box outside
+        ``sizes`` is refused."""
         out = []
         for key, (width, height) in zip(keys, sizes):
             view_id = view_for_epoch(self.meta.seed, key, epoch, self.meta.num_views)
@@ -98,7 +115,8 @@ class TeacherCache:
             if x < 0 or y < 0 or x + w > width or y + h > height:
                 raise CacheError(f"{self.directory}: cached box {(x, y, w, h)} of sample {key!r} view {view_id} "
                                  f"lies outside its {width}x{height} image: the cache was made from other images")
-            out.append((view_id, CropView(x, y, w, h, bool(batch.flip[row]))))
+            jitter = NO_JITTER if batch.jitter is None else JitterFactors(*(float(f) for f in batch.jitter[row]))
+            out.append((view_id, CropView(x, y, w, h, bool(batch.flip[row]), jitter)))
         return out
 
     def targets(self, keys: Sequence[str], view_ids: Sequence[int]) -> torch.Tensor:
@@ -127,9 +145,9 @@ class TeacherCache:
     @staticmethod
     def _common_meta(paths: list[Path], metas: list[CacheMeta]) -> CacheMeta:
         for path, meta in zip(paths, metas):
-            if meta.format_version != FORMAT_VERSION:
+            if meta.format_version not in READABLE_VERSIONS:
                 raise CacheError(f"{path}: cache format version {meta.format_version}, this code reads "
-                                 f"{FORMAT_VERSION}; re-run `itpn-ds extract-teacher`")
+                                 f"{', '.join(map(str, READABLE_VERSIONS))}; re-run `itpn-ds extract-teacher`")
             if meta.shared() != metas[0].shared():
                 diff = {k: (v, metas[0].shared()[k]) for k, v in meta.shared().items() if metas[0].shared()[k] != v}
                 raise CacheError(f"{path} and {paths[0]} come from different extractions: {diff}")
@@ -141,6 +159,17 @@ class TeacherCache:
             detail = ", ".join(f"{k}: cache {have!r}, run {want!r}" for k, (have, want) in wrong.items())
             raise CacheError(f"{self.directory}: teacher cache made with another teacher ({detail}); re-extract "
                              "or point teacher.cache at the matching cache")
+
+    def _check_color_jitter(self, run: float | None) -> None:
+        if self.meta.format_version == 1:
+            applied = f" (data.color_jitter={run} is not applied to them)" if run else ""
+            log.warning("%s: teacher cache of format version 1 stores no colour jitter: its views are replayed "
+                        "jitter-free%s; re-run `itpn-ds extract-teacher` for jittered views", self.directory, applied)
+        elif run is not None and run != self.meta.color_jitter:
+            raise CacheError(f"{self.directory}: the cached views were drawn with colour jitter "
+                             f"{self.meta.color_jitter}, the run has data.color_jitter={run}; the cache defines the "
+                             f"views: set data.color_jitter={self.meta.color_jitter} or re-extract with "
+                             f"`itpn-ds extract-teacher --color-jitter {run}`")
 
     def _check_shards(self, shards: Path, by_name: dict[str, CacheMeta]) -> None:
         from itpn_ds.data.shards import Manifest
@@ -192,9 +221,13 @@ def open_cache_file(path: str | Path) -> tuple[pa.ipc.RecordBatchFileReader, Cac
     if raw is None:
         raise CacheError(f"{path}: not a teacher-cache file (no {META_KEY.decode()} metadata)")
     try:
-        return reader, CacheMeta.from_json(raw, path)
+        meta = CacheMeta.from_json(raw, path)
     except ValueError as exc:
         raise CacheError(str(exc)) from exc
+    if meta.format_version in READABLE_VERSIONS and reader.schema.names != column_names(meta):
+        raise CacheError(f"{path}: columns {reader.schema.names}, a format version {meta.format_version} "
+                         f"{meta.dtype} cache has {column_names(meta)}")
+    return reader, meta
 
 
 def _numpy_batch(rb: pa.RecordBatch, meta: CacheMeta) -> _Batch:
@@ -206,5 +239,6 @@ def _numpy_batch(rb: pa.RecordBatch, meta: CacheMeta) -> _Batch:
 
     size = meta.num_tokens * meta.dim
     return _Batch(box=values("box", 4), flip=rb.column("flip").to_numpy(zero_copy_only=False),
+                  jitter=values("jitter", JITTER_FIELDS) if meta.format_version >= 2 else None,
                   targets=values("targets", size),
                   scales=values("scales", meta.num_tokens) if meta.dtype == "int8" else None)

@@ -9,6 +9,8 @@ key        string                                sample key (as in the shard man
 view       int16                                 view id 0..K-1
 box        fixed_size_list<int32>[4]             crop box x, y, w, h in source-image pixels
 flip       bool                                  horizontal flip
+jitter     fixed_size_list<float32>[3]           colour-jitter factors: brightness, contrast, saturation
+                                                 (1, 1, 1: none); format version 2 on
 targets    fixed_size_list<float16>[T*D]         teacher targets, row-major (T, D)  (dtype ``fp16``)
            fixed_size_list<int8>[T*D]            quantized targets                   (dtype ``int8``)
 scales     fixed_size_list<float32>[T]           per-token scale: target = int8 * scale (``int8`` only)
@@ -17,12 +19,15 @@ scales     fixed_size_list<float32>[T]           per-token scale: target = int8 
 Rows are grouped by sample, views in order 0..K-1, and every record batch holds whole samples, so a
 sample's K rows sit in one batch. The schema metadata key ``itpn_ds.teacher_cache`` holds
 :class:`CacheMeta` as JSON (teacher identity, view policy, dtype, shapes, source shard and its sha256).
+
+Versions: 2 (written) adds the ``jitter`` column and ``CacheMeta.color_jitter`` (the strength the factors
+were drawn with); 1 (still read) has neither: its views are jitter-free.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,7 +38,9 @@ import torch
 from itpn_ds import __version__
 from itpn_ds.data.views import DEFAULT_RATIO, DEFAULT_SCALE, CropView
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2             # written
+READABLE_VERSIONS = (1, 2)     # 1: no jitter column, read as jitter-free views
+JITTER_FIELDS = 3              # brightness, contrast, saturation
 META_KEY = b"itpn_ds.teacher_cache"
 SUFFIX = ".arrow"
 DTYPES = ("fp16", "int8")
@@ -45,9 +52,11 @@ class CacheMeta:
     """What one cache file was made from and how (all files of a cache agree except ``shard*``).
 
     teacher:        ``TeacherIdentity.as_dict()``: arch, checkpoint_sha256, resolution, normalization.
-    num_views:      K views per sample; view ids 0..K-1 drawn by ``sample_view(seed, key, view_id, w, h)``.
+    num_views:      K views per sample; view ids 0..K-1 drawn by ``sample_view(seed, key, view_id, w, h,
+                    color_jitter=color_jitter)``.
     num_tokens/dim: shape (T, D) of one view's targets.
     interp:         resize interpolation of the teacher view (the pipeline's teacher view uses the same).
+    color_jitter:   colour-jitter strength of the views (0: none; always 0 in format version 1).
     shard/shard_sha256/num_samples: the input shard this file covers.
     """
 
@@ -63,6 +72,7 @@ class CacheMeta:
     scale: tuple[float, float] = DEFAULT_SCALE
     ratio: tuple[float, float] = DEFAULT_RATIO
     interp: str = "lanczos"
+    color_jitter: float = 0.0
     format_version: int = FORMAT_VERSION
     tool_version: str = __version__
 
@@ -93,15 +103,25 @@ def cache_file_name(shard_tar: str) -> str:
 
 
 def schema(meta: CacheMeta) -> pa.Schema:
+    """The Arrow schema of a file of the current format version (the writer's)."""
+    if meta.format_version != FORMAT_VERSION:
+        raise ValueError(f"cache files are written in format version {FORMAT_VERSION}, not {meta.format_version}")
     size = meta.num_tokens * meta.dim
     fields = [pa.field("key", pa.string()), pa.field("view", pa.int16()),
-              pa.field("box", pa.list_(pa.int32(), 4)), pa.field("flip", pa.bool_())]
+              pa.field("box", pa.list_(pa.int32(), 4)), pa.field("flip", pa.bool_()),
+              pa.field("jitter", pa.list_(pa.float32(), JITTER_FIELDS))]
     if meta.dtype == "fp16":
         fields.append(pa.field("targets", pa.list_(pa.float16(), size)))
     else:
         fields += [pa.field("targets", pa.list_(pa.int8(), size)),
                    pa.field("scales", pa.list_(pa.float32(), meta.num_tokens))]
     return pa.schema(fields, metadata={META_KEY: meta.to_json()})
+
+
+def column_names(meta: CacheMeta) -> list[str]:
+    """The columns of a file of ``meta``'s format version and dtype (version 1: no ``jitter``)."""
+    names = schema(replace(meta, format_version=FORMAT_VERSION)).names
+    return names if meta.format_version >= 2 else [name for name in names if name != "jitter"]
 
 
 def quantize_int8(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +180,8 @@ class CacheFileWriter:
         targets = torch.cat([t for _, _, t in self._pending])  # (N*K, T, D)
         columns = [pa.array(keys, pa.string()), pa.array(np.tile(np.arange(k, dtype=np.int16), len(self._pending))),
                    _fixed_list(np.array([v.box() for v in views], dtype=np.int32), pa.int32(), 4),
-                   pa.array([v.flip for v in views], pa.bool_())]
+                   pa.array([v.flip for v in views], pa.bool_()),
+                   _fixed_list(np.stack([v.jitter.as_array() for v in views]), pa.float32(), JITTER_FIELDS)]
         if self.meta.dtype == "fp16":
             columns.append(_fixed_list(targets.to(torch.float16).numpy(), pa.float16(), size))
         else:

@@ -1,8 +1,9 @@
 """Teacher extraction: K views per sample -> CLIP targets -> one Arrow cache file per shard.
 
-Views are drawn by ``sample_view(seed, key, view_id, width, height)`` (sizes from the shard manifest) and
-decoded by the same DALI graph the pre-training pipeline replays them with (``ViewDecoder``, lanczos
-resize to the teacher resolution), so cached targets come from exactly the pixels training sees.
+Views are drawn by ``sample_view(seed, key, view_id, width, height, color_jitter=...)`` (sizes from the
+shard manifest) and decoded by the same DALI graph the pre-training pipeline replays them with
+(``ViewDecoder``: box, colour jitter, lanczos resize to the teacher resolution), so cached targets come from
+exactly the pixels training sees. Each row stores its view's box, flip and jitter factors.
 
 Work split: shard i goes to worker ``i % (tasks * world)``, a worker being (SLURM array task, rank):
 ``worker = task * world + rank``. A finished file (renamed from ``.tmp`` on completion) whose metadata
@@ -18,6 +19,7 @@ from typing import Mapping
 import torch
 from tqdm import tqdm
 
+from itpn_ds.data.color_jitter import check_strength
 from itpn_ds.data.shards import Manifest, ShardError, ShardInfo, ShardReader
 from itpn_ds.data.view_decoder import ViewDecoder
 from itpn_ds.data.views import CropView, sample_view
@@ -33,7 +35,9 @@ TEACHER_INTERP = "lanczos"
 class ExtractConfig:
     """shards: ``make-shards`` output; out: cache directory; checkpoint/arch/resolution: the teacher
     (``load_clip_teacher``); num_views: K; seed: view seed (the cache's, replayed by training);
-    dtype: ``fp16`` or ``int8``; batch_size: views per teacher forward; device: ``auto``/``cpu``/``cuda``."""
+    color_jitter: the views' colour-jitter strength in [0, 1) (0: none; training's ``data.color_jitter``
+    must match it); dtype: ``fp16`` or ``int8``; batch_size: views per teacher forward; device:
+    ``auto``/``cpu``/``cuda``."""
 
     shards: Path
     out: Path
@@ -42,6 +46,7 @@ class ExtractConfig:
     resolution: int | None = None
     num_views: int = 8
     seed: int = 0
+    color_jitter: float = 0.4
     dtype: str = "fp16"
     batch_size: int = 256
     device: str = "auto"
@@ -53,6 +58,7 @@ class ExtractConfig:
             raise ValueError(f"num_views must be >= 1, got {self.num_views}")
         if self.batch_size < self.num_views:
             raise ValueError(f"batch_size {self.batch_size} must hold at least one sample's {self.num_views} views")
+        check_strength(self.color_jitter, "color_jitter (--color-jitter)")
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ def extract_cache(cfg: ExtractConfig, worker: Worker | None = None) -> list[Path
     todo = [n for n, shard in enumerate(manifest.shards)
             if worker.owns(n) and not _finished(cfg.out / cache_file_name(shard.tar), _meta(cfg, teacher, shard))]
     decoder = ViewDecoder([(teacher.resolution, TEACHER_INTERP)], device="gpu" if device.type == "cuda" else "cpu",
-                          batch_size=cfg.batch_size, num_threads=cfg.num_threads)
+                          batch_size=cfg.batch_size, num_threads=cfg.num_threads, color_jitter=cfg.color_jitter > 0)
     progress = tqdm(total=sum(manifest.shards[n].num_samples for n in todo), unit="img", unit_scale=True,
                     desc=f"teacher targets (worker {worker.index}/{worker.count})", disable=not cfg.progress)
     written = []
@@ -109,8 +115,8 @@ def _extract_shard(cfg: ExtractConfig, teacher: ClipTeacher, decoder: ViewDecode
         for start in range(indices.start, indices.stop, per_step):
             chunk = range(start, min(start + per_step, indices.stop))
             keys = [manifest.keys[i] for i in chunk]
-            views = [[sample_view(cfg.seed, key, v, *manifest.sizes[i]) for v in range(k)]
-                     for i, key in zip(chunk, keys)]
+            views = [[sample_view(cfg.seed, key, v, *manifest.sizes[i], color_jitter=cfg.color_jitter)
+                      for v in range(k)] for i, key in zip(chunk, keys)]
             encoded = [reader.encoded(i) for i in chunk]
             images = _decode_views(decoder, encoded, views, keys, cfg.shards / shard.tar)
             targets = teacher(images.to(next(teacher.parameters()).device))
@@ -142,7 +148,7 @@ def _decode_views(decoder: ViewDecoder, encoded: list[bytes], views: list[list[C
 def _meta(cfg: ExtractConfig, teacher: ClipTeacher, shard: ShardInfo) -> CacheMeta:
     return CacheMeta(teacher=teacher.identity.as_dict(), dtype=cfg.dtype, num_views=cfg.num_views, seed=cfg.seed,
                      num_tokens=teacher.num_tokens, dim=teacher.dim, shard=shard.tar, shard_sha256=shard.sha256,
-                     num_samples=shard.num_samples, interp=TEACHER_INTERP)
+                     num_samples=shard.num_samples, interp=TEACHER_INTERP, color_jitter=cfg.color_jitter)
 
 
 def _finished(path: Path, expected: CacheMeta) -> bool:
@@ -150,8 +156,8 @@ def _finished(path: Path, expected: CacheMeta) -> bool:
     if not path.exists():
         return False
     _, meta = open_cache_file(path)
-    stale = {k for k in ("teacher", "dtype", "num_views", "seed", "num_tokens", "dim", "shard_sha256",
-                         "num_samples", "format_version") if getattr(meta, k) != getattr(expected, k)}
+    stale = {k for k in ("teacher", "dtype", "num_views", "seed", "color_jitter", "num_tokens", "dim",
+                         "shard_sha256", "num_samples", "format_version") if getattr(meta, k) != getattr(expected, k)}
     if stale:
         raise CacheError(f"{path}: exists but was made differently ({', '.join(sorted(stale))} differ); "
                          "delete it or choose another --out")

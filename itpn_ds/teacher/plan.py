@@ -1,14 +1,15 @@
 """Size of a teacher cache before writing it: bytes and files for (images, K, dtype, teacher).
 
 Byte model per row (one view of one sample): the targets (T*D x 2 bytes fp16, or T*D x 1 + T x 4 bytes of
-scales int8), the key (its UTF-8 bytes + a 4-byte offset), view (2), box (16) and flip (1 bit). Arrow adds a
-little per record batch and per file; ``tests/test_teacher_plan.py`` checks the model against a written file.
+scales int8), the key (its UTF-8 bytes + a 4-byte offset), view (2), box (16), flip (1 bit) and the
+colour-jitter factors (3 x 4). Arrow adds a little per record batch and per file;
+``tests/test_teacher_plan.py`` checks the model against a written file.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from itpn_ds.teacher.cache_format import DTYPES
+from itpn_ds.teacher.cache_format import DTYPES, JITTER_FIELDS
 
 # (tokens, dim) of a teacher's targets at its default resolution (ViT-L/14 at 196 px, ViT-B/16 at 224 px).
 TEACHER_SHAPES = {"ViT-L-14": (196, 768), "ViT-B-16": (196, 512)}
@@ -36,12 +37,12 @@ class CachePlan:
         return self.num_images * self.bytes_per_view
 
 
-def row_bytes(num_tokens: int, dim: int, dtype: str, key_bytes: int) -> float:
+def row_bytes(num_tokens: int, dim: int, dtype: str, key_bytes: float) -> float:
     """Bytes of one row of a cache file (see the module docstring)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     targets = num_tokens * dim * 2 if dtype == "fp16" else num_tokens * dim + 4 * num_tokens
-    return targets + key_bytes + 4 + 2 + 16 + 1 / 8
+    return targets + key_bytes + 4 + 2 + 16 + 1 / 8 + 4 * JITTER_FIELDS
 
 
 def plan_cache(num_images: int, num_views: int, dtype: str, num_tokens: int, dim: int, files: int,
