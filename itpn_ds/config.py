@@ -74,6 +74,10 @@ class DataConfig:
     color_jitter: pre-training colour jitter of each view (torchvision's ColorJitter(s, s, s): brightness,
                   contrast, saturation) in [0, 1), 0: off. A teacher cache defines the views: its strength
                   (``extract-teacher --color-jitter``) must be this one.
+    crop_scale:   pre-training RandomResizedCrop area range (published: 0.08-1 for CLIP, 0.2-1 for pixel); a
+                  teacher cache's boxes were drawn with its own range, which must be this one.
+    normalize:    the student's input statistics: ``imagenet`` (timm's default), ``inception`` (0.5/0.5, the
+                  published iTPN CLIP scripts) or ``clip``; pre-training and fine-tuning of one model should agree.
     rand_augment_ops, rand_augment_magnitude: fine-tuning RandAugment n and m (m of 30; 0 ops: off).
     reprob:       fine-tuning random-erasing probability per image (0: off).
     crop_pct:     evaluation: resize the shorter side to size / crop_pct, then center-crop ``size``; None: as
@@ -89,6 +93,8 @@ class DataConfig:
     on_corrupt: str = "skip"
     num_masked: int | None = None
     color_jitter: float = 0.4
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    normalize: str = "imagenet"
     rand_augment_ops: int = 2
     rand_augment_magnitude: int = 9
     reprob: float = 0.25
@@ -102,6 +108,10 @@ class DataConfig:
         _check_choice("data.loader", self.loader, ("dali", "torch"))
         if not 0 <= self.color_jitter < 1:
             raise ConfigError(f"data.color_jitter must be in [0, 1) (0: off), got {self.color_jitter}")
+        self.crop_scale = tuple(self.crop_scale)
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
+        _check_choice("data.normalize", self.normalize, ("imagenet", "inception", "clip"))
 
 
 @dataclass

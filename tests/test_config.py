@@ -42,6 +42,9 @@ def test_overrides_are_typed_and_dotted():
     ("model.grad_checkpointing=sometimes", "model.grad_checkpointing must be one of"),
     ("optim.betas=[0.9]", "optim.betas must hold 2 values"),
     ("optim.lr", "not of the form key=value"),
+    ("data.normalize=bgr", "data.normalize must be one of"),
+    ("data.crop_scale=[0.5, 0.2]", "data.crop_scale must be [low, high]"),
+    ("optim.layer_decay_depth=-1", "optim.layer_decay_depth must be >= 0"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):

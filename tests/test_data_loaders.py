@@ -131,3 +131,30 @@ def test_torch_backend_gives_the_same_samples_and_nearly_the_same_pixels(demo_sh
         assert (a.images - b.images).abs().mean() < 0.05  # normalized units; decoders differ slightly
         if kind == "pretrain":
             assert torch.equal(a.bool_masked_pos, b.bool_masked_pos)
+
+
+def test_student_normalization_is_the_named_statistics(demo_shards):
+    """data.normalize: the same decoded pixels, normalized by ImageNet's or Inception's mean/std."""
+    from itpn_ds.data.shard_loader import NORMALIZATIONS
+
+    def first_batch(normalize):
+        return next(iter(build_eval_loader(demo_shards, img_size=32, crop_pct=1.0, normalize=normalize, **COMMON)))
+
+    imagenet, inception = first_batch("imagenet"), first_batch("inception")
+    assert imagenet.keys == inception.keys
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    pixels = imagenet.images * std + mean
+    assert NORMALIZATIONS["inception"] == ((0.5,) * 3, (0.5,) * 3)
+    assert torch.allclose(inception.images, (pixels - 0.5) / 0.5, atol=1e-5)
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        first_batch("bogus")
+
+
+def test_sampled_views_follow_the_crop_scale():
+    """data.crop_scale (pixel pre-training: 0.2-1) bounds every box's area fraction (up to rounding)."""
+    views = SampledViews(seed=0, scale=(0.2, 1.0))
+    boxes = [view for _, view in views.views([f"k{i}" for i in range(200)], [(300, 200)] * 200, epoch=0)]
+    fractions = [v.w * v.h / (300 * 200) for v in boxes]
+    assert min(fractions) > 0.19 and max(fractions) <= 1.0
+    default = [v for _, v in SampledViews(seed=0).views([f"k{i}" for i in range(200)], [(300, 200)] * 200, 0)]
+    assert min(v.w * v.h / (300 * 200) for v in default) < 0.19

@@ -208,3 +208,15 @@ def test_cli_names_a_corrupt_sample_and_a_missing_checkpoint(demo_shards, tiny_c
     assert "ViT-L-14.pt not found: nothing is downloaded" in capsys.readouterr().err
     assert cli_main([*args, "--teacher-checkpoint", str(tiny_clip_checkpoint), "--color-jitter", "1.5"]) == 2
     assert "color_jitter (--color-jitter) must be in [0, 1) (0: off), got 1.5" in capsys.readouterr().err
+
+
+def test_run_refuses_a_cache_drawn_with_another_crop_scale(demo_shards, demo_cache):
+    """The cache defines the views: a run whose data.crop_scale differs from the cache's boxes stops."""
+    from itpn_ds.config import ConfigError, load_config
+    from itpn_ds.engine.components import build_loaders
+
+    overrides = ["task=pretrain", f"data.shards={demo_shards}", f"teacher.cache={demo_cache}",
+                 f"teacher.resolution={TINY_RESOLUTION}", f"data.color_jitter={DEMO_CACHE_JITTER}",
+                 "data.crop_scale=[0.2, 1.0]", "data.device=cpu"]
+    with pytest.raises(ConfigError, match=r"crop scale \(0.08, 1.0\) but data.crop_scale is \(0.2, 1.0\)"):
+        build_loaders(load_config("tiny_pretrain_cpu", overrides), rank=0, world_size=1)

@@ -21,10 +21,10 @@ def center_crop_view(width: int, height: int, crop_pct: float) -> CropView:
 
 class EvalLoader(ShardLoader):
     def __init__(self, shards: str | Path, micro_batch: int, img_size: int = 224, crop_pct: float = 0.875,
-                 **kwargs) -> None:
+                 normalize: str = "imagenet", **kwargs) -> None:
         if not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-        super().__init__(shards, [student_output(img_size)], micro_batch, **kwargs)
+        super().__init__(shards, [student_output(img_size, normalize)], micro_batch, **kwargs)
         self.crop_pct = crop_pct
 
     def set_epoch(self, epoch: int) -> None:

@@ -22,9 +22,9 @@ class FinetuneLoader(ShardLoader):
     as ``rand-m9``). reprob: probability of random erasing per image (0: off)."""
 
     def __init__(self, shards: str | Path, micro_batch: int, img_size: int = 224, rand_augment_ops: int = 2,
-                 rand_augment_magnitude: int = 9, reprob: float = 0.25, **kwargs) -> None:
+                 rand_augment_magnitude: int = 9, reprob: float = 0.25, normalize: str = "imagenet", **kwargs) -> None:
         augment = RandAugment(rand_augment_ops, rand_augment_magnitude) if rand_augment_ops > 0 else None
-        super().__init__(shards, [student_output(img_size)], micro_batch, augment=augment, **kwargs)
+        super().__init__(shards, [student_output(img_size, normalize)], micro_batch, augment=augment, **kwargs)
         self.erasing = RandomErasing(reprob) if reprob > 0 else None
 
     def views(self, keys: list[str], sizes: list[tuple[int, int]], indices: np.ndarray) -> tuple[list[int], list[CropView]]:

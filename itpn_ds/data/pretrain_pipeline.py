@@ -27,8 +27,8 @@ class PretrainLoader(ShardLoader):
 
     def __init__(self, shards: str | Path, views: ViewSource, micro_batch: int, img_size: int = 224,
                  teacher_resolution: int = 0, patch_size: int = 16, num_masked: int | None = None,
-                 mask_ratio: float | None = None, **kwargs) -> None:
-        outputs = [student_output(img_size)] + ([(teacher_resolution, "lanczos")] if teacher_resolution else [])
+                 mask_ratio: float | None = None, normalize: str = "imagenet", **kwargs) -> None:
+        outputs = [student_output(img_size, normalize)] + ([(teacher_resolution, "lanczos")] if teacher_resolution else [])
         super().__init__(shards, outputs, micro_batch, color_jitter=views.color_jitter > 0, **kwargs)
         self.view_source = views
         grid = img_size // patch_size

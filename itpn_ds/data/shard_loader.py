@@ -27,15 +27,25 @@ log = logging.getLogger(__name__)
 BACKENDS = ("dali", "torch")  # torch: PIL decoding (itpn_ds.data.torch_loader), same order/views/state
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The student's input normalization, by name (data.normalize): timm's ImageNet default, the Inception 0.5/0.5
+# that iTPN's CLIP scripts use (no --imagenet_default_mean_and_std), and CLIP's own statistics.
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
 
 
 class CorruptSampleError(RuntimeError):
     """A sample whose JPEG DALI cannot decode, met with ``on_corrupt='raise'``."""
 
 
-def student_output(img_size: int) -> ViewOutput:
-    """The network's input: bicubic to ``img_size``, ImageNet mean/std (normalized inside the decoder)."""
-    return ViewOutput(img_size, "cubic", IMAGENET_MEAN, IMAGENET_STD)
+def student_output(img_size: int, normalize: str = "imagenet") -> ViewOutput:
+    """The network's input: bicubic to ``img_size``, normalized inside the decoder by the ``normalize``
+    statistics (a key of ``NORMALIZATIONS``)."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {sorted(NORMALIZATIONS)}, got {normalize!r}")
+    return ViewOutput(img_size, "cubic", *NORMALIZATIONS[normalize])
 
 
 class ShardLoader:

@@ -74,7 +74,7 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
     d = cfg.data
     common = dict(rank=rank, world_size=world_size, micro_batch=d.micro_batch, seed=cfg.schedule.seed,
                   num_threads=d.num_threads, backend=d.loader, device=d.device, on_corrupt=d.on_corrupt,
-                  img_size=cfg.model.kwargs.get("img_size", 224))
+                  img_size=cfg.model.kwargs.get("img_size", 224), normalize=d.normalize)
     train_loader = eval_loader = None
     if train and cfg.task == "pretrain":
         pixel = cfg.pretrain.objective == "pixel"
@@ -106,11 +106,15 @@ def _view_source(cfg: RunConfig) -> Any:
         if not cfg.teacher.cache:
             raise ConfigError("teacher.mode=cache needs teacher.cache (itpn-ds extract-teacher output)")
         teacher = _import("itpn_ds.teacher", "teacher.cache")
-        return teacher.TeacherCache(Path(cfg.teacher.cache), shards=Path(cfg.data.shards),
-                                    expected_teacher=expected_cache_teacher(cfg), color_jitter=cfg.data.color_jitter)
+        cache = teacher.TeacherCache(Path(cfg.teacher.cache), shards=Path(cfg.data.shards),
+                                     expected_teacher=expected_cache_teacher(cfg), color_jitter=cfg.data.color_jitter)
+        if tuple(cache.meta.scale) != tuple(cfg.data.crop_scale):
+            raise ConfigError(f"teacher.cache {cfg.teacher.cache} holds boxes drawn with crop scale {cache.meta.scale} "
+                              f"but data.crop_scale is {cfg.data.crop_scale}: make them agree (the cache defines the views)")
+        return cache
     from itpn_ds.data.views import SampledViews
 
-    return SampledViews(seed=cfg.schedule.seed, color_jitter=cfg.data.color_jitter)
+    return SampledViews(seed=cfg.schedule.seed, scale=cfg.data.crop_scale, color_jitter=cfg.data.color_jitter)
 
 
 def expected_cache_teacher(cfg: RunConfig) -> dict[str, Any]:
