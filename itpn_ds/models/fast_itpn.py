@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from timm.layers import trunc_normal_
 
-from itpn_ds.models.hivit import GradCheckpointing, OptimizerMetadata, drop_path_rates
+from itpn_ds.models.hivit import GradCheckpointing, OptimizerMetadata, StagedBlocks, drop_path_rates
 from itpn_ds.models.layers import (Block, ConvMlpBlock, ConvPatchMerge, Mlp, SplitQKVAttention, SwiGLU,
                                    init_linear_and_norm_)
 
@@ -51,7 +51,7 @@ class FastBlockConfig:
         return Block(self.dim, mlp, norm, attn, self.init_values, drop_path)
 
 
-class FastITPNBackbone(GradCheckpointing, OptimizerMetadata, nn.Module):
+class FastITPNBackbone(StagedBlocks, GradCheckpointing, OptimizerMetadata, nn.Module):
     """NCHW conv stages (``depth_stage1``, merge, ``depth_stage2``, merge) then ``depth`` main blocks.
 
     Input (B, 3, H, W) with H = W = ``img_size`` (the position embedding is not resized at run time).
@@ -102,14 +102,6 @@ class FastITPNBackbone(GradCheckpointing, OptimizerMetadata, nn.Module):
                              f"{self.patch_size}, got {tuple(x.shape)}")
         if H // self.patch_size != self.grid:
             raise ValueError(f"this model's position embedding is for {self.img_size} px; got {H} px")
-
-    @property
-    def stage_blocks(self) -> nn.ModuleList:
-        return self.blocks[:-self.num_main_blocks]
-
-    @property
-    def main_blocks(self) -> nn.ModuleList:
-        return self.blocks[-self.num_main_blocks:]
 
     def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Images -> (tokens (B, N, D) row-major, [stage-1 map (B, D/4, H/4, W/4), stage-2 map (B, D/2, H/8, W/8)]),

@@ -52,6 +52,22 @@ class GradCheckpointing:
 EMBEDDING_PREFIXES = ("patch_embed", "absolute_pos_embed", "pos_embed", "mask_token", "cls_token")
 
 
+class StagedBlocks:
+    """``blocks`` holds the early stages (MLP or conv blocks and merges) and then ``num_main_blocks``
+    attention blocks, as the published models list them."""
+
+    blocks: nn.ModuleList
+    num_main_blocks: int
+
+    @property
+    def stage_blocks(self) -> nn.ModuleList:
+        return self.blocks[:-self.num_main_blocks]
+
+    @property
+    def main_blocks(self) -> nn.ModuleList:
+        return self.blocks[-self.num_main_blocks:]
+
+
 class OptimizerMetadata:
     """What the engine's parameter groups need: names without weight decay and layer ids for lr decay.
 
@@ -91,7 +107,7 @@ class OptimizerMetadata:
         return self.num_lr_layers - 1
 
 
-class HiViT(FeaturePyramid, GradCheckpointing, OptimizerMetadata, nn.Module):
+class HiViT(FeaturePyramid, StagedBlocks, GradCheckpointing, OptimizerMetadata, nn.Module):
     """HiViT backbone (+ iTPN pyramid when ``num_outs`` > 1). Input (B, 3, H, W), H = W = ``img_size``."""
 
     merges_without_layer = (PatchMerge,)
@@ -153,14 +169,6 @@ class HiViT(FeaturePyramid, GradCheckpointing, OptimizerMetadata, nn.Module):
                              f"(rebuild it with img_size={H} and load the checkpoint, which resizes the embeddings)")
 
     # ---- forward pieces -----------------------------------------------------------------------------------
-    @property
-    def stage_blocks(self) -> nn.ModuleList:
-        return self.blocks[:-self.num_main_blocks]
-
-    @property
-    def main_blocks(self) -> nn.ModuleList:
-        return self.blocks[-self.num_main_blocks:]
-
     def forward_stages(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Images -> (tokens (B, N, D), [stage-1 map (B, N, 4, 4, D/4), stage-2 map (B, N, 2, 2, D/2)]).
