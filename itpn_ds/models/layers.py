@@ -53,7 +53,7 @@ def init_linear_and_norm_(module: nn.Module) -> None:
 
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Plain softmax(q·kᵀ/√d + bias)·v in fp32; the reference the fused SDPA path is tested against."""
+    """Plain softmax(q·kᵀ/√d + bias)·v in fp32; the reference both fused paths (SDPA, flex) are tested against."""
     attn = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
     if bias is not None:
         attn = attn + bias.float()
