@@ -2,6 +2,9 @@
 fused SDPA attention against plain-math attention, all in one run.
 
     python benchmarks/model_speed.py [--batch 8] [--iters 3] [--out benchmarks/results/model_speed.json]
+
+``attention_backends_ms``: one iTPN-B main-block attention with its relative-position bias under the SDPA and
+FlexAttention backends (``attention_backend_ms``).
 """
 from __future__ import annotations
 
@@ -67,6 +70,7 @@ def main() -> None:
         "sdpa_speedup_over_math": rows["itpn_base (SDPA)"] / rows["itpn_base (plain-math attention)"],
         "forward_gflops_per_image": {"itpn_base": forward_flops(itpn) / 1e9},
     }
+    result["attention_backends_ms"] = attention_backend_ms()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"{'model':40s} {'images/s':>10s}")
@@ -75,6 +79,49 @@ def main() -> None:
     print(f"iTPN-B time/image relative to ViT-B: {result['itpn_b_time_per_image_vs_vit_b']:.3f} (goal <= 1.15)")
     print(f"SDPA speed-up over plain math: {result['sdpa_speedup_over_math']:.3f}")
     print(f"written to {args.out}")
+
+
+def attention_backend_ms(iters: int = 20, batch: int = 8, grid: int = 14, dim: int = 512, heads: int = 8
+                         ) -> dict[str, float]:
+    """Milliseconds per call of one iTPN-B main-block ``Attention`` (N = grid² tokens, RPE bias, fp32):
+    SDPA forward+backward, forward eager and compiled; flex forward eager (PyTorch's unfused reference) and compiled (the fused
+    Inductor kernel, as under ``torch.compile`` of the block; first call compiles, untimed). Flex has no CPU
+    backward in torch 2.14 (benchmarks/gpu_check.py times it on CUDA). Outputs are checked against SDPA."""
+    torch.manual_seed(0)
+    attn = layers.Attention(dim, heads, rpe_grid=grid)
+    torch.nn.init.normal_(attn.relative_position_bias_table, std=0.02)
+    index = layers.relative_position_index(grid).view(-1)
+    x = torch.randn(batch, grid * grid, dim)
+    compiled = torch.compile(attn, dynamic=False)
+
+    def ms(step) -> float:
+        step()  # warm-up (compiles)
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        return 1e3 * (time.perf_counter() - start) / iters
+
+    def forward(module: torch.nn.Module, backend: str):
+        attn.backend = backend
+        with torch.no_grad():
+            return module(x, index)
+
+    def forward_backward(backend: str) -> None:
+        attn.backend = backend
+        attn.zero_grad(set_to_none=True)
+        attn(x.detach().requires_grad_(), index).sum().backward()
+
+    expected = forward(attn, "sdpa")
+    for module in (attn, compiled):
+        torch.testing.assert_close(forward(module, "flex"), expected, atol=1e-4, rtol=1e-4)
+    rows = {"sdpa forward+backward": ms(lambda: forward_backward("sdpa")),
+            "sdpa forward": ms(lambda: forward(attn, "sdpa")),
+            "sdpa forward (compiled)": ms(lambda: forward(compiled, "sdpa")),
+            "flex forward (eager)": ms(lambda: forward(attn, "flex")),
+            "flex forward (compiled)": ms(lambda: forward(compiled, "flex"))}
+    for name, value in rows.items():
+        print(f"attention ({batch}x{grid * grid} tokens, {heads} heads, dim {dim}) {name:28s} {value:8.2f} ms")
+    return rows
 
 
 if __name__ == "__main__":

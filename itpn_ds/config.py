@@ -30,6 +30,7 @@ OBJECTIVES = ("clip", "pixel")
 TEACHER_MODES = ("cache", "online")
 PRECISIONS = ("bf16", "fp16", "fp32")
 CHECKPOINTING_POLICIES = ("off", "every", "every_k")
+ATTENTION_BACKENDS = ("sdpa", "flex")
 OPTIMIZERS = ("auto", "adamw", "fused_adam", "cpu_adam")
 RESUME_POLICIES = ("auto", "never")
 
@@ -45,6 +46,8 @@ class ModelConfig:
 
     grad_checkpointing: activation checkpointing of backbone and pyramid blocks: ``off``, ``every`` block,
                         or ``every_k`` (every ``checkpoint_every_k``-th block).
+    attention:          ``sdpa`` (relative-position bias as SDPA's additive mask) or ``flex`` (FlexAttention, the
+                        bias read inside the kernel; CUDA training, see docs/models.md). Parameters are the same.
     """
 
     name: str = "clip_tpn_base_3324_patch16_224"
@@ -52,9 +55,11 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     grad_checkpointing: str = "off"
     checkpoint_every_k: int = 2
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         _check_choice("model.grad_checkpointing", self.grad_checkpointing, CHECKPOINTING_POLICIES)
+        _check_choice("model.attention", self.attention, ATTENTION_BACKENDS)
         if self.checkpoint_every_k < 1:
             raise ConfigError(f"model.checkpoint_every_k must be >= 1, got {self.checkpoint_every_k}")
 

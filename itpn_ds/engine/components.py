@@ -26,10 +26,13 @@ def _import(module: str, what: str) -> Any:
 
 
 def build_model(cfg: RunConfig) -> nn.Module:
-    """``timm.create_model(model.name, drop_path_rate, **model.kwargs)`` plus the checkpointing policy."""
+    """``timm.create_model(model.name, drop_path_rate, **model.kwargs)`` plus the checkpointing policy and the
+    attention backend."""
     import timm
 
     _import("itpn_ds.models", "model.name")  # registers the timm names
+    from itpn_ds.models.layers import set_attention_backend
+
     try:
         model = timm.create_model(cfg.model.name, drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
     except RuntimeError as exc:
@@ -39,6 +42,10 @@ def build_model(cfg: RunConfig) -> nn.Module:
     if policy != "off":
         every_k = 1 if policy == "every" else cfg.model.checkpoint_every_k
         model.set_grad_checkpointing(True, every_k=every_k)
+    try:
+        set_attention_backend(model, cfg.model.attention)
+    except ValueError as exc:
+        raise ConfigError(f"model.attention={cfg.model.attention}: {exc}") from exc
     return model
 
 

@@ -10,15 +10,26 @@ Parameter names equal the published implementation's, so official checkpoints lo
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import flex_attention
 from timm.layers import DropPath, trunc_normal_
 
 NormLayer = Callable[[int], nn.Module]
+ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+ATTENTION_BACKENDS = ("sdpa", "flex")
+
+
+@functools.cache
+def compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """``torch.compile(flex_attention)``, built once (Inductor compiles one fused kernel per shape)."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def relative_position_index(grid: int) -> torch.Tensor:
@@ -42,7 +53,7 @@ def init_linear_and_norm_(module: nn.Module) -> None:
 
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Plain softmax(q·kᵀ/√d + bias)·v in fp32; the reference the fused SDPA path is tested against."""
+    """Plain softmax(q·kᵀ/√d + bias)·v in fp32; the reference both fused paths (SDPA, flex) are tested against."""
     attn = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
     if bias is not None:
         attn = attn + bias.float()
@@ -50,10 +61,16 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with an optional relative-position bias, through fused SDPA kernels.
+    """Multi-head self-attention with an optional relative-position bias, through fused kernels.
 
-    The bias ((B or 1), heads, N, N) is passed as SDPA's additive ``attn_mask``, so GPUs run the
-    memory-efficient kernel instead of materialising softmax inputs in Python.
+    ``backend`` (set by :func:`set_attention_backend`, default ``sdpa``):
+
+    - ``sdpa``: the bias ((B or 1), heads, N, N) is gathered from the table and passed as SDPA's additive
+      ``attn_mask``; GPUs then run the memory-efficient kernel (flash attention takes no float mask).
+    - ``flex``: FlexAttention with a ``score_mod`` that adds ``table[rpe_index[q, k], head]`` to each score
+      inside the kernel, so no (heads, N, N) bias is built and GPUs run the fused flex kernel with the bias.
+      CUDA runs the compiled kernel; the CPU runs PyTorch's eager reference (unfused, forward only: torch
+      2.14's FlexAttention has no CPU backward). No attention dropout.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rpe_grid: int | None = None,
@@ -61,6 +78,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.attn_drop = attn_drop
+        self.backend = "sdpa"
         self.relative_position_bias_table = (
             nn.Parameter(torch.zeros((2 * rpe_grid - 1) ** 2, num_heads)) if rpe_grid else None)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -81,15 +99,59 @@ class Attention(nn.Module):
         bias = self.relative_position_bias_table[rpe_index.reshape(-1, n * n)]
         return bias.view(-1, n, n, self.num_heads).permute(0, 3, 1, 2)
 
-    def forward(self, x: torch.Tensor, rpe_index: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv_heads(x)
+    def position_score_mod(self, rpe_index: torch.Tensor | None, batch: int) -> ScoreMod | None:
+        """rpe_index (N²,) or (B, N²) -> a FlexAttention ``score_mod`` adding the bias of (b, head, q, k) to its
+        score, reading the table through the index (nothing of size N² per head is built); None without a table."""
+        table = self.relative_position_bias_table
+        if table is None or rpe_index is None:
+            return None
+        n = math.isqrt(rpe_index.shape[-1])
+        index = rpe_index.reshape(-1, n, n).expand(batch, n, n)
+
+        def add_position_bias(score, b, h, q_idx, kv_idx):
+            return score + table[index[b, q_idx, kv_idx], h].to(score.dtype)
+
+        return add_position_bias
+
+    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe_index: torch.Tensor | None) -> torch.Tensor:
+        """q, k, v (B, heads, N, d) -> (B, heads, N, d) through SDPA, the bias as additive mask."""
         bias = self.position_bias(rpe_index)
         if bias is not None:
             bias = bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=self.attn_drop if self.training else 0.0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                              dropout_p=self.attn_drop if self.training else 0.0)
+
+    def flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe_index: torch.Tensor | None) -> torch.Tensor:
+        """q, k, v (B, heads, N, d) -> (B, heads, N, d) through FlexAttention, the bias as ``score_mod``."""
+        if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+            raise RuntimeError("model.attention=flex: FlexAttention has no backward on the CPU (torch "
+                               f"{torch.__version__}); train on the CPU with model.attention=sdpa")
+        score_mod = self.position_score_mod(rpe_index, q.shape[0])
+        if q.device.type == "cpu" or torch.compiler.is_compiling():  # a compiled caller fuses it itself
+            return flex_attention(q, k, v, score_mod=score_mod)
+        return compiled_flex_attention()(q, k, v, score_mod=score_mod)
+
+    def forward(self, x: torch.Tensor, rpe_index: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv_heads(x)
+        attend = self.flex if self.backend == "flex" else self.sdpa
+        out = attend(q, k, v, rpe_index)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> None:
+    """Run every :class:`Attention` in ``model`` through ``backend`` (``sdpa`` or ``flex``, see Attention).
+
+    Parameters and their names do not change, so checkpoints load the same under either backend.
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    if backend == "flex" and any(m.attn_drop > 0 for m in attentions):
+        raise ValueError("the flex attention backend has no attention dropout; build the model with "
+                         "attn_drop_rate=0 or use the sdpa backend")
+    for m in attentions:
+        m.backend = backend
 
 
 class SplitQKVAttention(Attention):
