@@ -74,6 +74,9 @@ class DataConfig:
     num_threads:  DALI CPU threads per rank.
     loader:       ``dali`` or ``torch`` (the PyTorch fallback loader).
     device:       DALI decoding: ``auto`` (GPU ``mixed`` decoding when CUDA is present), ``cpu`` or ``gpu``.
+    decode:       DALI JPEG decoding of a view: ``roi`` (only the view's box, ``decoders.image_slice``) or
+                  ``full`` (the whole image, then the box cut out: the GPU's hardware JPEG decoder decodes
+                  whole images only). The same pixels either way; the torch loader always decodes whole images.
     on_corrupt:   an undecodable sample met in training: ``skip`` (counted and logged with its key) or ``raise``.
     num_masked:   pre-training block masks: patches masked per image (None: 75 of 196, scaled to the grid).
     color_jitter: pre-training colour jitter of each view (torchvision's ColorJitter(s, s, s): brightness,
@@ -95,6 +98,7 @@ class DataConfig:
     num_threads: int = 2
     loader: str = "dali"
     device: str = "auto"
+    decode: str = "roi"
     on_corrupt: str = "skip"
     num_masked: int | None = None
     color_jitter: float = 0.4
@@ -109,6 +113,7 @@ class DataConfig:
         if self.micro_batch < 1:
             raise ConfigError(f"data.micro_batch must be >= 1, got {self.micro_batch}")
         _check_choice("data.device", self.device, ("auto", "cpu", "gpu"))
+        _check_choice("data.decode", self.decode, ("roi", "full"))
         _check_choice("data.on_corrupt", self.on_corrupt, ("skip", "raise"))
         _check_choice("data.loader", self.loader, ("dali", "torch"))
         if not 0 <= self.color_jitter < 1:

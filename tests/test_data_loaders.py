@@ -158,3 +158,15 @@ def test_sampled_views_follow_the_crop_scale():
     assert min(fractions) > 0.19 and max(fractions) <= 1.0
     default = [v for _, v in SampledViews(seed=0).views([f"k{i}" for i in range(200)], [(300, 200)] * 200, 0)]
     assert min(v.w * v.h / (300 * 200) for v in default) < 0.19
+
+
+@pytest.mark.parametrize("mode", ["roi", "full"])
+def test_data_decode_reaches_the_loaders_decoder(demo_shards, mode):
+    from itpn_ds.config import load_config
+    from itpn_ds.engine.components import build_loaders
+
+    cfg = load_config("tiny_pretrain_cpu", [f"data.shards={demo_shards}", "teacher.mode=online",
+                                            f"data.decode={mode}", "data.device=cpu"])
+    loader, _ = build_loaders(cfg, rank=0, world_size=1)
+    assert loader.decoder.decode_mode == mode
+    assert next(iter(loader)).images.shape == (8, 3, 64, 64)

@@ -70,3 +70,28 @@ def test_single_dali_graph_agrees_with_the_torch_resize_path(demo_shards):
                      .decode([s.data for s in samples], views, params) for t in (True, False))
     assert torch.equal(split[1], single[1])
     assert (split[0] - single[0]).abs().mean() < 0.01
+
+
+@pytest.mark.parametrize("torch_resize", [True, False])
+def test_full_decode_then_crop_gives_the_roi_decoders_pixels(demo_shards, torch_resize):
+    """data.decode=full (whole image, then slice the box) against roi (image_slice): the same pixels, for
+    sampled boxes, a box at the image's corner, a one-pixel-wide box and a whole-image box, with jitter."""
+    reader = ShardReader(demo_shards)
+    samples = [reader.sample(i) for i in range(5)]
+    views = [sample_view(1, s.key, 0, *s.size, color_jitter=0.4) for s in samples]
+    w, h = samples[0].size
+    views[1:4] = [CropView(w - 17, h - 13, 17, 13, True), CropView(3, 0, 1, h, False), CropView(0, 0, w, h, False)]
+    samples[1:4] = [samples[0]] * 3
+    outputs = [(40, "cubic"), (28, "lanczos")]
+    roi, full = (ViewDecoder(outputs, device="cpu", batch_size=8, num_threads=1, torch_resize=torch_resize,
+                             color_jitter=True, decode=mode).decode([s.data for s in samples], views)
+                 for mode in ("roi", "full"))
+    for a, b in zip(roi, full):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() <= 1 / 255 + 1e-6  # at most one uint8 level (libjpeg-turbo's ROI vs full IDCT)
+        assert (a - b).abs().mean() < 1e-3
+
+
+def test_unknown_decode_mode_is_refused():
+    with pytest.raises(ValueError, match="decode must be one of roi, full|decode must be one of"):
+        ViewDecoder([(32, "cubic")], device="cpu", decode="nvjpeg")

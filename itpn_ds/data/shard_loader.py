@@ -56,12 +56,14 @@ class ShardLoader:
                 ``corrupt_count`` and logged with its key) or ``raise``.
     torch_resize: DALI backend on the CPU: cubic/linear outputs resized by torch (default) or by DALI.
     color_jitter: the decoder applies the views' colour-jitter factors (the subclass's views carry them).
+    decode:     DALI backend: ``roi`` (decode only the view's box) or ``full`` (decode the image, then crop);
+                the torch backend always decodes the whole image.
     """
 
     def __init__(self, shards: str | Path, decoder_outputs: list[ViewOutput], micro_batch: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2, device: str = "auto",
                  on_corrupt: str = "skip", augment: SampleAugment | None = None, backend: str = "dali",
-                 torch_resize: bool = True, color_jitter: bool = False) -> None:
+                 torch_resize: bool = True, color_jitter: bool = False, decode: str = "roi") -> None:
         if on_corrupt not in ("skip", "raise"):
             raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
         if backend not in BACKENDS:
@@ -72,7 +74,8 @@ class ShardLoader:
         self.backend = backend
         decoder_cls = ViewDecoder if backend == "dali" else PILViewDecoder
         self.decoder = decoder_cls(decoder_outputs, device=device, batch_size=micro_batch, num_threads=num_threads,
-                                   augment=augment, torch_resize=torch_resize, color_jitter=color_jitter)
+                                   augment=augment, torch_resize=torch_resize, color_jitter=color_jitter,
+                                   decode=decode)
         self.augment = augment
         self.seed = seed
         self.on_corrupt = on_corrupt

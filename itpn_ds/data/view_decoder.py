@@ -1,6 +1,9 @@
 """Decode exactly a view's box of each JPEG with DALI and resize it to one or more output sizes.
 
-The box is decoded by ``decoders.image_slice`` (only the box, in source pixels), colour-jittered with the
+The box is decoded by ``decoders.image_slice`` (only the box, in source pixels; ``decode="roi"``) or, with
+``decode="full"``, the whole image is decoded by ``decoders.image`` and the box cut by ``slice`` (the
+GPU's hardware JPEG decoder, nvJPEG's A100/H100 engine, decodes whole images only, so ROI decoding may
+run on the CUDA cores or the CPU instead; both give the same pixels). The box is then colour-jittered with the
 view's factors (``color_jitter=True``; ``itpn_ds/data/color_jitter.py``), resized once per output,
 optionally augmented (first output only) and normalized by ``crop_mirror_normalize``, which also applies
 the view's horizontal flip. The same decoder serves the pre-training pipeline (student view, optional
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 DEVICES = ("auto", "cpu", "gpu")
+DECODE_MODES = ("roi", "full")  # decode only the view's box, or the whole image then crop the box
 INTERPOLATIONS = ("linear", "cubic", "lanczos", "triangular", "nn")
 TORCH_RESIZE = {"cubic": "bicubic", "linear": "bilinear"}  # interpolations the CPU path resizes with torch
 
@@ -111,13 +115,18 @@ class ViewDecoder:
     torch_resize: CPU only: resize ``cubic``/``linear`` outputs with torch (False: everything in DALI).
     color_jitter: apply each view's jitter factors (``CropView.jitter``) to the decoded box, before every
                   resize. False builds the graphs without the jitter ops and refuses views that carry factors.
+    decode:      ``roi`` (decode only the box, ``decoders.image_slice``) or ``full`` (decode the whole image,
+                 then ``slice`` the box): the same pixels; which is faster depends on the decoder hardware.
     """
 
     def __init__(self, outputs: Sequence[tuple[int, str] | ViewOutput], device: str = "auto", batch_size: int = 32,
                  num_threads: int = 2, device_id: int | None = None, augment: SampleAugment | None = None,
-                 torch_resize: bool = True, color_jitter: bool = False) -> None:
+                 torch_resize: bool = True, color_jitter: bool = False, decode: str = "roi") -> None:
         if not outputs:
             raise ValueError("ViewDecoder needs at least one output")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        self.decode_mode = decode
         self.outputs = [o if isinstance(o, ViewOutput) else ViewOutput(*o) for o in outputs]
         self.device = resolve_device(device)
         self.batch_size = batch_size
@@ -151,15 +160,18 @@ class ViewDecoder:
 
     def _decode_box(self):
         """external sources ``encoded`` (bytes), ``anchor`` (x, y) and ``shape`` (w, h) in source px ->
-        the decoded box, uint8 HWC."""
+        the decoded box, uint8 HWC (``decode_mode``: only the box decoded, or the whole image then sliced)."""
         from nvidia.dali import fn, types
 
         encoded = fn.external_source(name="encoded", dtype=types.UINT8)
         anchor = fn.external_source(name="anchor", dtype=types.FLOAT)
         shape = fn.external_source(name="shape", dtype=types.FLOAT)
-        return fn.decoders.image_slice(encoded, anchor, shape, device="mixed" if self.device == "gpu" else "cpu",
-                                       output_type=types.RGB, axis_names="WH", normalized_anchor=False,
-                                       normalized_shape=False)
+        device = "mixed" if self.device == "gpu" else "cpu"
+        box = dict(axis_names="WH", normalized_anchor=False, normalized_shape=False)
+        if self.decode_mode == "roi":
+            return fn.decoders.image_slice(encoded, anchor, shape, device=device, output_type=types.RGB, **box)
+        image = fn.decoders.image(encoded, device=device, output_type=types.RGB)
+        return fn.slice(image, anchor, shape, **box)
 
     def _box(self):
         """The box every output is resized from: decoded, then with ``color_jitter`` jittered by the

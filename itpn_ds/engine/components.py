@@ -80,7 +80,7 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
         raise ConfigError("data.shards is empty: give the shard directory (itpn-ds make-shards output)")
     d = cfg.data
     common = dict(rank=rank, world_size=world_size, micro_batch=d.micro_batch, seed=cfg.schedule.seed,
-                  num_threads=d.num_threads, backend=d.loader, device=d.device, on_corrupt=d.on_corrupt,
+                  num_threads=d.num_threads, backend=d.loader, device=d.device, decode=d.decode, on_corrupt=d.on_corrupt,
                   img_size=cfg.model.kwargs.get("img_size", 224), normalize=d.normalize)
     train_loader = eval_loader = None
     if train and cfg.task == "pretrain":
