@@ -1,10 +1,13 @@
-"""``itpn-ds plan-cache``: bytes and files a teacher cache needs (fp16 and int8), before extracting it."""
+"""``itpn-ds plan-cache``: bytes and files a teacher cache needs (fp16 and int8), before extracting it, and
+the read bandwidth a run at a given rate needs from it next to the teacher compute it saves."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from itpn_ds.teacher.cache_format import DTYPES
-from itpn_ds.teacher.plan import IMAGENET_1K_IMAGES, TEACHER_SHAPES, plan_cache
+from itpn_ds.teacher.plan import (IMAGENET_1K_IMAGES, PLANNED_IMAGES_PER_S_PER_NODE, TEACHER_SHAPES, cache_reads,
+                                  plan_cache)
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -15,16 +18,30 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--dim", type=int, default=None, help="override the teacher's target width")
     parser.add_argument("--files", type=int, default=1024, help="cache files = input shards")
     parser.add_argument("--dtype", choices=DTYPES, action="append", help="dtype(s) to plan (default both)")
+    parser.add_argument("--node-images-per-s", type=float, default=PLANNED_IMAGES_PER_S_PER_NODE,
+                        help="training images/s per node the reads must keep up with (default: the scaling "
+                             "plan's iTPN-L rate, 953/s per H100 x 8, docs/scaling.md)")
+    parser.add_argument("--nodes", type=int, default=8, help="nodes reading the cache (default 8 = 64 GPUs)")
 
 
 def main(args: argparse.Namespace) -> int:
     tokens, dim = TEACHER_SHAPES[args.teacher]
     tokens, dim = args.tokens or tokens, args.dim or dim
+    if args.node_images_per_s <= 0 or args.nodes < 1:
+        print("itpn-ds plan-cache: error: --node-images-per-s must be > 0 and --nodes >= 1", file=sys.stderr)
+        return 2
     print(f"{args.images:,} images x {args.num_views} views, {args.teacher} targets {tokens} x {dim}, "
-          f"{args.files} files")
-    print(f"{'dtype':6} {'per view':>10} {'total':>10} {'per file':>10} {'read/epoch':>11}")
+          f"{args.files} files; reads at {args.node_images_per_s:,.0f} images/s per node x {args.nodes} nodes")
+    print(f"{'dtype':6} {'per view':>10} {'total':>10} {'per file':>10} {'read/epoch':>11} {'read/node':>11} "
+          f"{'read/cluster':>13}")
     for dtype in args.dtype or DTYPES:
         plan = plan_cache(args.images, args.num_views, dtype, tokens, dim, args.files)
+        reads = cache_reads(plan, args.node_images_per_s, args.nodes, args.teacher)
         print(f"{dtype:6} {plan.bytes_per_view / 1e3:>8.1f}KB {plan.total_bytes / 1e12:>8.3f}TB "
-              f"{plan.total_bytes / args.files / 1e9:>8.2f}GB {plan.read_bytes_per_epoch / 1e9:>9.1f}GB")
+              f"{plan.total_bytes / args.files / 1e9:>8.2f}GB {plan.read_bytes_per_epoch / 1e9:>9.1f}GB "
+              f"{reads.node_bytes_per_s / 1e9:>7.2f}GB/s {reads.cluster_bytes_per_s / 1e9:>9.2f}GB/s")
+    if not (args.tokens or args.dim):
+        print(f"teacher compute saved: {reads.teacher_flops_per_image / 1e9:.1f} GFLOPs per image x "
+              f"{args.node_images_per_s:,.0f} images/s = {reads.node_teacher_flops_per_s / 1e15:.2f} PFLOP/s per node, "
+              f"{reads.nodes * reads.node_teacher_flops_per_s / 1e15:.2f} PFLOP/s for the cluster")
     return 0

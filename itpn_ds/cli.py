@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify-shards": ("data_tools.verify_shards", "check shard checksums, sample counts and index files"),
     "extract-teacher": ("data_tools.extract_teacher", "compute CLIP targets for K views per image into Arrow files"),
     "plan-cache": ("data_tools.plan_cache", "bytes and files a teacher cache needs"),
-    "plan-scaling": ("itpn_ds.scaling", "memory and throughput plan for a model at a GPU count"),
+    "plan-scaling": ("itpn_ds.scaling.command", "memory and throughput plan for a model at a GPU count"),
     "pretrain": ("itpn_ds.engine.commands", "iTPN pre-training on DeepSpeed"),
     "finetune": ("itpn_ds.engine.commands", "fine-tune a classifier on DeepSpeed"),
     "evaluate": ("itpn_ds.engine.commands", "top-1/top-5 evaluation of a checkpoint"),

@@ -187,9 +187,10 @@ def test_cli_prints_a_table_and_writes_json(capsys, tmp_path):
 
 def test_cli_best_and_largest(capsys):
     code, out, _ = run_cli(capsys, *SMALL, "--gpus", "64", "--show", "best")
-    assert code == 0 and out.count("| 64 |") == 1
+    plan, cache = out.split("Teacher cache reads")
+    assert code == 0 and plan.count("| 64 |") == 1 and cache.count("| 64 |") == 1
     code, out, _ = run_cli(capsys, *SMALL, "--gpus", "64", "--show", "largest", "--gpu-memory-gib", "20")
-    assert code == 0 and out.count("| 64 |") == 4  # one row per (stage, policy)
+    assert code == 0 and out.split("Teacher cache reads")[0].count("| 64 |") == 4  # one row per (stage, policy)
 
 
 @pytest.mark.parametrize(
@@ -212,6 +213,19 @@ def test_plan_reads_the_registered_itpn_large_pretraining_model(capsys):
     assert code == 0
     assert "307,452,904 params" in out  # REFERENCE.md's iTPN-L CLIP pre-training count
     assert "| 64 | " in out
+
+
+def test_plan_states_the_cache_read_bandwidth_at_its_own_rate(capsys):
+    """iTPN-L at 64 H100s: 60,980 images/s (953 per GPU, 7,622 per node of 8). One ViT-L-14 row is
+    196 x 768 x 2 + 58 = 301,114 bytes fp16 and 196 x 768 + 4 x 196 + 58 = 151,370 bytes int8, so a node reads
+    7,622 x 301,114 = 2.30 GB/s (fp16) / 1.15 GB/s (int8) and the 8 nodes 18.4 / 9.2 GB/s. The cache saves the
+    teacher's 123.3 GFLOPs per image: 123.3e9 x 953 = 118 TFLOP/s per GPU, 30 % of 989 x 40 %."""
+    code, out, _ = run_cli(capsys, "--model", "clip_tpn_large_2240_patch16_224", "--gpus", "64", "--show", "best")
+    assert code == 0
+    assert "| 64 | 8 | 7,622 | 2.30 | 1.15 | 18.4 | 9.2 | 118 | 30% |" in out.split("Teacher cache reads")[1]
+    code, out, _ = run_cli(capsys, "--model", "clip_tpn_large_2240_patch16_224", "--gpus", "64", "--show", "best",
+                           "--teacher", "online")
+    assert code == 0 and "Teacher cache reads" not in out  # no cache to read
 
 
 

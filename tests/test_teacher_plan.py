@@ -8,7 +8,9 @@ import pyarrow as pa
 from itpn_ds.cli import main as cli_main
 from itpn_ds.data.shards import Manifest
 from itpn_ds.teacher.cache import TeacherCache
-from itpn_ds.teacher.plan import plan_cache, plan_for_teacher, row_bytes
+import pytest
+
+from itpn_ds.teacher.plan import PLANNED_IMAGES_PER_S_PER_NODE, cache_reads, plan_cache, plan_for_teacher, row_bytes
 
 
 def test_byte_model_matches_a_written_cache(demo_cache, demo_shards):
@@ -34,3 +36,39 @@ def test_imagenet_clip_l_figures(capsys):
     assert 0.50 < int8.total_bytes / fp16.total_bytes < 0.51
     assert cli_main(["plan-cache", "--teacher", "ViT-L-14"]) == 0
     assert "3.086TB" in capsys.readouterr().out
+
+
+def test_read_bandwidth_per_node_and_cluster_at_the_planned_rate(capsys):
+    """A ViT-L-14 row: 196 x 768 x 2 + 24 (key) + 4 + 2 + 16 + 1/8 + 12 = 301,114 bytes fp16 and
+    196 x 768 + 4 x 196 + 58 = 151,370 bytes int8; at 7,622 images/s per node a node reads 7,622 x 301,114 =
+    2.295 GB/s fp16 (1.154 GB/s int8) and 8 nodes 18.36 GB/s (9.23 GB/s). The teacher forward it saves:
+    24 blocks x (2 x 197 x 1024 x (4 x 1024 + 2 x 4096) + 4 x 197^2 x 1024) + patch embed 2 x 196 x 588 x 1024
+    + projection 2 x 196 x 1024 x 768 = 123.3 GFLOPs per image, x 7,622 = 0.940 PFLOP/s per node."""
+    fp16, int8 = (cache_reads(plan_for_teacher("ViT-L-14", dtype=d), PLANNED_IMAGES_PER_S_PER_NODE, 8, "ViT-L-14")
+                  for d in ("fp16", "int8"))
+    assert (fp16.bytes_per_view, int8.bytes_per_view) == (301_114, 151_370)
+    assert fp16.node_bytes_per_s == pytest.approx(7_622 * 301_114) and round(fp16.node_bytes_per_s / 1e9, 3) == 2.295
+    assert round(int8.node_bytes_per_s / 1e9, 3) == 1.154
+    assert round(fp16.cluster_bytes_per_s / 1e9, 2) == 18.36 and round(int8.cluster_bytes_per_s / 1e9, 2) == 9.23
+    assert fp16.teacher_flops_per_image == pytest.approx(123.3e9, rel=1e-3)
+    assert fp16.node_teacher_flops_per_s == pytest.approx(0.940e15, rel=1e-3)
+    assert cli_main(["plan-cache", "--teacher", "ViT-L-14"]) == 0
+    out = capsys.readouterr().out
+    assert "2.30GB/s" in out and "18.36GB/s" in out and "0.94 PFLOP/s per node" in out
+    with pytest.raises(ValueError, match="positive rate"):
+        cache_reads(plan_for_teacher("ViT-L-14"), 0, 8)
+
+
+def test_planned_node_rate_is_the_scaling_plans():
+    """PLANNED_IMAGES_PER_S_PER_NODE is what plan-scaling gives iTPN-L on 64 H100s with cached targets."""
+    from itpn_ds.scaling.memory import GPUS
+    from itpn_ds.scaling.plan import Assumptions
+    from itpn_ds.scaling.search import Grid, all_rows, best_rows
+    from itpn_ds.scaling.activations import CheckpointPolicy
+    from itpn_ds.scaling.spec import student_spec
+
+    grid = Grid(gpus=[64], zero_stages=[2], checkpoints=[CheckpointPolicy.parse("none")], micro_batches=[32],
+                global_batch=2048, online_teacher=False)
+    (row,) = best_rows(all_rows(student_spec("clip_tpn_large_2240_patch16_224", 224), GPUS["h100-80gb"], grid,
+                                Assumptions()))
+    assert round(row.images_per_s / 8) == PLANNED_IMAGES_PER_S_PER_NODE

@@ -8,6 +8,3 @@
 - ``plan`` / ``search``: one configuration's row, and the searches the docs show;
 - ``command``: the CLI.
 """
-from itpn_ds.scaling.command import add_arguments, main
-
-__all__ = ["add_arguments", "main"]

@@ -18,6 +18,7 @@ from itpn_ds.scaling.memory import GIB, GPU, GPUS, ZERO_STAGES, DeepSpeedBuffers
 from itpn_ds.scaling.plan import IMAGENET_1K_TRAIN_IMAGES, Assumptions, Config, Row
 from itpn_ds.scaling.search import Grid, all_rows, best_rows, largest_micro_batch
 from itpn_ds.scaling.spec import ModelSpec, student_spec, teacher_spec
+from itpn_ds.teacher.plan import cache_reads, plan_for_teacher
 
 DEFAULT_MODEL = "clip_tpn_large_2240_patch16_224"
 SHOW = ("all", "best", "largest")
@@ -79,6 +80,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(header(spec, gpu, assumptions, args.global_batch, args.teacher))
     print(table(rows))
+    if args.teacher == "cached":
+        print("\nTeacher cache reads at these rates (ImageNet-1K, ViT-L-14 targets, one view per image) and the "
+              "teacher compute they save:\n")
+        print(cache_read_table(rows, gpu, assumptions))
     if args.json:
         payload = {"model": spec.name, "params": spec.n_params, "gpu": gpu.name, "rows": [r.to_dict() for r in rows]}
         args.json.write_text(json.dumps(payload, indent=2))
@@ -157,5 +162,29 @@ def table(rows: Sequence[Row]) -> str:
             f"{row.images_per_s:,.0f}", f"{row.compute_s * 1e3:.1f}", f"{row.comm_s * 1e3:.1f}",
             f"{row.mfu:.1%}", f"{row.hours:.1f}",
         )
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+CACHE_COLUMNS = ("GPUs", "nodes", "img/s per node", "fp16 GB/s per node", "int8 GB/s per node", "fp16 GB/s cluster",
+                 "int8 GB/s cluster", "teacher TFLOP/s saved per GPU", "GPUs' time saved")
+
+
+def cache_read_table(rows: Sequence[Row], gpu: GPU, assumptions: Assumptions) -> str:
+    """Per row: the ViT-L-14 cache's read bandwidth (fp16 and int8) per node and for the cluster at the row's
+    rate, and the teacher forward FLOP/s it replaces (per GPU, and as the share of the GPUs' time at the
+    plan's utilization that running the teacher online would take)."""
+    lines = ["| " + " | ".join(CACHE_COLUMNS) + " |", "|" + "---|" * len(CACHE_COLUMNS)]
+    plans = {dtype: plan_for_teacher("ViT-L-14", dtype=dtype) for dtype in ("fp16", "int8")}
+    for row in rows:
+        gpus = row.config.gpus
+        per_node = row.images_per_s / gpus * min(gpus, gpu.gpus_per_node)
+        nodes = -(-gpus // gpu.gpus_per_node)
+        fp16, int8 = (cache_reads(plans[d], per_node, nodes, "ViT-L-14") for d in ("fp16", "int8"))
+        teacher_per_gpu = fp16.teacher_flops_per_image * row.images_per_s / gpus
+        cells = (gpus, nodes, f"{per_node:,.0f}", f"{fp16.node_bytes_per_s / 1e9:.2f}",
+                 f"{int8.node_bytes_per_s / 1e9:.2f}", f"{fp16.cluster_bytes_per_s / 1e9:.1f}",
+                 f"{int8.cluster_bytes_per_s / 1e9:.1f}", f"{teacher_per_gpu / 1e12:.0f}",
+                 f"{teacher_per_gpu / (gpu.peak_bf16_flops * assumptions.hfu):.0%}")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)

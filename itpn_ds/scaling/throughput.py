@@ -41,6 +41,8 @@ class ViTSpec:
 
 # CLIP ViT-L/14 as the iTPN recipe runs it: 196 px input -> 14 x 14 patches + class token.
 CLIP_L14_196 = ViTSpec(image_size=196, patch_size=14, width=1024, depth=24, mlp_dim=4096, out_dim=768)
+# CLIP ViT-B/16 at its native 224 px: 14 x 14 patches + class token.
+CLIP_B16_224 = ViTSpec(image_size=224, patch_size=16, width=768, depth=12, mlp_dim=3072, out_dim=512)
 
 
 def vit_forward_flops(spec: ViTSpec) -> float:

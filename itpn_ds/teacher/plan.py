@@ -4,15 +4,26 @@ Byte model per row (one view of one sample): the targets (T*D x 2 bytes fp16, or
 scales int8), the key (its UTF-8 bytes + a 4-byte offset), view (2), box (16), flip (1 bit) and the
 colour-jitter factors (3 x 4). Arrow adds a little per record batch and per file;
 ``tests/test_teacher_plan.py`` checks the model against a written file.
+
+Read bandwidth: training reads one view (one row) per image it trains on, so a node consuming ``r``
+images/s reads ``r x bytes_per_view`` bytes/s of targets (random rows within each file), and the cluster
+``nodes`` times that. What those bytes save is the teacher's forward pass on every image
+(``vit_forward_flops`` of the teacher, FLOP/s = FLOPs per image x images/s).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from itpn_ds.scaling.throughput import CLIP_B16_224, CLIP_L14_196, ViTSpec, vit_forward_flops
 from itpn_ds.teacher.cache_format import DTYPES, JITTER_FIELDS
 
-# (tokens, dim) of a teacher's targets at its default resolution (ViT-L/14 at 196 px, ViT-B/16 at 224 px).
-TEACHER_SHAPES = {"ViT-L-14": (196, 768), "ViT-B-16": (196, 512)}
+# The teachers at their default resolution (ViT-L/14 at 196 px, ViT-B/16 at 224 px), and the (tokens, dim)
+# of their targets: the patch tokens (class token dropped) x the projection width.
+TEACHER_VITS: dict[str, ViTSpec] = {"ViT-L-14": CLIP_L14_196, "ViT-B-16": CLIP_B16_224}
+TEACHER_SHAPES = {name: (vit.patches, vit.out_dim) for name, vit in TEACHER_VITS.items()}
+# The scaling plan's iTPN-L (clip_tpn_large_2240_patch16_224) rate with cached targets: 60,980 images/s on
+# 64 H100s at 40 % utilization (docs/scaling.md), 953 per GPU: 60,980 / 8 per node of 8 GPUs.
+PLANNED_IMAGES_PER_S_PER_NODE = 7_622
 IMAGENET_1K_IMAGES = 1_281_167
 FILE_OVERHEAD_BYTES = 4096      # schema + metadata + footer, generous
 BATCH_OVERHEAD_BYTES = 1024     # record-batch message header + buffer padding, generous
@@ -61,3 +72,38 @@ def plan_for_teacher(arch: str, num_images: int = IMAGENET_1K_IMAGES, num_views:
         raise ValueError(f"unknown teacher {arch!r}; known: {sorted(TEACHER_SHAPES)} (or call plan_cache)")
     tokens, dim = TEACHER_SHAPES[arch]
     return plan_cache(num_images, num_views, dtype, tokens, dim, files)
+
+
+@dataclass(frozen=True)
+class CacheReads:
+    """The cache's read bandwidth at a training rate, and the teacher compute the reads replace.
+
+    bytes_per_view: one row (``CachePlan.bytes_per_view``); images_per_s_per_node: the node's training rate;
+    teacher_flops_per_image: the teacher's forward FLOPs per image (0 when unknown)."""
+
+    bytes_per_view: int
+    images_per_s_per_node: float
+    nodes: int
+    teacher_flops_per_image: float = 0.0
+
+    @property
+    def node_bytes_per_s(self) -> float:
+        return self.images_per_s_per_node * self.bytes_per_view
+
+    @property
+    def cluster_bytes_per_s(self) -> float:
+        return self.nodes * self.node_bytes_per_s
+
+    @property
+    def node_teacher_flops_per_s(self) -> float:
+        """Teacher FLOP/s one node would spend computing the targets online."""
+        return self.images_per_s_per_node * self.teacher_flops_per_image
+
+
+def cache_reads(plan: CachePlan, images_per_s_per_node: float, nodes: int, arch: str | None = None) -> CacheReads:
+    """``plan``'s read bandwidth at ``images_per_s_per_node`` on ``nodes`` nodes; ``arch`` (a key of
+    ``TEACHER_VITS``) adds the teacher FLOP/s the cache saves."""
+    if images_per_s_per_node <= 0 or nodes < 1:
+        raise ValueError(f"need a positive rate and >= 1 node, got {images_per_s_per_node} images/s, {nodes} nodes")
+    flops = vit_forward_flops(TEACHER_VITS[arch]) if arch in TEACHER_VITS else 0.0
+    return CacheReads(plan.bytes_per_view, images_per_s_per_node, nodes, flops)
