@@ -8,13 +8,14 @@ Supported launchers, detected in this order:
   MASTER_ADDR / MASTER_PORT in the environment win (the sbatch scripts compute them once per job with
   ``python -m itpn_ds.distributed``, sparing the controller one ``scontrol`` call per task).
   Only a step counts: a batch script also carries SLURM_PROCID/SLURM_NTASKS, but it is one process.
-- none of the above: a single process (rank 0 of 1).
+- none of the above: a single process (rank 0 of 1) on MASTER_PORT, or on a free local port when unset.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -78,8 +79,16 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
         world = env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]
         return DistEnv(rank=int(env["SLURM_PROCID"]), local_rank=int(env.get("SLURM_LOCALID", 0)),
                        world_size=int(world), master_addr=addr, master_port=port, launcher="slurm")
-    return DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1",
-                   master_port=int(env.get("MASTER_PORT", 29500)), launcher="single")
+    port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else free_local_port()
+    return DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=port, launcher="single")
+
+
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 now: a single process rendezvouses with itself, so two single-process
+    commands on one machine (or one beside a torchrun job on 29500) must not share a fixed port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def export(dist: DistEnv) -> None:

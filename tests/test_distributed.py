@@ -40,3 +40,14 @@ def test_master_is_the_node_address_scontrol_reports(slurm_cluster, monkeypatch)
     assert first_node_address("c[1-2]") == "127.0.0.1"
     with pytest.raises(RuntimeError, match="scontrol"):
         first_node_address("nosuchnode[1-2]x")
+
+
+def test_single_processes_rendezvous_on_a_free_port_unless_one_is_given():
+    """Two single-process commands on one machine must not collide on a fixed port (29500)."""
+    import socket
+
+    first = detect({})
+    with socket.socket() as taken:  # the port the first one chose is busy now; the next picks another
+        taken.bind(("127.0.0.1", first.master_port))
+        assert detect({}).master_port != first.master_port
+    assert detect({"MASTER_PORT": "29511"}).master_port == 29511
