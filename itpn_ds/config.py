@@ -30,6 +30,7 @@ OBJECTIVES = ("clip", "pixel")
 TEACHER_MODES = ("cache", "online")
 PRECISIONS = ("bf16", "fp16", "fp32")
 CHECKPOINTING_POLICIES = ("off", "every", "every_k")
+COMPILE_MODES = ("off", "on")
 OPTIMIZERS = ("auto", "adamw", "fused_adam", "cpu_adam")
 RESUME_POLICIES = ("auto", "never")
 
@@ -45,6 +46,8 @@ class ModelConfig:
 
     grad_checkpointing: activation checkpointing of backbone and pyramid blocks: ``off``, ``every`` block,
                         or ``every_k`` (every ``checkpoint_every_k``-th block).
+    compile:            ``on``: regional ``torch.compile`` of each repeated block (``itpn_ds.models.compile``);
+                        ``off``: eager.
     """
 
     name: str = "clip_tpn_base_3324_patch16_224"
@@ -52,9 +55,11 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     grad_checkpointing: str = "off"
     checkpoint_every_k: int = 2
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         _check_choice("model.grad_checkpointing", self.grad_checkpointing, CHECKPOINTING_POLICIES)
+        _check_choice("model.compile", self.compile, COMPILE_MODES)
         if self.checkpoint_every_k < 1:
             raise ConfigError(f"model.checkpoint_every_k must be >= 1, got {self.checkpoint_every_k}")
 

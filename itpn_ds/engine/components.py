@@ -26,7 +26,9 @@ def _import(module: str, what: str) -> Any:
 
 
 def build_model(cfg: RunConfig) -> nn.Module:
-    """``timm.create_model(model.name, drop_path_rate, **model.kwargs)`` plus the checkpointing policy."""
+    """``timm.create_model(model.name, drop_path_rate, **model.kwargs)``, the checkpointing policy, then (with
+    ``model.compile=on``) regional compilation of the repeated blocks (``itpn_ds.models.compile``: compiled
+    blocks run inside the policy's checkpoints)."""
     import timm
 
     _import("itpn_ds.models", "model.name")  # registers the timm names
@@ -39,6 +41,13 @@ def build_model(cfg: RunConfig) -> nn.Module:
     if policy != "off":
         every_k = 1 if policy == "every" else cfg.model.checkpoint_every_k
         model.set_grad_checkpointing(True, every_k=every_k)
+    if cfg.model.compile == "on":
+        from itpn_ds.models.compile import compile_repeated_blocks
+
+        try:
+            compile_repeated_blocks(model)
+        except ValueError as exc:
+            raise ConfigError(f"model.compile=on with model.name={cfg.model.name!r}: {exc}; use model.compile=off") from exc
     return model
 
 
