@@ -94,6 +94,7 @@ def test_build_model_compiles_every_repeated_block_and_keeps_the_parameter_names
     assert len(blocks) == 13 and all(b._compiled_call_impl is not None for b in blocks)
     assert not any(b._compiled_call_impl is not None for b in repeated_blocks(eager))
     assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert torch._dynamo.config.recompile_limit >= 2 * len(blocks)
 
 
 def test_compiled_clip_distillation_with_its_mask_and_checkpointing_matches_eager():

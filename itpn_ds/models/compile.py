@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch._dynamo
 from torch import nn
 
 from itpn_ds.models.layers import Block, ConvMlpBlock
@@ -46,11 +47,17 @@ def repeated_blocks(model: nn.Module) -> Iterator[nn.Module]:
 def compile_repeated_blocks(model: nn.Module) -> int:
     """Compile each repeated block of ``model`` in place (static shapes, inductor); returns how many.
 
+    Every graph of every ``Block`` (block type x input shape x train/eval) is a cache entry on the one code
+    object of ``Block.forward``; dynamo's default limit of 8 entries per code object would leave the blocks
+    beyond it eager (a CLIP-distillation model has 7, a second model in the same process more). The limit is
+    raised to twice the number of blocks, which bounds it by the model and still stops runaway recompiles.
+
     Raises ``ValueError`` for a model without any (it is not one of ours: there would be nothing to compile).
     """
     blocks = list(repeated_blocks(model))
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no repeated blocks in {', '.join(BLOCK_LISTS)} to compile")
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks))
     for block in blocks:
         block.compile(dynamic=False)
     return len(blocks)
