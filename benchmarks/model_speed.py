@@ -1,8 +1,14 @@
-"""Forward+backward images/s at 224 px on this machine: iTPN-B against timm's ViT-B/16 (similar FLOPs), and
-fused SDPA attention against plain-math attention, all in one run.
+"""Forward+backward images/s at 224 px on this machine, eager and compiled, all in one run: iTPN-B against
+timm's ViT-B/16 (similar FLOPs), the CLIP-distillation model with its mask, and fused SDPA attention against
+plain-math attention.
 
     python benchmarks/model_speed.py [--batch 8] [--iters 3] [--out benchmarks/results/model_speed.json]
 
+``eager_vs_compiled``: per model, eager and regionally compiled (``model.compile=on``: each repeated block
+compiled in place by ``itpn_ds.models.compile``; ViT-B's ``blocks`` the same way) images/s, and the compile
+time (the first compiled step less one steady step), apart from the step time.
+``load_average``: the 1-minute load average before and after the run (other jobs on the machine skew the
+absolute figures; the side-by-side ratios less).
 ``attention_backends_ms``: one iTPN-B main-block attention with its relative-position bias under the SDPA and
 FlexAttention backends (``attention_backend_ms``).
 """
@@ -10,28 +16,78 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import timm
 import torch
+from torch import nn
 
 import itpn_ds  # noqa: F401  (registers the iTPN names)
+from itpn_ds.data.masking import BlockMaskGenerator
 from itpn_ds.models import layers
+from itpn_ds.models.compile import compile_repeated_blocks
 from itpn_ds.models.flops import forward_flops
 
+IMG_SIZE = 224
+Inputs = tuple[torch.Tensor, ...]
 
-def images_per_second(model: torch.nn.Module, batch: int, iters: int, img_size: int = 224) -> float:
-    """Images per second over ``iters`` timed forward+backward steps, after one warm-up step."""
-    x = torch.randn(batch, 3, img_size, img_size)
+
+def train_step(model: nn.Module, inputs: Inputs) -> None:
+    """One forward+backward; the loss is the mean of every output (a tensor or a tuple of them)."""
+    model.zero_grad(set_to_none=True)
+    out = model(*inputs)
+    sum(o.float().mean() for o in (out if isinstance(out, tuple) else (out,))).backward()
+
+
+def seconds_per_step(model: nn.Module, inputs: Inputs, iters: int) -> tuple[float, float]:
+    """(first step s, mean s of ``iters`` further steps): the first one warms up (and compiles)."""
     model.train()
-    model(x).float().mean().backward()  # warm-up
+    start = time.perf_counter()
+    train_step(model, inputs)
+    first = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(iters):
-        model.zero_grad(set_to_none=True)
-        model(x).float().mean().backward()
-    return batch * iters / (time.perf_counter() - start)
+        train_step(model, inputs)
+    return first, (time.perf_counter() - start) / iters
+
+
+def compile_vit_blocks(model: nn.Module) -> None:
+    """timm ViT's ``blocks`` compiled in place, as ``compile_repeated_blocks`` does ours."""
+    for block in model.blocks:
+        block.compile(dynamic=False)
+
+
+def eager_and_compiled(build: Callable[[], nn.Module], compile_model: Callable[[nn.Module], object],
+                       inputs: Inputs, iters: int) -> dict[str, float]:
+    """Eager and compiled images/s of two identically initialised models, and the compile time in s."""
+    batch = inputs[0].shape[0]
+    torch.manual_seed(0)
+    _, eager_s = seconds_per_step(build(), inputs, iters)
+    torch.manual_seed(0)
+    compiled = build()
+    compile_model(compiled)
+    first_s, compiled_s = seconds_per_step(compiled, inputs, iters)
+    return {"eager_images_per_s": batch / eager_s, "compiled_images_per_s": batch / compiled_s,
+            "compile_s": first_s - compiled_s, "compiled_speedup": eager_s / compiled_s}
+
+
+def benchmarked_models(batch: int) -> dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], object], Inputs]]:
+    """name -> (builder, regional compilation, inputs): the iTPN-B classifier, the CLIP-distillation iTPN-B
+    with block masks of 75 of 196 patches, timm's ViT-B/16."""
+    images = torch.randn(batch, 3, IMG_SIZE, IMG_SIZE)
+    mask = BlockMaskGenerator(IMG_SIZE // 16, IMG_SIZE // 16).batch(seed=0, epoch=0, indices=list(range(batch)))
+    return {
+        "itpn_base": (lambda: timm.create_model("itpn_base_3324_patch16_224", num_classes=1000),
+                      compile_repeated_blocks, (images,)),
+        "clip_tpn_base_3324_patch16_224 (mask)": (lambda: timm.create_model("clip_tpn_base_3324_patch16_224"),
+                                                  compile_repeated_blocks, (images, mask)),
+        "vit_base_patch16_224": (lambda: timm.create_model("vit_base_patch16_224", num_classes=1000),
+                                 compile_vit_blocks, (images,)),
+    }
 
 
 def plain_math_forward(self, x, rpe_index=None):
@@ -42,42 +98,47 @@ def plain_math_forward(self, x, rpe_index=None):
     return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 
 
+def plain_math_images_per_second(batch: int, iters: int) -> float:
+    """Eager iTPN-B images/s with plain-math attention (``plain_math_forward``) in place of SDPA."""
+    torch.manual_seed(0)
+    itpn = timm.create_model("itpn_base_3324_patch16_224", num_classes=1000)
+    sdpa_forward = layers.Attention.forward
+    layers.Attention.forward = plain_math_forward
+    try:
+        return batch / seconds_per_step(itpn, (torch.randn(batch, 3, IMG_SIZE, IMG_SIZE),), iters)[1]
+    finally:
+        layers.Attention.forward = sdpa_forward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/model_speed.json")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    itpn = timm.create_model("itpn_base_3324_patch16_224", num_classes=1000)
-    vit = timm.create_model("vit_base_patch16_224", num_classes=1000)
-    rows = {
-        "itpn_base (SDPA)": images_per_second(itpn, args.batch, args.iters),
-        "vit_base_patch16_224": images_per_second(vit, args.batch, args.iters),
-    }
-    sdpa_forward = layers.Attention.forward
-    layers.Attention.forward = plain_math_forward
-    try:
-        rows["itpn_base (plain-math attention)"] = images_per_second(itpn, args.batch, args.iters)
-    finally:
-        layers.Attention.forward = sdpa_forward
+    load_before = os.getloadavg()[0]
+    compared = {name: eager_and_compiled(build, compile_model, inputs, args.iters)
+                for name, (build, compile_model, inputs) in benchmarked_models(args.batch).items()}
+    itpn, vit = compared["itpn_base"], compared["vit_base_patch16_224"]
+    rows = {"itpn_base (SDPA)": itpn["eager_images_per_s"], "vit_base_patch16_224": vit["eager_images_per_s"],
+            "itpn_base (plain-math attention)": plain_math_images_per_second(args.batch, args.iters)}
     result = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                    f"cuda={torch.cuda.is_available()}",
         "batch": args.batch, "iters": args.iters,
         "images_per_s": rows,
-        "itpn_b_time_per_image_vs_vit_b": rows["vit_base_patch16_224"] / rows["itpn_base (SDPA)"],
+        "eager_vs_compiled": compared,
+        "itpn_b_time_per_image_vs_vit_b": vit["eager_images_per_s"] / itpn["eager_images_per_s"],
+        "itpn_b_time_per_image_vs_vit_b_compiled": vit["compiled_images_per_s"] / itpn["compiled_images_per_s"],
         "sdpa_speedup_over_math": rows["itpn_base (SDPA)"] / rows["itpn_base (plain-math attention)"],
-        "forward_gflops_per_image": {"itpn_base": forward_flops(itpn) / 1e9},
+        "forward_gflops_per_image": {"itpn_base": forward_flops(
+            timm.create_model("itpn_base_3324_patch16_224", num_classes=1000)) / 1e9},
+        "load_average": {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()},
     }
     result["attention_backends_ms"] = attention_backend_ms()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"{'model':40s} {'images/s':>10s}")
-    for name, value in rows.items():
-        print(f"{name:40s} {value:10.2f}")
-    print(f"iTPN-B time/image relative to ViT-B: {result['itpn_b_time_per_image_vs_vit_b']:.3f} (goal <= 1.15)")
-    print(f"SDPA speed-up over plain math: {result['sdpa_speedup_over_math']:.3f}")
+    print_table(result)
     print(f"written to {args.out}")
 
 
@@ -122,6 +183,17 @@ def attention_backend_ms(iters: int = 20, batch: int = 8, grid: int = 14, dim: i
     for name, value in rows.items():
         print(f"attention ({batch}x{grid * grid} tokens, {heads} heads, dim {dim}) {name:28s} {value:8.2f} ms")
     return rows
+def print_table(result: dict) -> None:
+    print(f"{'model':40s} {'eager img/s':>12s} {'compiled img/s':>15s} {'speed-up':>9s} {'compile s':>10s}")
+    for name, row in result["eager_vs_compiled"].items():
+        print(f"{name:40s} {row['eager_images_per_s']:12.2f} {row['compiled_images_per_s']:15.2f} "
+              f"{row['compiled_speedup']:9.2f} {row['compile_s']:10.1f}")
+    print(f"{'itpn_base (plain-math attention)':40s} {result['images_per_s']['itpn_base (plain-math attention)']:12.2f}")
+    print(f"iTPN-B time/image relative to ViT-B: eager {result['itpn_b_time_per_image_vs_vit_b']:.3f}, compiled "
+          f"{result['itpn_b_time_per_image_vs_vit_b_compiled']:.3f} (goal <= 1.15)")
+    print(f"SDPA speed-up over plain math: {result['sdpa_speedup_over_math']:.3f}")
+    load = result["load_average"]
+    print(f"load average (1 min) before {load['before']:.2f}, after {load['after']:.2f}, on {load['cpus']} CPUs")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ TEACHER_MODES = ("cache", "online")
 PRECISIONS = ("bf16", "fp16", "fp32")
 CHECKPOINTING_POLICIES = ("off", "every", "every_k")
 ATTENTION_BACKENDS = ("sdpa", "flex")
+COMPILE_MODES = ("off", "on")
 OPTIMIZERS = ("auto", "adamw", "fused_adam", "cpu_adam")
 RESUME_POLICIES = ("auto", "never")
 
@@ -48,6 +49,8 @@ class ModelConfig:
                         or ``every_k`` (every ``checkpoint_every_k``-th block).
     attention:          ``sdpa`` (relative-position bias as SDPA's additive mask) or ``flex`` (FlexAttention, the
                         bias read inside the kernel; CUDA training, see docs/models.md). Parameters are the same.
+    compile:            ``on``: regional ``torch.compile`` of each repeated block (``itpn_ds.models.compile``);
+                        ``off``: eager.
     """
 
     name: str = "clip_tpn_base_3324_patch16_224"
@@ -56,10 +59,12 @@ class ModelConfig:
     grad_checkpointing: str = "off"
     checkpoint_every_k: int = 2
     attention: str = "sdpa"
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         _check_choice("model.grad_checkpointing", self.grad_checkpointing, CHECKPOINTING_POLICIES)
         _check_choice("model.attention", self.attention, ATTENTION_BACKENDS)
+        _check_choice("model.compile", self.compile, COMPILE_MODES)
         if self.checkpoint_every_k < 1:
             raise ConfigError(f"model.checkpoint_every_k must be >= 1, got {self.checkpoint_every_k}")
 

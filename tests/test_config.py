@@ -40,6 +40,7 @@ def test_overrides_are_typed_and_dotted():
     ("optim.lr=fast", "optim.lr must be a number"),
     ("schedule.epochs=1.5", "schedule.epochs must be an integer"),
     ("model.grad_checkpointing=sometimes", "model.grad_checkpointing must be one of"),
+    ("model.compile=max-autotune", "model.compile must be one of"),
     ("optim.betas=[0.9]", "optim.betas must hold 2 values"),
     ("optim.lr", "not of the form key=value"),
     ("data.normalize=bgr", "data.normalize must be one of"),

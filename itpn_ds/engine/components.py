@@ -26,8 +26,9 @@ def _import(module: str, what: str) -> Any:
 
 
 def build_model(cfg: RunConfig) -> nn.Module:
-    """``timm.create_model(model.name, drop_path_rate, **model.kwargs)`` plus the checkpointing policy and the
-    attention backend."""
+    """``timm.create_model(model.name, drop_path_rate, **model.kwargs)``, the checkpointing policy, the attention
+    backend, then (with ``model.compile=on``) regional compilation of the repeated blocks
+    (``itpn_ds.models.compile``: compiled blocks run inside the policy's checkpoints)."""
     import timm
 
     _import("itpn_ds.models", "model.name")  # registers the timm names
@@ -46,6 +47,13 @@ def build_model(cfg: RunConfig) -> nn.Module:
         set_attention_backend(model, cfg.model.attention)
     except ValueError as exc:
         raise ConfigError(f"model.attention={cfg.model.attention}: {exc}") from exc
+    if cfg.model.compile == "on":
+        from itpn_ds.models.compile import compile_repeated_blocks
+
+        try:
+            compile_repeated_blocks(model)
+        except ValueError as exc:
+            raise ConfigError(f"model.compile=on with model.name={cfg.model.name!r}: {exc}; use model.compile=off") from exc
     return model
 
 

@@ -1,0 +1,126 @@
+"""``model.compile=on`` (regional compilation of the repeated blocks, ``itpn_ds.models.compile``).
+
+Through the real engine (CLI, 2 CPU ranks, DALI, teacher cache, tiny iTPN): compiled and eager losses agree
+under ZeRO-2 (the demo recipes' stage) and ZeRO-3 (all parameters partitioned, so its hooks gather every
+block's weights inside compiled blocks); a compiled run SIGKILLed mid-run resumes to the uninterrupted run's
+losses. In process (``build_model``): both objectives under activation checkpointing match eager losses and
+gradients, parameter names are unchanged, and a model without our block lists is refused. ZeRO-0/1 change
+nothing in the module tree (no hooks; only the optimizer state is partitioned), so ``build_model``'s model is
+what they run.
+
+Inductor caches its kernels under /tmp, so the tests share the tiny recipe's shapes: the first one compiles.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from itpn_ds.config import ConfigError, load_config
+from itpn_ds.engine.components import build_model
+from itpn_ds.models.compile import repeated_blocks
+from itpn_ds.models.pixel_mae import random_masking
+from tests.fixtures.cli import losses_by_step, zero3_config_partitioning_all
+from tests.test_engine_zero import pretrain, succeeded
+
+STEPS = 6
+BF16_REL = 0.03  # bf16 weights: compiled kernels round in other places than eager ones
+
+
+def run(run_dir: Path, shards: Path, cache: Path, *overrides: str):
+    return pretrain(run_dir, shards, cache, f"schedule.max_steps={STEPS}", "checkpoint.every_steps=3",
+                    "checkpoint.keep_last=3", *overrides)
+
+
+def assert_losses_agree(got: dict[int, float], want: dict[int, float], steps: list[int]) -> None:
+    assert sorted(got) == steps, got
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], rel=BF16_REL), (step, got, want)
+
+
+@pytest.fixture(scope="module")
+def eager_losses(demo_shards, demo_cache, tmp_path_factory) -> dict[int, float]:
+    out = succeeded(run(tmp_path_factory.mktemp("eager"), demo_shards, demo_cache))
+    return losses_by_step(out)
+
+
+@pytest.fixture(scope="module")
+def compiled_losses(demo_shards, demo_cache, tmp_path_factory) -> dict[int, float]:
+    out = succeeded(run(tmp_path_factory.mktemp("compiled"), demo_shards, demo_cache, "model.compile=on"))
+    return losses_by_step(out)
+
+
+@pytest.mark.dist
+def test_compiled_losses_agree_with_eager_under_zero2(eager_losses, compiled_losses):
+    assert_losses_agree(compiled_losses, eager_losses, list(range(1, STEPS + 1)))
+    assert compiled_losses[STEPS] < compiled_losses[1]
+
+
+@pytest.mark.dist
+def test_compiled_zero3_with_checkpointing_agrees_with_eager(eager_losses, demo_shards, demo_cache, tmp_path):
+    zero3_json = zero3_config_partitioning_all(tmp_path)
+    out = succeeded(run(tmp_path / "run", demo_shards, demo_cache, "model.compile=on",
+                        f"deepspeed.config={zero3_json}", "model.grad_checkpointing=every"))
+    assert_losses_agree(losses_by_step(out), eager_losses, list(range(1, STEPS + 1)))
+
+
+@pytest.mark.dist
+def test_sigkilled_compiled_run_resumes_to_the_uninterrupted_losses(compiled_losses, demo_shards, demo_cache, tmp_path):
+    killed = run(tmp_path, demo_shards, demo_cache, "model.compile=on", "debug.kill_at_step=[1, 5]")
+    assert killed.returncode != 0
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    resumed = succeeded(run(tmp_path, demo_shards, demo_cache, "model.compile=on"))
+    assert "resumed from" in resumed
+    assert_losses_agree(losses_by_step(resumed), compiled_losses, list(range(4, STEPS + 1)))
+
+
+def built(recipe: str, *overrides: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(load_config(recipe, ["model.drop_path_rate=0", *overrides]))
+
+
+def assert_same_loss_and_grads(eager: torch.nn.Module, compiled: torch.nn.Module, loss_of) -> None:
+    want, got = loss_of(eager), loss_of(compiled)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_build_model_compiles_every_repeated_block_and_keeps_the_parameter_names():
+    eager, compiled = built("tiny_pretrain_cpu"), built("tiny_pretrain_cpu", "model.compile=on")
+    blocks = list(repeated_blocks(compiled))
+    # 1 + 1 MLP blocks, 4 main blocks, 3 + 1 + 1 pyramid blocks, 2 auxiliary blocks
+    assert len(blocks) == 13 and all(b._compiled_call_impl is not None for b in blocks)
+    assert not any(b._compiled_call_impl is not None for b in repeated_blocks(eager))
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert torch._dynamo.config.recompile_limit >= 2 * len(blocks)
+
+
+def test_compiled_clip_distillation_with_its_mask_and_checkpointing_matches_eager():
+    ckpt = ("model.grad_checkpointing=every_k", "model.checkpoint_every_k=2")
+    eager, compiled = built("tiny_pretrain_cpu", *ckpt), built("tiny_pretrain_cpu", *ckpt, "model.compile=on")
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(3, 16, dtype=torch.bool)
+    mask[:, 1::3] = True
+    target = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(2))
+
+    def loss_of(model):
+        main, aux = model(images, mask)
+        return (main - target).square().mean() + (aux - target).square().mean()
+
+    assert_same_loss_and_grads(eager, compiled, loss_of)
+
+
+def test_compiled_pixel_objective_with_checkpointing_matches_eager():
+    ckpt = ("model.grad_checkpointing=every",)
+    eager, compiled = built("tiny_pretrain_pixel_cpu", *ckpt), built("tiny_pretrain_pixel_cpu", *ckpt, "model.compile=on")
+    size = eager.img_size
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    ids_keep, ids_restore, _ = random_masking(2, eager.grid ** 2, 0.75, generator=torch.Generator().manual_seed(3))
+    assert_same_loss_and_grads(eager, compiled, lambda model: model(images, ids_keep=ids_keep, ids_restore=ids_restore)[0])
+
+
+def test_compiling_a_model_without_our_block_lists_is_refused():
+    with pytest.raises(ConfigError, match=r"model.compile=on with model.name='resnet18'.*no repeated blocks"):
+        build_model(load_config("tiny_finetune_cpu", ["model.name=resnet18", "model.kwargs={}", "model.compile=on"]))
