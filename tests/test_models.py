@@ -8,7 +8,7 @@ import torch
 
 import itpn_ds  # noqa: F401  (registers the timm names)
 from itpn_ds.models import (CheckpointMismatchError, FastITPN, ITPN, ITPNClipDistill, ITPNPixelMAE,
-                            load_official_state_dict)
+                            load_weights)
 from itpn_ds.models.flops import forward_flops
 from itpn_ds.models.layers import Attention, attention_math, relative_position_index
 
@@ -22,7 +22,7 @@ def reference(name: str) -> dict:
 def build_from_fixture(cls, fixture: dict) -> torch.nn.Module:
     config = {k: v for k, v in fixture["config"].items() if k != "norm_pix_loss"}
     model = cls(**config).eval()
-    load_official_state_dict(model, fixture["state_dict"])
+    load_weights(model, fixture["state_dict"])
     return model
 
 
@@ -188,7 +188,7 @@ def test_loader_names_the_keys_on_each_side_and_the_fix():
     names_both = (r"checkpoint keys the model lacks \(surprise.weight\); "
                   r"1 model keys the checkpoint lacks \(blocks.5.mlp.fc1.weight\); fix: build")
     with pytest.raises(CheckpointMismatchError, match=names_both):
-        load_official_state_dict(model, {"model": sd})
+        load_weights(model, {"model": sd})
 
 
 CLIP_FIXTURE_BACKBONE = ("teacher_dim", "fpn_dim", "fpn_depth")
@@ -215,7 +215,7 @@ def test_classifier_from_published_pretraining_keeps_layer_scale_and_only_its_he
     fx = reference("itpn_clip_pretrain")
     classifier = classifier_for(fx)
     head_at_init = {k: v.clone() for k, v in classifier.state_dict().items() if k.startswith(("head.", "fc_norm."))}
-    report = load_official_state_dict(classifier, {"module": fx["state_dict"]})
+    report = load_weights(classifier, {"module": fx["state_dict"]})
     assert report.fresh == sorted(head_at_init) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     assert {"lm_head.weight", "mask_token", "norm.weight", "block_16to8.0.mlp.fc1.weight"} <= set(report.dropped)
     assert not any(k.startswith("blocks.") for k in report.dropped) and not report.reinitialised
@@ -232,24 +232,24 @@ def test_layer_scale_on_one_side_only_is_refused_with_the_setting_to_change(init
     fx = reference("itpn_clip_pretrain")
     sd = fx["state_dict"] if init_values == 0 else {k: v for k, v in fx["state_dict"].items() if ".gamma_" not in k}
     with pytest.raises(CheckpointMismatchError, match=f"gamma_.*fix: .*{fix}"):
-        load_official_state_dict(classifier_for(fx, init_values=init_values), sd)
+        load_weights(classifier_for(fx, init_values=init_values), sd)
 
 
 def test_classification_checkpoint_loads_its_head_or_reinitialises_it_for_another_class_count():
     fx = reference("itpn_classifier")
     config = {k: v for k, v in fx["config"].items() if k != "num_classes"}
     same = ITPN(**config, num_classes=10)
-    report = load_official_state_dict(same, fx["state_dict"])
+    report = load_weights(same, fx["state_dict"])
     assert not report.fresh and not report.reinitialised and not report.dropped
     assert torch.equal(same.head.weight, fx["state_dict"]["head.weight"])
     other = ITPN(**config, num_classes=3)  # e.g. ImageNet-21K -> 1K intermediate fine-tuning
     head_at_init = other.head.weight.clone()
-    report = load_official_state_dict(other, fx["state_dict"])
+    report = load_weights(other, fx["state_dict"])
     assert report.reinitialised == ["head.bias", "head.weight"] and not report.fresh
     assert torch.equal(other.head.weight, head_at_init)
     assert torch.equal(other.fc_norm.weight, fx["state_dict"]["fc_norm.weight"])
     with pytest.raises(CheckpointMismatchError, match=r"leaves 2 keys of ITPN at their initialisation \(head.bias"):
-        load_official_state_dict(ITPN(**config, num_classes=3), fx["state_dict"], strict=True)
+        load_weights(ITPN(**config, num_classes=3), fx["state_dict"], strict=True)
 
 
 def test_fast_itpn_from_pretraining_keeps_its_final_norm_new_and_from_classification_loads_it():
@@ -258,12 +258,12 @@ def test_fast_itpn_from_pretraining_keeps_its_final_norm_new_and_from_classifica
     pretraining = {**backbone, "mask_token": torch.zeros(1, 1, 64), "lm_head.weight": torch.zeros(48, 64),
                    "norm.weight": torch.full((64,), 3.0), "norm.bias": torch.ones(64)}  # the fused-pyramid norm
     model = FastITPN(**fx["config"])
-    report = load_official_state_dict(model, pretraining)
+    report = load_weights(model, pretraining)
     assert report.fresh == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
     assert {"lm_head.weight", "mask_token", "norm.weight", "norm.bias"} == set(report.dropped)
     assert torch.equal(model.norm.weight, torch.ones(64))
     classified = FastITPN(**fx["config"])
-    assert not load_official_state_dict(classified, fx["state_dict"]).fresh
+    assert not load_weights(classified, fx["state_dict"]).fresh
     assert torch.equal(classified.norm.weight, fx["state_dict"]["norm.weight"])
 
 
@@ -271,7 +271,7 @@ def test_classifier_from_pixel_pretraining_starts_its_relative_position_bias_at_
     pixel = ITPNPixelMAE(mlp_depth=1, img_size=64, embed_dim=64, depth=4, num_heads=2, fpn_dim=32,
                          decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
     classifier = ITPN(num_classes=5, **TINY)  # no layer scale: pixel models have none
-    report = load_official_state_dict(classifier, pixel.state_dict())
+    report = load_weights(classifier, pixel.state_dict())
     tables = [f"blocks.{i}.attn.relative_position_bias_table" for i in range(4, 8)]
     assert report.fresh == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight", *tables]
     assert all(not classifier.get_parameter(t).any() for t in tables)
@@ -281,14 +281,14 @@ def test_classifier_from_pixel_pretraining_starts_its_relative_position_bias_at_
 def test_strict_loading_refuses_a_pretraining_checkpoint():
     fx = reference("itpn_clip_pretrain")
     with pytest.raises(CheckpointMismatchError, match=r"leaves 4 keys .*fc_norm.bias.*give a checkpoint of this"):
-        load_official_state_dict(classifier_for(fx), fx["state_dict"], strict=True)
+        load_weights(classifier_for(fx), fx["state_dict"], strict=True)
 
 
 def test_position_embedding_is_resized_for_another_resolution():
     fx = reference("fast_itpn_classifier")
     config = dict(fx["config"], img_size=96)
     model = FastITPN(**config)
-    report = load_official_state_dict(model, fx["state_dict"])
+    report = load_weights(model, fx["state_dict"])
     assert report.resized == ["pos_embed"] and model.pos_embed.shape == (1, 36, 64)
     assert torch.isfinite(model(torch.randn(1, 3, 96, 96))).all()
 
@@ -319,7 +319,7 @@ def test_relative_position_bias_is_resized_per_head_for_another_resolution():
         if name.endswith("relative_position_bias_table"):
             torch.nn.init.normal_(p)
     big = ITPN(num_classes=5, **{**TINY, "img_size": 96})
-    report = load_official_state_dict(big, small.state_dict())
+    report = load_weights(big, small.state_dict())
     tables = [f"blocks.{i}.attn.relative_position_bias_table" for i in range(4, 8)]
     assert report.resized == sorted(["absolute_pos_embed", *tables]) and not report.fresh
     rows = bicubic_matrix(7, 11)  # 4 x 4 patches: 7 x 7 offsets; 6 x 6 patches: 11 x 11

@@ -30,7 +30,7 @@ from itpn_ds.engine.runtime import build_engine, init_distributed, make_determin
 from itpn_ds.engine.schedule import CosineSchedule
 from itpn_ds.engine.tasks import ClassifyTask, ClipDistillTask, PixelTask, evaluate_classifier
 from itpn_ds.engine.trainer import LoopParts, Preempted, Trainer
-from itpn_ds.models.loading import CheckpointMismatchError, LoadReport, load_official_state_dict, read_checkpoint_file
+from itpn_ds.models.loading import CheckpointMismatchError, LoadReport, load_weights, read_checkpoint_file
 from itpn_ds.teacher.cache import CacheError
 from itpn_ds.teacher.clip import TeacherLoadError
 from itpn_ds.tracking.mlflow_tracker import TrackingUnavailable
@@ -157,7 +157,7 @@ def init_from(model: torch.nn.Module, source: str, strict: bool = False) -> Load
     ``source``. Logs the ``LoadReport``; raises ``CheckpointError`` naming ``source``, the keys and the fix.
     """
     try:
-        report = load_official_state_dict(model, read_weights(Path(source)), strict=strict)
+        report = load_weights(model, read_weights(Path(source)), strict=strict)
     except CheckpointMismatchError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
     log.info("initialised %s from %s: %s", type(model).__name__, source, report.summary())

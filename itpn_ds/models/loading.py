@@ -120,7 +120,7 @@ def is_pretraining_checkpoint(sd: Mapping[str, torch.Tensor], heads: tuple[str, 
     return any(k.startswith(PRETRAIN_ONLY_PREFIXES) and not k.startswith(heads) for k in sd)
 
 
-def load_official_state_dict(model: nn.Module, state_dict: Mapping, strict: bool = False) -> LoadReport:
+def load_weights(model: nn.Module, state_dict: Mapping, strict: bool = False) -> LoadReport:
     """Load ``state_dict`` (official, exported or consolidated from our checkpoints) into ``model`` by the
     rule of the module docstring.
 

@@ -1,7 +1,7 @@
 """timm registrations: ``timm.create_model(NAME)`` after ``import itpn_ds``.
 
 ``pretrained=True`` never downloads: pass ``pretrained_cfg_overlay=dict(file=PATH)`` with an official ``.pth``
-checkpoint or one of our ``.safetensors`` exports; it goes through ``load_official_state_dict`` (the loading
+checkpoint or one of our ``.safetensors`` exports; it goes through ``load_weights`` (the loading
 rule of ``itpn_ds.models.loading``) and the ``LoadReport`` is logged.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from itpn_ds.models.clip_distill import ITPNClipDistill
 from itpn_ds.models.fast_clip_distill import FastITPNClipDistill
 from itpn_ds.models.fast_itpn import FastITPN
 from itpn_ds.models.itpn import ITPN
-from itpn_ds.models.loading import load_official_state_dict, read_checkpoint_file
+from itpn_ds.models.loading import load_weights, read_checkpoint_file
 from itpn_ds.models.pixel_mae import ITPNPixelMAE
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _entrypoint(name: str) -> Callable[..., nn.Module]:
             if not file:
                 raise ValueError(f"{name}: pretrained=True needs a local file: "
                                  "timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))")
-            report = load_official_state_dict(model, read_checkpoint_file(file))
+            report = load_weights(model, read_checkpoint_file(file))
             log.info("%s from %s: %s", name, file, report.summary())
         return model
 
