@@ -8,7 +8,6 @@ fraction exceeds ``--max-bad-fraction``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from itpn_ds.data.preprocess import PreprocessOptions
@@ -33,23 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        if args.source.is_file():
-            items, classes = table_items(args.source)
-        else:
-            items, classes = image_folder_items(args.source)
-        options = PreprocessOptions(args.max_short_side, args.quality, args.reencode_all)
-        manifest = write_shards(shuffled(items, args.seed), args.out, classes, str(args.source), options,
-                                target_shard_bytes=int(args.shard_size * (1 << 20)), num_workers=args.workers,
-                                progress=not args.quiet)
-    except (ShardError, ValueError) as exc:
-        print(f"make-shards: {exc}", file=sys.stderr)
-        return 2
+    if args.source.is_file():
+        items, classes = table_items(args.source)
+    else:
+        items, classes = image_folder_items(args.source)
+    options = PreprocessOptions(args.max_short_side, args.quality, args.reencode_all)
+    manifest = write_shards(shuffled(items, args.seed), args.out, classes, str(args.source), options,
+                            target_shard_bytes=int(args.shard_size * (1 << 20)), num_workers=args.workers,
+                            progress=not args.quiet)
     total = len(manifest) + manifest.num_bad
     print(f"{len(manifest)} samples in {len(manifest.shards)} shards, {manifest.num_classes} classes, "
           f"{manifest.num_bad} bad ({args.out / manifest.bad_report}) -> {args.out}")
     if manifest.num_bad > args.max_bad_fraction * total:
-        print(f"make-shards: {manifest.num_bad} of {total} inputs are bad, more than --max-bad-fraction "
-              f"{args.max_bad_fraction}; see {args.out / manifest.bad_report}", file=sys.stderr)
-        return 1
+        raise ShardError(f"{manifest.num_bad} of {total} inputs are bad, more than --max-bad-fraction "
+                         f"{args.max_bad_fraction}; see {args.out / manifest.bad_report} (fix or remove them, or "
+                         "raise --max-bad-fraction)")
     return 0

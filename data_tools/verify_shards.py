@@ -82,11 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     problems = verify(args.shards, checksums=not args.no_checksums)
-    for problem in problems:
+    for problem in problems[1:]:
         print(problem, file=sys.stderr)
     if problems:
-        print(f"verify-shards: {len(problems)} problem(s) in {args.shards}", file=sys.stderr)
-        return 1
+        raise ShardError(f"{len(problems)} problem(s) in {args.shards} (the others above), the first: {problems[0]}; "
+                         "re-make the damaged shards with `itpn-ds make-shards`")
     manifest = Manifest.load(args.shards)
     print(f"{args.shards}: {len(manifest.shards)} shards, {len(manifest)} samples, {manifest.num_classes} classes: OK")
     return 0

@@ -3,12 +3,21 @@
 Each subcommand lives in a module that defines ``add_arguments(parser, command)`` and ``main(args) -> int``
 (``args.command`` holds the subcommand name, so one module can serve several subcommands).
 Modules are imported only when their subcommand runs, so ``itpn-ds --help`` stays fast.
+
+Every subcommand runs inside one error boundary (``itpn_ds.errors``): an anticipated failure is one line
+``itpn-ds COMMAND: MESSAGE`` on stderr and exit code 2; ``itpn-ds --debug COMMAND ...`` (or
+``ITPN_DS_DEBUG=1``) keeps the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
+from typing import Callable
+
+from itpn_ds.errors import DEBUG_ENV, USER_ERROR_EXIT_CODE, debug_enabled, user_message
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="itpn-ds", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=f"tracebacks for user errors too (or {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -33,18 +43,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--debug"]:
+        os.environ[DEBUG_ENV] = "1"
+        argv = argv[1:]
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints help or the "invalid choice" error and exits
-        return 2
+        return USER_ERROR_EXIT_CODE
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
     sub = argparse.ArgumentParser(prog=f"itpn-ds {name}", description=COMMANDS[name][1])
     module.add_arguments(sub, name)
-    args = sub.parse_args(rest)
+    args = sub.parse_intermixed_args(rest)  # key=value overrides may come before or after the options
     args.command = name
-    return int(module.main(args) or 0)
+    return run_reporting_errors(name, module.main, args)
+
+
+def run_reporting_errors(name: str, command_main: Callable[[argparse.Namespace], int | None],
+                         args: argparse.Namespace) -> int:
+    """``command_main(args)``; an anticipated failure becomes one line on stderr and exit code 2."""
+    try:
+        return int(command_main(args) or 0)
+    except Exception as exc:  # noqa: BLE001 - the boundary: user errors reported, bugs re-raised
+        message = user_message(exc)
+        if message is None:
+            raise
+        if debug_enabled():
+            traceback.print_exc()
+        print(f"itpn-ds {name}: {message}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any, Union
 
 import yaml
 
+from itpn_ds.errors import UserError
 from itpn_ds.tracking.config import TrackingConfig
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -36,7 +37,7 @@ OPTIMIZERS = ("auto", "adamw", "fused_adam", "cpu_adam")
 RESUME_POLICIES = ("auto", "never")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run: names the file or key and what is wrong."""
 
 
@@ -180,6 +181,17 @@ class OptimConfig:
         self.betas = tuple(self.betas)
         if len(self.betas) != 2:
             raise ConfigError(f"optim.betas must hold two numbers, got {self.betas}")
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.min_lr < 0:
+            raise ConfigError(f"optim.min_lr must be >= 0, got {self.min_lr}")
+        if self.weight_decay < 0 or self.weight_decay_end < 0:
+            raise ConfigError(f"optim.weight_decay and optim.weight_decay_end must be >= 0, got "
+                              f"{self.weight_decay} and {self.weight_decay_end}")
+        if not all(0 <= beta < 1 for beta in self.betas) or not self.eps > 0:
+            raise ConfigError(f"optim.betas must be in [0, 1) and optim.eps > 0, got {self.betas} and {self.eps}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.layer_decay_depth < 0:

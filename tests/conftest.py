@@ -7,6 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest_plugins = [
     "tests.fixtures.images",
     "tests.fixtures.mlflow",
+    "tests.fixtures.runs",
     "tests.fixtures.slurm",
     "tests.fixtures.teacher",
 ]

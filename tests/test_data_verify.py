@@ -58,7 +58,7 @@ def test_label_outside_class_map_and_empty_dataset(shard_copy, capsys):
     raw = json.loads((copy / "manifest.json").read_text())
     raw["labels"][0] = 7
     (copy / "manifest.json").write_text(json.dumps(raw))
-    assert cli(["verify-shards", str(copy)]) == 1
+    assert cli(["verify-shards", str(copy)]) == 2
     assert f"sample {raw['keys'][0]!r} has label 7, outside the class map" in capsys.readouterr().err
     raw.update(keys=[], labels=[], sizes=[], shards=[])
     (copy / "manifest.json").write_text(json.dumps(raw))
@@ -75,6 +75,6 @@ def test_make_shards_cli_reencodes_and_fails_on_too_many_bad_files(demo_image_fo
     images = tmp_path / "images"
     shutil.copytree(demo_image_folder, images)
     (images / "chelsea" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    assert cli(["make-shards", str(images), str(tmp_path / "bad"), "--max-bad-fraction", "0.01", "--quiet"]) == 1
+    assert cli(["make-shards", str(images), str(tmp_path / "bad"), "--max-bad-fraction", "0.01", "--quiet"]) == 2
     assert "1 of 41 inputs are bad" in capsys.readouterr().err
     assert cli(["make-shards", str(images), str(tmp_path / "bad"), "--max-bad-fraction", "0.05", "--quiet"]) == 0

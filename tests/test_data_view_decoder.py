@@ -95,3 +95,23 @@ def test_full_decode_then_crop_gives_the_roi_decoders_pixels(demo_shards, torch_
 def test_unknown_decode_mode_is_refused():
     with pytest.raises(ValueError, match="decode must be one of roi, full|decode must be one of"):
         ViewDecoder([(32, "cubic")], device="cpu", decode="nvjpeg")
+
+
+@pytest.mark.parametrize("torch_resize", [True, False])
+def test_bad_jpegs_many_times_in_a_row_never_take_the_process_down(demo_shards, torch_resize):
+    """A zeroed header is refused before DALI sees it; a damaged body fails in DALI, whose graphs are then
+    rebuilt (a failed DALI pipeline is no longer valid, and running it again crashed the process)."""
+    reader = ShardReader(demo_shards)
+    good = [reader.sample(i) for i in range(2)]
+    zeroed_header = bytes(8) + good[0].data[8:]
+    damaged_body = good[0].data[:20] + bytes(len(good[0].data) - 20)
+    view = CropView(0, 0, 16, 16, False)
+    decoder = ViewDecoder([(16, "cubic"), (12, "lanczos")], device="cpu", batch_size=2, num_threads=1,
+                          torch_resize=torch_resize)
+    expected = decoder.decode([s.data for s in good], [view, view])
+    for _ in range(6):
+        for bad, message in ((zeroed_header, "not a JPEG"), (damaged_body, None)):
+            with pytest.raises(RuntimeError, match=message):
+                decoder.decode([good[1].data, bad], [view, view])
+        again = decoder.decode([s.data for s in good], [view, view])
+        assert all(a.equal(e) for a, e in zip(again, expected))

@@ -23,12 +23,8 @@ pytestmark = pytest.mark.dist
 
 
 @pytest.fixture(scope="module")
-def pretrain_run(demo_shards, demo_cache, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("pretrain")
-    itpn_ds_cli("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(run_dir), f"data.shards={demo_shards}",
-                f"teacher.cache={demo_cache}", "model.kwargs.teacher_dim=32", "data.micro_batch=4",
-                "schedule.max_steps=2", "tracking.enabled=false")
-    return run_dir
+def pretrain_run(tiny_pretrain_run) -> Path:
+    return tiny_pretrain_run
 
 
 @pytest.fixture(scope="module")

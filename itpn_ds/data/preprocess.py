@@ -30,9 +30,9 @@ class PreprocessOptions:
 
     def __post_init__(self) -> None:
         if self.max_short_side < 0:
-            raise ValueError(f"max_short_side must be >= 0 (0 = no cap), got {self.max_short_side}")
+            raise UserError(f"--max-short-side must be >= 0 (0 = no cap), got {self.max_short_side}")
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"JPEG quality must be in 1..100, got {self.quality}")
+            raise UserError(f"--quality (JPEG quality) must be in 1..100, got {self.quality}")
 
 
 def prepare_image(data: bytes, options: PreprocessOptions) -> tuple[bytes, int, int]:

@@ -21,6 +21,7 @@ from itpn_ds.data.shards import ShardReader
 from itpn_ds.data.torch_loader import PILViewDecoder
 from itpn_ds.data.view_decoder import SampleAugment, ViewDecoder, ViewOutput
 from itpn_ds.data.views import CropView
+from itpn_ds.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
 }
 
 
-class CorruptSampleError(RuntimeError):
+class CorruptSampleError(UserError, RuntimeError):
     """A sample whose JPEG DALI cannot decode, met with ``on_corrupt='raise'``."""
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from itpn_ds import __version__
+from itpn_ds.errors import UserError
 from itpn_ds.data.preprocess import BadImage, PreprocessOptions, prepare_image
 
 MANIFEST_NAME = "manifest.json"
@@ -40,7 +41,7 @@ TAR_BLOCK = 512
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard directory that cannot be read as written: names the file and what is wrong."""
 
 

@@ -24,6 +24,10 @@ def image_folder_items(root: str | Path) -> tuple[list[SourceItem], dict[str, in
              if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES]
     if not items:
         raise ShardError(f"{root}: no images found under class sub-directories")
+    empty = sorted(set(classes) - {class_dirs[item.label].name for item in items})
+    if empty:
+        raise ShardError(f"{root / empty[0]}: class folder without images ({len(empty)} such: "
+                         f"{', '.join(empty[:5])}): add its images or remove the folder")
     return items, classes
 
 

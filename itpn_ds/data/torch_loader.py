@@ -19,13 +19,14 @@ from PIL import Image
 from itpn_ds.data.color_jitter import jitter_pil
 from itpn_ds.data.view_decoder import SampleAugment, ViewOutput, check_decode_args
 from itpn_ds.data.views import CropView
+from itpn_ds.errors import UserError
 
 PIL_INTERPOLATIONS = {"linear": Image.Resampling.BILINEAR, "cubic": Image.Resampling.BICUBIC,
                       "lanczos": Image.Resampling.LANCZOS, "triangular": Image.Resampling.BILINEAR,
                       "nn": Image.Resampling.NEAREST}
 
 
-class PILDecodeError(RuntimeError):
+class PILDecodeError(UserError, RuntimeError):
     """A JPEG PIL cannot decode (a RuntimeError, like DALI's decode failures)."""
 
 

@@ -139,10 +139,15 @@ class ViewDecoder:
         # True where torch resizes the output between the decode and the finishing graphs
         self._torch_resized = [self.device == "cpu" and torch_resize and o.interp in TORCH_RESIZE
                                for o in self.outputs]
+        self._resize_pool = ThreadPoolExecutor(num_threads, "view-resize") if any(self._torch_resized) else None
+        self._build_pipelines()
+
+    def _build_pipelines(self) -> None:
+        """(Re)build the DALI graphs: at start-up, and after a run failed (DALI then declares the pipeline
+        object no longer valid; running it again can crash the process)."""
         conditionals = self.augment is not None
-        self._resize_pool = self._decode_pipe = None
-        if any(self._torch_resized):
-            self._resize_pool = ThreadPoolExecutor(num_threads, "view-resize")
+        self._decode_pipe = None
+        if self._resize_pool is not None:
             self._decode_pipe = self._pipeline(self._decode_graph, False)
             self._finish_pipe = self._pipeline(self._finish_graph, conditionals)
         else:
@@ -229,10 +234,20 @@ class ViewDecoder:
         """One (B, 3, S, S) float32 tensor per output ([0, 1] or normalized); B = len(encoded) <= batch_size.
         ``params``: each sample's augmentation parameters (``augment.draw``), required with an augment.
 
-        Raises ``RuntimeError`` from DALI when a JPEG cannot be decoded; callers that must survive bad
-        samples decode one at a time after a batch failed.
+        Raises ``RuntimeError`` when a JPEG cannot be decoded (data without a JPEG start marker is refused
+        before DALI sees it); the graphs are then rebuilt, so callers that must survive bad samples can
+        decode one at a time after a batch failed.
         """
         check_decode_args(encoded, views, params, self.batch_size, self.augment, self.color_jitter)
+        check_jpeg_markers(encoded)
+        try:
+            return self._decode(encoded, views, params)
+        except RuntimeError:
+            self._build_pipelines()
+            raise
+
+    def _decode(self, encoded: Sequence[np.ndarray | bytes], views: Sequence[CropView],
+                params: Sequence[np.ndarray] | None) -> list[torch.Tensor]:
         box_feed = {"encoded": [np.frombuffer(e, dtype=np.uint8) if isinstance(e, (bytes, bytearray, memoryview))
                                 else np.asarray(e, dtype=np.uint8) for e in encoded],
                     "anchor": [np.array([v.x, v.y], dtype=np.float32) for v in views],
@@ -269,6 +284,19 @@ def check_decode_args(encoded: Sequence[Any], views: Sequence[CropView], params:
         raise ValueError(f"{len(params)} augmentation parameter arrays for {len(views)} views")
     if not color_jitter and not all(v.jitter.is_identity for v in views):
         raise ValueError("views carry colour-jitter factors but the decoder was built without color_jitter=True")
+
+
+JPEG_SOI = b"\xff\xd8\xff"
+
+
+def check_jpeg_markers(encoded: Sequence[np.ndarray | bytes]) -> None:
+    """``RuntimeError`` naming the batch position of data that does not start like a JPEG (zeroed or
+    overwritten header): DALI's decoders are never handed it."""
+    for i, data in enumerate(encoded):
+        head = bytes(memoryview(data)[:3]) if isinstance(data, (bytes, bytearray, memoryview)) else \
+            np.asarray(data, dtype=np.uint8)[:3].tobytes()
+        if head != JPEG_SOI:
+            raise RuntimeError(f"batch position {i}: not a JPEG (no start-of-image marker, got {head.hex()})")
 
 
 def _run(pipe, feed: dict[str, Any]) -> tuple:

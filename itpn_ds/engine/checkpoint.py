@@ -6,6 +6,7 @@ Layout under ``<run_dir>/checkpoints``::
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's engine state (any ZeRO stage)
         rank00000.pt ...        per rank: RNG states (python, numpy, torch CPU/CUDA), loader position
         meta.json               step, epoch, trainer counters, world size, ZeRO stage, precision, model
+        files.json              size and CRC32 of every other file of the checkpoint (written last)
     latest                      the tag of the newest complete checkpoint (one line)
     .tmp-step_00000140/         a save in progress (never read; removed at the next start)
 
@@ -13,6 +14,11 @@ A save writes everything into ``.tmp-<tag>``, all ranks barrier, then rank 0 ren
 ``<tag>`` and replaces ``latest`` through a temporary file and ``os.replace``. A crash or SIGKILL at any
 moment leaves ``latest`` pointing at the previous complete checkpoint. Old checkpoints beyond
 ``keep_last`` are deleted only after the new one is published.
+
+Verification: ``latest()`` and ``read_checkpoint`` check every file against ``files.json`` (sizes, then
+CRC32) before a checkpoint is used. A run resumes from the newest checkpoint that verifies, naming any newer
+one it skipped (truncated by a full disk, damaged in a copy); reading a damaged one for export or
+evaluation is a ``CheckpointError`` naming the file.
 
 Resharding: a checkpoint records its world size and ZeRO stage. Loading it under another world size or
 stage goes through DeepSpeed's universal checkpoint format (converted once, next to the checkpoint, as
@@ -26,10 +32,12 @@ ZeRO-3 run's state only from a ZeRO-3 checkpoint and vice versa, so crossing bet
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +46,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from itpn_ds.errors import UserError
+
+log = logging.getLogger("itpn_ds.engine")
+
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
+FILES = "files.json"
+CRC_CHUNK = 1 << 24
 
 
 def tag_for_step(step: int) -> str:
@@ -52,7 +66,7 @@ def rank_file(rank: int) -> str:
     return f"rank{rank:05d}.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be found, read or used; the message names the path."""
 
 
@@ -124,6 +138,7 @@ class CheckpointManager:
             _atomic_write_text(tmp_dir / META, json.dumps(full_meta, indent=2, sort_keys=True))
         _barrier()
         if self.rank == 0:
+            _atomic_write_text(tmp_dir / FILES, json.dumps(file_records(tmp_dir), indent=1, sort_keys=True))
             final = self.root / tag
             if final.exists():  # a re-save of the same step after a rollback
                 shutil.rmtree(final)
@@ -153,11 +168,24 @@ class CheckpointManager:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
 
     def latest(self) -> CheckpointRef | None:
-        """The checkpoint ``latest`` names, or None when the run has none."""
+        """The newest checkpoint that verifies, at or before the one ``latest`` names; None when the run has
+        none. A newer one that does not verify is skipped with a warning naming it and the reason; when
+        none verifies, ``CheckpointError`` names them all."""
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
-        return read_checkpoint(self.root / pointer.read_text().strip())
+        named = pointer.read_text().strip()
+        candidates = [tag for tag in reversed(self.published_tags()) if tag <= named] or [named]
+        problems = []
+        for tag in candidates:
+            try:
+                return read_checkpoint(self.root / tag)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+                if self.rank == 0:
+                    log.warning("skipping checkpoint %s: %s", self.root / tag, exc)
+        raise CheckpointError(f"{self.root}: no checkpoint verifies ({'; '.join(problems)}); move the run "
+                              "directory aside and start again, or restore a checkpoint from a copy")
 
     # ---------------------------------------------------------------------------------------- loading
     def load(self, engine: Any, ref: CheckpointRef, zero_stage: int) -> dict[str, Any]:
@@ -197,7 +225,43 @@ def read_checkpoint(path: str | Path) -> CheckpointRef:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{meta_file} is corrupt: {exc}") from exc
+    verify_files(path)
     return CheckpointRef(path.parent, path.name, meta)
+
+
+def file_records(directory: Path) -> dict[str, list[int]]:
+    """{relative path: [bytes, CRC32]} of every file under ``directory`` except ``files.json``."""
+    return {str(p.relative_to(directory)): [p.stat().st_size, crc32_file(p)]
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != FILES}
+
+
+def crc32_file(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CRC_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def verify_files(path: Path) -> None:
+    """``CheckpointError`` naming the first file of checkpoint ``path`` that is missing, of another size or
+    of another CRC32 than ``files.json`` records (checkpoints written before files.json: not checked)."""
+    records_file = path / FILES
+    if not records_file.is_file():
+        return
+    try:
+        records = json.loads(records_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{records_file} is corrupt: {exc}") from exc
+    for name, (size, crc) in records.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing: checkpoint {path} is incomplete")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, {size} when saved (truncated or replaced)")
+    for name, (size, crc) in records.items():
+        if crc32_file(path / name) != crc:
+            raise CheckpointError(f"{path / name}: CRC32 differs from when it was saved (damaged)")
 
 
 def needs_universal(ref: CheckpointRef, world_size: int, zero_stage: int) -> bool:

@@ -20,7 +20,8 @@ import torch
 
 from itpn_ds.config import ConfigError, RunConfig, load_config, save_config, to_dict
 from itpn_ds.engine import components
-from itpn_ds.engine.checkpoint import CheckpointError, CheckpointManager, needs_universal, read_checkpoint
+from itpn_ds.engine.checkpoint import (CheckpointError, CheckpointManager, CheckpointRef, needs_universal,
+                                      read_checkpoint)
 from itpn_ds.engine.ds_config import build_ds_config, zero_stage
 from itpn_ds.engine.ema import WeightEma
 from itpn_ds.engine.export import (WEIGHTS, consolidated_state_dict, export_checkpoint, live_state_dict,
@@ -30,10 +31,8 @@ from itpn_ds.engine.runtime import build_engine, init_distributed, make_determin
 from itpn_ds.engine.schedule import CosineSchedule
 from itpn_ds.engine.tasks import ClassifyTask, ClipDistillTask, PixelTask, evaluate_classifier
 from itpn_ds.engine.trainer import LoopParts, Preempted, Trainer
+from itpn_ds.errors import require_free_space, require_writable_dir
 from itpn_ds.models.loading import CheckpointMismatchError, LoadReport, load_weights, read_checkpoint_file
-from itpn_ds.teacher.cache import CacheError
-from itpn_ds.teacher.clip import TeacherLoadError
-from itpn_ds.tracking.mlflow_tracker import TrackingUnavailable
 
 log = logging.getLogger("itpn_ds.engine")
 
@@ -54,19 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
-    try:
-        if args.command == "export":
-            out = export_checkpoint(args.checkpoint, args.out)
-            print(f"exported {args.checkpoint} -> {out}")
-            return 0
-        task = "finetune" if args.command in ("finetune", "evaluate") else "pretrain"
-        cfg = load_config(args.config, [f"task={task}", *args.overrides])
-        if args.command == "evaluate":
-            return evaluate(cfg, Path(args.checkpoint))
-        return train(cfg, Path(args.run_dir))
-    except (ConfigError, CheckpointError, CacheError, TeacherLoadError, TrackingUnavailable) as exc:
-        print(f"itpn-ds {args.command}: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "export":
+        out = export_checkpoint(args.checkpoint, args.out)
+        print(f"exported {args.checkpoint} -> {out}")
+        return 0
+    task = "finetune" if args.command in ("finetune", "evaluate") else "pretrain"
+    cfg = load_config(args.config, [f"task={task}", *args.overrides])
+    if args.command == "evaluate":
+        return evaluate(cfg, Path(args.checkpoint))
+    return train(cfg, Path(args.run_dir))
 
 
 def train(cfg: RunConfig, run_dir: Path) -> int:
@@ -74,33 +69,41 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     runtime = init_distributed()
     make_deterministic()
     seed_everything(cfg.schedule.seed)
-    if runtime.rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
     checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last, runtime.rank, runtime.world_size)
-    checkpoints.remove_incomplete()
     resume = checkpoints.latest()
-    if resume is not None and cfg.checkpoint.resume == "never":
-        raise ConfigError(f"{run_dir} already holds checkpoint {resume.path} and checkpoint.resume=never")
-
+    check_resumable(cfg, run_dir, resume)
+    require_writable_dir(run_dir)
+    components.check_trainable_here(cfg, runtime.device)
+    components.check_label_range(cfg)
     model = components.build_model(cfg)
+    require_free_space(run_dir, checkpoint_bytes_estimate(model), "a checkpoint of this model")
     if cfg.task == "finetune" and cfg.finetune.init and resume is None:
         init_from(model, cfg.finetune.init)
     flops = components.forward_flops_per_image(model, cfg)
     ds_config = build_ds_config(cfg, runtime.world_size, num_params=sum(p.numel() for p in model.parameters()))
     stage = zero_stage(ds_config)
-    engine = build_engine(model.to(runtime.device), cfg, runtime, ds_config,
-                          load_universal=resume is not None and needs_universal(resume, runtime.world_size, stage))
     train_loader, eval_loader = components.build_loaders(cfg, runtime.rank, runtime.world_size)
     steps_per_epoch = len(train_loader) // cfg.schedule.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"schedule.grad_accum={cfg.schedule.grad_accum} is more than the {len(train_loader)} "
+                          f"micro-batches of an epoch on this rank ({cfg.data.shards}, data.micro_batch="
+                          f"{cfg.data.micro_batch}, {runtime.world_size} ranks): lower it or data.micro_batch")
+    engine = build_engine(model.to(runtime.device), cfg, runtime, ds_config,
+                          load_universal=resume is not None and needs_universal(resume, runtime.world_size, stage))
     total = steps_per_epoch * cfg.schedule.epochs
     if cfg.schedule.max_steps > 0:
         total = min(total, cfg.schedule.max_steps)
+    task = _task(cfg, runtime.device)
+    # accepted: from here on the run writes into run_dir
+    checkpoints.remove_incomplete()
+    if runtime.rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
     tracker = components.tracker_for(cfg, runtime.rank, run_dir, runtime.dist)
     tracker.log_params({**_flat(to_dict(cfg)), **_flat(ds_config, "ds_config.")})  # run config + resolved DeepSpeed JSON
     if runtime.rank == 0:
         tracker.log_artifact(run_dir / "config.yaml")
     ema = WeightEma(engine.module, cfg.finetune.ema_decay) if cfg.task == "finetune" and cfg.finetune.ema_decay > 0 else None
-    parts = LoopParts(engine=engine, loader=train_loader, task=_task(cfg, runtime.device),
+    parts = LoopParts(engine=engine, loader=train_loader, task=task,
                       schedule=CosineSchedule.from_config(cfg.optim, steps_per_epoch, total),
                       checkpoints=checkpoints, tracker=tracker, device=runtime.device, total_steps=total,
                       flops_per_image=flops, ema=ema)
@@ -127,6 +130,27 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
         tracker.close(status)
 
 
+def check_resumable(cfg: RunConfig, run_dir: Path, resume: CheckpointRef | None) -> None:
+    """Refuse, before anything is written, to continue a run directory that holds another run: its latest
+    checkpoint was made for another task or model, or ``checkpoint.resume=never``."""
+    if resume is None:
+        return
+    if cfg.checkpoint.resume == "never":
+        raise ConfigError(f"{run_dir} already holds checkpoint {resume.path} and checkpoint.resume=never: "
+                          "choose a new --run-dir")
+    theirs = resume.meta.get("model", {})
+    ours = {"name": cfg.model.name, "kwargs": cfg.model.kwargs}
+    if resume.meta.get("task") != cfg.task or theirs != ours:
+        raise ConfigError(f"{run_dir} holds checkpoints of another run (task {resume.meta.get('task')}, model "
+                          f"{theirs.get('name')} {theirs.get('kwargs')}), not of this one (task {cfg.task}, model "
+                          f"{cfg.model.name} {cfg.model.kwargs}): choose a new --run-dir")
+
+
+def checkpoint_bytes_estimate(model: torch.nn.Module) -> int:
+    """Bytes one checkpoint of ``model`` takes at least: fp32 weights and two fp32 AdamW moments."""
+    return 3 * 4 * sum(p.numel() for p in model.parameters())
+
+
 def log_exported_model(tracker: Any, run_dir: Path) -> None:
     """Export the run's final checkpoint (one safetensors + JSON) and hand both files to the tracker."""
     out = export_checkpoint(run_dir, run_dir / "export")
@@ -137,12 +161,13 @@ def log_exported_model(tracker: Any, run_dir: Path) -> None:
 def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
     """Top-1/top-5 of a checkpoint (ours, any stage) or an export directory on ``data.val_shards``."""
     runtime = init_distributed()
+    if not cfg.data.val_shards:
+        raise ConfigError("evaluate needs data.val_shards")
+    components.check_label_range(cfg)
     model = components.build_model(cfg)
     init_from(model, str(checkpoint), strict=True)
     model.to(runtime.device)
     _, eval_loader = components.build_loaders(cfg, runtime.rank, runtime.world_size, train=False)
-    if eval_loader is None:
-        raise ConfigError("evaluate needs data.val_shards")
     metrics = evaluate_classifier(model, eval_loader, runtime.device, torch.float32)
     if runtime.rank == 0:
         print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

@@ -34,10 +34,11 @@ def build_model(cfg: RunConfig) -> nn.Module:
     _import("itpn_ds.models", "model.name")  # registers the timm names
     from itpn_ds.models.layers import set_attention_backend
 
+    _check_model_kwargs(cfg)
     try:
         model = timm.create_model(cfg.model.name, drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
-    except RuntimeError as exc:
-        raise ConfigError(f"model.name={cfg.model.name!r}: {exc}") from exc
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"model.name={cfg.model.name!r} with model.kwargs={cfg.model.kwargs}: {exc}") from exc
     _check_objective(cfg, model)
     policy = cfg.model.grad_checkpointing
     if policy != "off":
@@ -55,6 +56,28 @@ def build_model(cfg: RunConfig) -> nn.Module:
         except ValueError as exc:
             raise ConfigError(f"model.compile=on with model.name={cfg.model.name!r}: {exc}; use model.compile=off") from exc
     return model
+
+
+def check_trainable_here(cfg: RunConfig, device: torch.device) -> None:
+    """Refuse, before any work, a training configuration this device cannot run."""
+    if cfg.model.attention == "flex" and device.type == "cpu":
+        raise ConfigError(f"model.attention=flex: FlexAttention has no backward on the CPU (torch {torch.__version__}); "
+                          "train on the CPU with model.attention=sdpa (flex is for CUDA, or CPU evaluation)")
+
+
+def _check_model_kwargs(cfg: RunConfig) -> None:
+    """Every ``model.kwargs`` key must be a constructor keyword of the model's class (checked before any
+    work, so a typo is one line naming the key rather than a TypeError from deep in the build)."""
+    from itpn_ds.models.registry import MODEL_CONFIGS, constructor_keywords
+
+    if cfg.model.name not in MODEL_CONFIGS:
+        return  # another timm model: timm checks its own keywords
+    cls = MODEL_CONFIGS[cfg.model.name][0]
+    known = constructor_keywords(cls)
+    unknown = sorted(set(cfg.model.kwargs) - known)
+    if unknown:
+        raise ConfigError(f"model.kwargs.{unknown[0]}: not a keyword of {cls.__name__} ({cfg.model.name}); "
+                          f"known keywords: {', '.join(sorted(known))}")
 
 
 def _check_objective(cfg: RunConfig, model: nn.Module) -> None:
@@ -106,6 +129,23 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
         eval_loader = data.build_eval_loader(d.val_shards, crop_pct=eval_crop_pct(d.crop_pct, common["img_size"]),
                                              **common)
     return train_loader, eval_loader
+
+
+def check_label_range(cfg: RunConfig) -> None:
+    """Fine-tuning: every label of the train / val shards must be below ``finetune.num_classes``."""
+    if cfg.task != "finetune":
+        return
+    from itpn_ds.data.shards import Manifest
+
+    for key in ("shards", "val_shards"):
+        directory = getattr(cfg.data, key)
+        if not directory:
+            continue
+        manifest = Manifest.load(directory)
+        needed = max(manifest.num_classes, max(manifest.labels, default=-1) + 1)
+        if needed > cfg.finetune.num_classes:
+            raise ConfigError(f"data.{key}={directory} has {needed} classes (labels 0..{needed - 1}) but "
+                              f"finetune.num_classes={cfg.finetune.num_classes}: set finetune.num_classes={needed}")
 
 
 def eval_crop_pct(crop_pct: float | None, img_size: int) -> float:

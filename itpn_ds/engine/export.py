@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,17 @@ METADATA = "config.json"
 
 def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a checkpoint of any ZeRO stage / world size (on the CPU)."""
+    try:
+        state = _read_model_states(ref)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{ref.path}: its DeepSpeed states cannot be read (truncated or damaged: "
+                              f"{str(exc).splitlines()[0][:200]}); use an earlier checkpoint") from exc
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def _read_model_states(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     if glob.glob(str(ref.path / "*optim_states.pt")) and ref.meta.get("zero_stage", 0) > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -43,7 +55,7 @@ def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
         if not files:
             raise CheckpointError(f"{ref.path} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
         state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float().contiguous() for k, v in state.items()}
+    return state
 
 
 def model_metadata(name: str, kwargs: dict[str, Any], task: str | None, teacher: dict[str, Any] | None, step: int,

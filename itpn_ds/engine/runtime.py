@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pydantic
 import torch
 from torch import nn
 
@@ -21,6 +22,7 @@ from itpn_ds import distributed
 from itpn_ds.config import ConfigError, RunConfig
 from itpn_ds.engine.ds_config import offloads_optimizer, zero_stage
 from itpn_ds.engine.optim import build_optimizer, choose_optimizer, param_groups
+from itpn_ds.errors import UserError
 
 log = logging.getLogger("itpn_ds.engine")
 
@@ -48,8 +50,13 @@ def init_distributed() -> Runtime:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(env.local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
-                               verbose=False)
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                                   verbose=False)
+    except torch.distributed.DistNetworkError as exc:
+        raise UserError(f"cannot rendezvous at {env.master_addr}:{env.master_port} ({env.launcher} launch): "
+                        f"{str(exc).splitlines()[0]}; if the port is taken, set MASTER_PORT to a free one "
+                        "(single-process runs pick one themselves when MASTER_PORT is unset)") from exc
     device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
     return Runtime(env, device)
 
@@ -84,7 +91,12 @@ def build_engine(model: nn.Module, cfg: RunConfig, runtime: Runtime, ds_config: 
     kind = choose_optimizer(cfg.optim, offloads_optimizer(ds), runtime.device.type == "cuda")
     groups = param_groups(model, cfg.optim.layer_decay, cfg.optim.layer_decay_depth)
     optimizer = build_optimizer(groups, cfg.optim, kind)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"deepspeed.config={cfg.deepspeed.config}: {'.'.join(map(str, first['loc']))}: "
+                          f"{first['msg']} ({exc.error_count()} problem(s)); fix the DeepSpeed JSON") from exc
     if runtime.rank == 0:
         log.info("engine: ZeRO stage %d, %s, optimizer %s over %d parameter groups, %d ranks", stage,
                  cfg.deepspeed.precision, type(optimizer).__name__, len(optimizer.param_groups), runtime.world_size)

@@ -38,6 +38,7 @@ from itpn_ds.engine.runtime import seed_everything
 from itpn_ds.engine.schedule import CosineSchedule
 from itpn_ds.engine.tasks import Task
 from itpn_ds.engine.telemetry import StepTimer, device_peak_tflops, format_metrics, step_metrics
+from itpn_ds.errors import UserError
 from itpn_ds.tracking.base import Tracker
 
 log = logging.getLogger("itpn_ds.engine")
@@ -47,7 +48,7 @@ class Preempted(Exception):
     """Raised after the preemption checkpoint is saved; the command exits with PREEMPTED_EXIT_CODE."""
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Non-finite steps that a rollback could not cure (no checkpoint, or too many rollbacks)."""
 
 

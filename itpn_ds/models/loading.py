@@ -22,6 +22,7 @@ keys are sorted:
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from itpn_ds.errors import UserError
 
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_ema")
 POS_EMBED_KEYS = ("absolute_pos_embed", "pos_embed")
@@ -61,7 +64,7 @@ class LoadReport:
         return "; ".join(parts)
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     """The state dict does not fit the model (missing or unexpected keys, incompatible shapes)."""
 
 
@@ -215,13 +218,20 @@ def read_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of an official ``.pth`` (torch pickle, loaded with weights_only) or our ``.safetensors`` export."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise FileNotFoundError(errno.ENOENT, "checkpoint file not found", str(path))
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(path))
+
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise CheckpointMismatchError(f"cannot read {path} (truncated or not a safetensors file: {exc}); "
+                                          "export it again") from exc
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:  # a truncated or foreign file: say which
-        raise CheckpointMismatchError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise CheckpointMismatchError(f"cannot read checkpoint {path} (truncated or not a torch checkpoint: "
+                                      f"{str(exc).splitlines()[0][:200]})") from exc
 

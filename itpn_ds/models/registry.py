@@ -6,6 +6,7 @@ rule of ``itpn_ds.models.loading``) and the ``LoadReport`` is logged.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Callable
 
@@ -64,6 +65,20 @@ def build_model(name: str, **overrides) -> nn.Module:
     model.model_name = name
     model.model_kwargs = dict(overrides)
     return model
+
+
+def constructor_keywords(cls: type) -> set[str]:
+    """The keyword arguments ``cls(...)`` accepts: its ``__init__`` parameters and, where it forwards
+    ``**kwargs``, those of the base classes it forwards them to."""
+    keywords: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is nn.Module:
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        keywords |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return keywords
 
 
 def _entrypoint(name: str) -> Callable[..., nn.Module]:

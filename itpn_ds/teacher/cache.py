@@ -23,13 +23,14 @@ import torch
 
 from itpn_ds.data.color_jitter import NO_JITTER, JitterFactors
 from itpn_ds.data.views import CropView, view_for_epoch
+from itpn_ds.errors import UserError
 from itpn_ds.teacher.cache_format import (JITTER_FIELDS, META_KEY, READABLE_VERSIONS, SUFFIX, CacheMeta,
                                           cache_file_name, column_names)
 
 log = logging.getLogger(__name__)
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A teacher cache that cannot serve this run: names the file or key and what is wrong."""
 
 

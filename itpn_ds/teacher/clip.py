@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from itpn_ds.errors import UserError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NORMALIZATION = "clip-mean-std"
@@ -47,7 +49,7 @@ TORCHSCRIPT_BUFFERS = ("attn_mask",)
 OPENAI_VISION_SHAPES = {(1024, 24, 14): "ViT-L-14", (768, 12, 16): "ViT-B-16", (768, 12, 32): "ViT-B-32"}
 
 
-class TeacherLoadError(RuntimeError):
+class TeacherLoadError(UserError, RuntimeError):
     """A teacher checkpoint that cannot be used: names the file and what to do."""
 
 

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping
 
+from itpn_ds.errors import UserError
 from itpn_ds.tracking.config import TrackingConfig
 from itpn_ds.tracking.context import flatten_params
 from itpn_ds.tracking.curves import draw_curves, metric_history
@@ -24,7 +25,7 @@ RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 POLL_INTERVAL_S = 1.0
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(UserError, RuntimeError):
     """Start-up policy ``require``: the tracking store could not be reached in time."""
 
 

@@ -1,0 +1,350 @@
+"""The bad-input suite: each case builds one bad input from small real data, runs the ``itpn-ds`` subcommand
+in this process through the CLI's one error boundary, and asserts exit code 2, one line
+``itpn-ds COMMAND: ...`` on stderr holding the expected text, no traceback, and a run directory left as it
+was (byte for byte where one existed, absent where none did). docs/troubleshooting.md lists the same cases.
+
+The fault cases (a rank killed in training or in a checkpoint write, a tracking server dying mid-run) are
+in test_engine_resume.py, test_engine_zero.py and test_tracking.py; the launcher cases in test_slurm.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from itpn_ds.cli import main as cli_main
+from itpn_ds.data.shards import Manifest, ShardReader
+
+pytestmark = pytest.mark.dist
+
+
+@dataclass
+class Ws:
+    """The case's workspace: good inputs to spoil and the paths a case names."""
+
+    tmp: Path
+    shards: Path
+    cache: Path
+    pretrain: Path  # a copy of a real tiny pre-training run directory
+    images: Path
+    clip: Path
+    extra: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def run(self) -> Path:
+        return self.tmp / "run"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    argv: Callable[[Ws], list[str]]
+    expect: str
+    watched: Callable[[Ws], Path] = lambda ws: ws.run  # the directory that must be left as it was
+    setup: Callable[[Ws], None] = lambda ws: None
+
+
+PRETRAIN = ["pretrain", "--config", "tiny_pretrain_cpu"]
+FINETUNE = ["finetune", "--config", "tiny_finetune_cpu"]
+
+
+def pretrain(ws: Ws, *overrides: str, run: Path | None = None) -> list[str]:
+    return [*PRETRAIN, "--run-dir", str(run or ws.run), f"data.shards={ws.shards}", f"teacher.cache={ws.cache}",
+            "model.kwargs.teacher_dim=32", "data.micro_batch=4", "tracking.enabled=false", *overrides]
+
+
+def finetune(ws: Ws, *overrides: str, run: Path | None = None) -> list[str]:
+    return [*FINETUNE, "--run-dir", str(run or ws.run), f"data.shards={ws.shards}", f"data.val_shards={ws.shards}",
+            "tracking.enabled=false", "data.micro_batch=4", *overrides]
+
+
+def evaluate(ws: Ws, checkpoint: Path, *overrides: str) -> list[str]:
+    return ["evaluate", "--config", "tiny_finetune_cpu", "--checkpoint", str(checkpoint),
+            f"data.val_shards={ws.shards}", "tracking.enabled=false", *overrides]
+
+
+# ------------------------------------------------------------------------------------------ spoilers
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def copy_shards(ws: Ws, name: str) -> Path:
+    out = ws.tmp / name
+    shutil.copytree(ws.shards, out)
+    return out
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    path.write_bytes(path.read_bytes()[:int(path.stat().st_size * keep)])
+
+
+def flip_byte_in_first_jpeg(shards: Path) -> None:
+    reader = ShardReader(shards)
+    loc = reader.locations[0]
+    with open(shards / reader.manifest.shards[loc.shard].tar, "r+b") as tar:
+        tar.seek(loc.offset + loc.size // 2)
+        byte = tar.read(1)
+        tar.seek(loc.offset + loc.size // 2)
+        tar.write(bytes([byte[0] ^ 0xFF]))
+
+
+def shift_index_offsets(shards: Path) -> None:
+    index = shards / Manifest.load(shards).shards[0].index
+    lines = index.read_text().splitlines()
+    head, rows = lines[0], lines[1:]
+    shifted = []
+    for row in rows:
+        words = row.split()
+        words[1] = str(int(words[1]) + 512)
+        shifted.append(" ".join(words))
+    index.write_text("\n".join([head, *shifted]) + "\n")
+
+
+def image_folder_with_empty_class(ws: Ws) -> Path:
+    root = ws.tmp / "images_empty_class"
+    shutil.copytree(ws.images, root)
+    (root / "zz_empty").mkdir()
+    return root
+
+
+def ds_json(ws: Ws, text: str) -> Path:
+    return write(ws.tmp / "ds.json", text)
+
+
+def pretrain_run_copy(ws: Ws) -> Path:
+    return ws.pretrain
+
+
+def checkpoint_dir(ws: Ws) -> Path:
+    return ws.pretrain / "checkpoints" / (ws.pretrain / "checkpoints" / "latest").read_text().strip()
+
+
+# ------------------------------------------------------------------------------------------ the cases
+
+CASES: list[Case] = [
+    # --- configuration: recipe, overrides, keys, types, ranges
+    Case("unknown recipe", lambda ws: ["pretrain", "--config", "no_such_recipe", "--run-dir", str(ws.run)],
+         "no recipe named 'no_such_recipe'"),
+    Case("missing recipe file", lambda ws: ["pretrain", "--config", str(ws.tmp / "r.yaml"), "--run-dir", str(ws.run)],
+         "r.yaml does not exist"),
+    Case("recipe not a mapping", lambda ws: ["pretrain", "--config", str(write(ws.tmp / "l.yaml", "- 1\n- 2\n")),
+                                              "--run-dir", str(ws.run)], "a recipe must be a mapping"),
+    Case("recipe not YAML", lambda ws: ["pretrain", "--config", str(write(ws.tmp / "b.yaml", "a: [1\n")),
+                                         "--run-dir", str(ws.run)], "not valid YAML"),
+    Case("override without =", lambda ws: pretrain(ws, "optim.lr"), "is not of the form key=value"),
+    Case("unknown key", lambda ws: pretrain(ws, "optim.bogus=1"), "bogus"),
+    Case("unknown section", lambda ws: pretrain(ws, "bogus.key=1"), "bogus"),
+    Case("value into a value", lambda ws: pretrain(ws, "optim.lr.x=1"), "'lr' is a value, not a section"),
+    Case("wrong type", lambda ws: pretrain(ws, "optim.lr=fast"), "optim.lr"),
+    Case("negative lr", lambda ws: pretrain(ws, "optim.lr=-1e-3"), "optim.lr must be > 0"),
+    Case("zero lr", lambda ws: pretrain(ws, "optim.lr=0"), "optim.lr must be > 0"),
+    Case("negative weight decay", lambda ws: pretrain(ws, "optim.weight_decay=-0.1"), "optim.weight_decay"),
+    Case("beta of 1", lambda ws: pretrain(ws, "optim.betas=[0.9,1.0]"), "optim.betas must be in [0, 1)"),
+    Case("layer decay above 1", lambda ws: pretrain(ws, "optim.layer_decay=1.5"), "optim.layer_decay must be in (0, 1]"),
+    Case("negative clip", lambda ws: pretrain(ws, "optim.clip_grad=-1"), "optim.clip_grad must be >= 0"),
+    Case("micro-batch 0", lambda ws: pretrain(ws, "data.micro_batch=0"), "data.micro_batch must be >= 1"),
+    Case("epochs 0", lambda ws: pretrain(ws, "schedule.epochs=0"), "schedule.epochs must be >= 1"),
+    Case("mask ratio 1", lambda ws: pretrain(ws, "pretrain.mask_ratio=1.0"), "pretrain.mask_ratio must be in [0, 1)"),
+    Case("unknown attention", lambda ws: pretrain(ws, "model.attention=fast"), "model.attention"),
+    Case("unknown checkpointing policy", lambda ws: pretrain(ws, "model.grad_checkpointing=some"),
+         "model.grad_checkpointing"),
+    Case("unknown task", lambda ws: pretrain(ws, "task=detect"), "task"),
+    Case("unknown model keyword", lambda ws: pretrain(ws, "model.kwargs.bogus=1"),
+         "model.kwargs.bogus: not a keyword of ITPNClipDistill"),
+    Case("unknown model name", lambda ws: pretrain(ws, "model.name=itpn_huge"), "itpn_huge"),
+    Case("pixel objective on a CLIP model", lambda ws: pretrain(ws, "pretrain.objective=pixel"), "ITPNPixelMAE"),
+    Case("flex attention on the CPU", lambda ws: pretrain(ws, "model.attention=flex"), "model.attention=flex"),
+    # --- the DeepSpeed JSON
+    Case("missing DeepSpeed JSON", lambda ws: pretrain(ws, f"deepspeed.config={ws.tmp / 'none.json'}"),
+         "none.json does not exist"),
+    Case("DeepSpeed JSON not JSON", lambda ws: pretrain(ws, f"deepspeed.config={ds_json(ws, '{stage: 2')}"),
+         "is not valid JSON"),
+    Case("DeepSpeed JSON with an unknown key",
+         lambda ws: pretrain(ws, f"deepspeed.config={ds_json(ws, json.dumps({'zero_optimization': {'stage': 2, 'bogus_key': 1}}))}"),
+         "bogus_key"),
+    Case("DeepSpeed JSON precision disagrees",
+         lambda ws: pretrain(ws, f"deepspeed.config={ds_json(ws, json.dumps({'bf16': {'enabled': False}, 'zero_optimization': {'stage': 1}}))}"),
+         "bf16.enabled is False but the run configuration gives True"),
+    Case("DeepSpeed JSON stage disagrees", lambda ws: pretrain(ws, "deepspeed.zero_stage=3"),
+         "zero_optimization.stage is 2 but the run asks for deepspeed.zero_stage=3"),
+    # --- data
+    Case("no shards given", lambda ws: [*PRETRAIN, "--run-dir", str(ws.run), f"teacher.cache={ws.cache}",
+                                        "tracking.enabled=false"], "data.shards is empty"),
+    Case("missing shard directory", lambda ws: pretrain(ws, f"data.shards={ws.tmp / 'nowhere'}"), "manifest not found"),
+    Case("no teacher cache given", lambda ws: pretrain(ws, "teacher.cache="), "teacher.mode=cache needs teacher.cache"),
+    Case("missing teacher cache", lambda ws: pretrain(ws, f"teacher.cache={ws.tmp / 'nocache'}"), "nocache"),
+    Case("online teacher without checkpoint", lambda ws: pretrain(ws, "teacher.mode=online", "teacher.checkpoint="),
+         "teacher"),
+    Case("accumulation beyond an epoch", lambda ws: pretrain(ws, "schedule.grad_accum=1000"),
+         "schedule.grad_accum=1000 is more than the"),
+    Case("truncated shard in training", lambda ws: pretrain(ws, f"data.shards={ws.extra['truncated']}"),
+         "shard-00000.tar"),
+    Case("labels beyond num_classes", lambda ws: finetune(ws, "finetune.num_classes=2", "model.kwargs.num_classes=2"),
+         "set finetune.num_classes=4"),
+    # --- run directory
+    Case("run directory below a file", lambda ws: pretrain(ws, run=write(ws.tmp / "afile", "x") / "run"),
+         "is a file, not a directory", watched=lambda ws: ws.tmp / "afile"),
+    Case("run directory is a file", lambda ws: pretrain(ws, run=write(ws.tmp / "runfile", "x")),
+         "is a file, not a directory", watched=lambda ws: ws.tmp / "runfile"),
+    Case("resume=never over a run", lambda ws: pretrain(ws, "checkpoint.resume=never", run=ws.pretrain),
+         "checkpoint.resume=never: choose a new --run-dir", watched=pretrain_run_copy),
+    Case("another model over a run", lambda ws: pretrain(ws, "model.kwargs.depth=2", run=ws.pretrain),
+         "holds checkpoints of another run", watched=pretrain_run_copy),
+    Case("another task over a run", lambda ws: finetune(ws, run=ws.pretrain),
+         "holds checkpoints of another run (task pretrain", watched=pretrain_run_copy),
+    # --- checkpoints
+    Case("missing finetune.init", lambda ws: finetune(ws, f"finetune.init={ws.tmp / 'nope'}"), "nope"),
+    Case("finetune.init not a checkpoint", lambda ws: finetune(ws, f"finetune.init={write(ws.tmp / 'w.pth', b'junk')}"),
+         "w.pth"),
+    Case("finetune.init truncated safetensors", lambda ws: finetune(ws, f"finetune.init={ws.extra['truncated_export']}"),
+         "model.safetensors"),
+    Case("finetune.init truncated rank file", lambda ws: finetune(ws, f"finetune.init={ws.extra['truncated_ckpt']}"),
+         "mp_rank_00_model_states.pt"),
+    Case("evaluate a missing checkpoint", lambda ws: evaluate(ws, ws.tmp / "absent"), "absent"),
+    Case("evaluate without val shards", lambda ws: evaluate(ws, ws.pretrain, "data.val_shards="),
+         "evaluate needs data.val_shards"),
+    Case("evaluate a pre-training checkpoint", lambda ws: evaluate(ws, ws.pretrain), "head.weight"),
+    Case("export a missing checkpoint", lambda ws: ["export", "--checkpoint", str(ws.tmp / "absent"), "--out",
+                                                    str(ws.run)], "absent"),
+    Case("export to a file", lambda ws: ["export", "--checkpoint", str(ws.pretrain), "--out",
+                                         str(write(ws.tmp / "out.txt", "keep"))], "out.txt",
+         watched=lambda ws: ws.tmp / "out.txt"),
+    Case("export with a corrupt meta.json", lambda ws: ["export", "--checkpoint", str(ws.extra["bad_meta"]), "--out",
+                                                        str(ws.run)], "meta.json is corrupt"),
+    # --- make-shards / verify-shards
+    Case("make-shards of a missing folder", lambda ws: ["make-shards", str(ws.tmp / "nofolder"), str(ws.run)],
+         "image folder not found"),
+    Case("make-shards with an empty class folder",
+         lambda ws: ["make-shards", str(image_folder_with_empty_class(ws)), str(ws.run)],
+         "zz_empty: class folder without images"),
+    Case("make-shards of a one-column table",
+         lambda ws: ["make-shards", str(write(ws.tmp / "t.csv", "a.jpg\n")), str(ws.run)], "needs two columns"),
+    Case("make-shards of an empty table", lambda ws: ["make-shards", str(write(ws.tmp / "e.csv", "")), str(ws.run)],
+         "no rows"),
+    Case("make-shards into a file", lambda ws: ["make-shards", str(ws.images), str(write(ws.tmp / "o.bin", "x"))],
+         "o.bin", watched=lambda ws: ws.tmp / "o.bin"),
+    Case("verify-shards without manifest", lambda ws: ["verify-shards", str(ws.tmp)], "manifest not found"),
+    Case("verify-shards of a truncated shard", lambda ws: ["verify-shards", str(ws.extra["truncated"])],
+         "truncated or replaced"),
+    Case("verify-shards of a flipped byte", lambda ws: ["verify-shards", str(ws.extra["flipped"])],
+         "sha256 does not match"),
+    Case("verify-shards of a corrupt manifest", lambda ws: ["verify-shards", str(ws.extra["bad_manifest"])],
+         "not a valid manifest"),
+    # --- extract-teacher
+    Case("extract-teacher without its checkpoint",
+         lambda ws: ["extract-teacher", "--shards", str(ws.shards), "--out", str(ws.run), "--teacher-checkpoint",
+                     str(ws.tmp / "ViT-L-14.pt"), "--no-progress"], "nothing is downloaded"),
+    Case("extract-teacher of missing shards",
+         lambda ws: ["extract-teacher", "--shards", str(ws.tmp / "noshards"), "--out", str(ws.run),
+                     "--teacher-checkpoint", str(ws.clip), "--no-progress"], "manifest not found"),
+    Case("extract-teacher of a truncated shard",
+         lambda ws: ["extract-teacher", "--shards", str(ws.extra["truncated"]), "--out", str(ws.run),
+                     "--teacher-checkpoint", str(ws.clip), "--no-progress"], "shard-00000.tar"),
+    # --- planners
+    Case("plan-scaling of an unknown model", lambda ws: ["plan-scaling", "--model", "itpn_huge"], "itpn_huge"),
+    Case("plan-cache for zero nodes", lambda ws: ["plan-cache", "--nodes", "0"], "--nodes >= 1"),
+]
+
+
+# ------------------------------------------------------------------------------------------ running
+
+@pytest.fixture(scope="module")
+def inputs(demo_shards, demo_cache, demo_image_folder, tiny_clip_checkpoint, tiny_pretrain_run, tmp_path_factory):
+    """Spoiled copies shared by the cases (each case only reads them)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    extra = {}
+    extra["truncated"] = shards = root / "truncated"
+    shutil.copytree(demo_shards, shards)
+    truncate(shards / Manifest.load(shards).shards[0].tar)
+    extra["flipped"] = shards = root / "flipped"
+    shutil.copytree(demo_shards, shards)
+    flip_byte_in_first_jpeg(shards)
+    extra["bad_manifest"] = shards = root / "bad_manifest"
+    shutil.copytree(demo_shards, shards)
+    truncate(shards / "manifest.json", 0.6)
+    from itpn_ds.engine.export import export_checkpoint
+
+    export = Path(export_checkpoint(tiny_pretrain_run, root / "export"))
+    truncate(export / "model.safetensors")
+    extra["truncated_export"] = export
+    extra["truncated_ckpt"] = ckpt_run = root / "truncated_ckpt"
+    shutil.copytree(tiny_pretrain_run, ckpt_run)
+    tag = (ckpt_run / "checkpoints" / "latest").read_text().strip()
+    truncate(ckpt_run / "checkpoints" / tag / "mp_rank_00_model_states.pt")
+    extra["bad_meta"] = meta_run = root / "bad_meta"
+    shutil.copytree(tiny_pretrain_run, meta_run)
+    truncate(meta_run / "checkpoints" / tag / "meta.json")
+    return dict(shards=demo_shards, cache=demo_cache, images=demo_image_folder, clip=tiny_clip_checkpoint,
+                pretrain=tiny_pretrain_run, extra=extra)
+
+
+@pytest.fixture
+def ws(inputs, tmp_path, monkeypatch) -> Ws:
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # init_distributed exports them; each case starts clean
+    pretrain_copy = tmp_path / "pretrain_run"
+    shutil.copytree(inputs["pretrain"], pretrain_copy)
+    return Ws(tmp=tmp_path, shards=inputs["shards"], cache=inputs["cache"], pretrain=pretrain_copy,
+              images=inputs["images"], clip=inputs["clip"], extra=inputs["extra"])
+
+
+def snapshot(path: Path) -> dict[str, str] | None:
+    """{relative path: sha256 (or "dir")} of everything under ``path``; None when it does not exist."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(p.relative_to(path)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*"))}
+
+
+def test_there_are_at_least_sixty_distinct_cases():
+    assert len({c.name for c in CASES}) == len(CASES) >= 60
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, ws, capsys):
+    case.setup(ws)
+    argv = case.argv(ws)
+    watched = case.watched(ws)
+    before = snapshot(watched)
+    capsys.readouterr()
+    code = cli_main(argv)
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith(f"itpn-ds {argv[0]}: ")]
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert len(lines) == 1 and case.expect in lines[0], err[-3000:]
+    assert snapshot(watched) == before, f"{watched} changed"
+
+
+def test_debug_flag_keeps_the_traceback(ws, capsys):
+    assert cli_main(["--debug", *pretrain(ws, "optim.lr=-1")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith("optim.lr must be > 0, got -1.0")
+    os.environ.pop("ITPN_DS_DEBUG")
+
+
+def test_overrides_may_come_before_the_options(ws, capsys):
+    argv = pretrain(ws, "optim.lr=-2")
+    reordered = [argv[0], "optim.lr=-2", *argv[1:-1]]
+    assert cli_main(reordered) == 2
+    assert "optim.lr must be > 0, got -2.0" in capsys.readouterr().err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """The boundary reports only anticipated failures: anything else propagates as it is."""
+    import itpn_ds.engine.commands as commands
+
+    monkeypatch.setattr(commands, "load_config", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli_main(["pretrain", "--run-dir", "/tmp/unused"])
