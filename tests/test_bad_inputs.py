@@ -348,3 +348,21 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(commands, "load_config", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         cli_main(["pretrain", "--run-dir", "/tmp/unused"])
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(ws, caplog):
+    """A truncated newest checkpoint (a full disk, a bad copy) is skipped, named; the one before it is used.
+    The older checkpoint is a byte copy of the real one under an earlier tag."""
+    from itpn_ds.engine.checkpoint import CheckpointError, CheckpointManager
+
+    root = ws.pretrain / "checkpoints"
+    newest = checkpoint_dir(ws)
+    shutil.copytree(newest, root / "step_00000001")
+    truncate(newest / "mp_rank_00_model_states.pt")
+    manager = CheckpointManager(ws.pretrain, keep_last=2, rank=0, world_size=1)
+    with caplog.at_level("WARNING"):
+        assert manager.latest().tag == "step_00000001"
+    assert f"skipping checkpoint {newest}" in caplog.text and "truncated or replaced" in caplog.text
+    truncate(root / "step_00000001" / "rank00000.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint verifies"):
+        manager.latest()
