@@ -10,7 +10,10 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps
+
+from itpn_ds.errors import UserError
 
 EXIF_ORIENTATION = 0x0112
 
@@ -65,15 +68,28 @@ def prepare_image(data: bytes, options: PreprocessOptions) -> tuple[bytes, int, 
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for any mode; transparent pixels are composited on white."""
+    """RGB for any mode, as a viewer shows it: transparent pixels composited on white, 16- and 32-bit
+    greyscale scaled to 8 bits by their bit depth (PIL's own ``convert`` clips them, so a 16-bit PNG would
+    turn near-white)."""
     if image.mode == "RGB":
         return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        return _high_depth_grey_to_8bit(image).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def _high_depth_grey_to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit (``I;16*``) or 32-bit integer (``I``) greyscale -> ``L``: the top 8 of 16 bits (a 32-bit image
+    whose values fit 16 bits, as PNG decoders give, is treated as 16-bit)."""
+    values = np.asarray(image).astype(np.int64)
+    bits = 16 if image.mode.startswith("I;16") or values.max(initial=0) <= 0xFFFF else 32
+    scaled = np.clip(values, 0, (1 << bits) - 1) >> (bits - 8)
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
 
 
 def _capped_size(size: tuple[int, int], max_short_side: int) -> tuple[int, int]:
