@@ -16,8 +16,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from itpn_ds.data.annotations import CLASSIFICATION, SEGMENTATION, BadAnnotation, DenseSpec, check_instances, \
-    check_label_map
+from itpn_ds.data.annotations import (CLASSIFICATION, SEGMENTATION, BadAnnotation, DenseSpec, check_instances,
+                                      check_label_map)
 from itpn_ds.data.shards import Manifest, ShardError, ShardInfo, read_index, sha256_file
 
 

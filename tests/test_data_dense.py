@@ -21,8 +21,9 @@ from itpn_ds.cli import main as cli
 from itpn_ds.data import build_detection_loader, build_segmentation_loader
 from itpn_ds.data.annotations import SEGMENTATION, DenseSpec, instance_masks, label_lut, mask_box
 from itpn_ds.data.det_pipeline import DetRecipe
-from itpn_ds.data.seg_transforms import (Photometric, SegRecipe, category_ratio_ok, photometric_numpy,
-                                         rescale_size, train_plan)
+from itpn_ds.data.seg_pipeline import SegImageDecoder
+from itpn_ds.data.seg_transforms import (Photometric, SegPlan, SegRecipe, category_ratio_ok, crop_labels,
+                                         photometric_numpy, rescale_size, train_plan)
 from itpn_ds.data.shard_loader import IMAGENET_MEAN, IMAGENET_STD
 from itpn_ds.data.shards import Manifest, ShardError, ShardReader
 
@@ -225,8 +226,6 @@ def test_seg_dali_and_torch_loaders_agree_with_photometric_distortion(seg_shards
                                     Photometric(hue=30.0), Photometric(hue=-36.0),
                                     Photometric(12.0, 0.8, False, 1.3, -20.0)])
 def test_photometric_numpy_matches_the_dali_graph(params):
-    from itpn_ds.data.seg_pipeline import SegImageDecoder, SegPlan
-
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
     out = io.BytesIO()
@@ -248,8 +247,6 @@ def test_cat_max_ratio_redraws_crops_dominated_by_one_class(seg_shards):
     unchecked = [train_plan(0, f"k{i}", 0, labels, SegRecipe(crop_size=(64, 64), scale=(300, 200),
                                                               ratio_range=(1.0, 1.0), cat_max_ratio=1.0))
                  for i in range(40)]
-    from itpn_ds.data.seg_transforms import crop_labels
-
     ok = [category_ratio_ok(crop_labels(labels, p.size, p.box), 0.75, 255) for p in plans]
     assert all(o for o, p in zip(ok, plans) if p.crop_tries <= 10) and any(p.crop_tries > 1 for p in plans)
     assert sum(ok) > sum(category_ratio_ok(crop_labels(labels, p.size, p.box), 0.75, 255) for p in unchecked)

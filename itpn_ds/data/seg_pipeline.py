@@ -87,7 +87,7 @@ class SegImageDecoder:
 
     def decode(self, encoded: Sequence[bytes], plans: Sequence[SegPlan]) -> torch.Tensor:
         """Raises RuntimeError (DALI) when a JPEG cannot be decoded."""
-        scalar = lambda values: [np.array(v, dtype=np.float32) for v in values]  # noqa: E731
+        scalar = _float_scalars
         feed = {"encoded": [np.frombuffer(e, dtype=np.uint8) for e in encoded],
                 "width": scalar(p.size[0] for p in plans), "height": scalar(p.size[1] for p in plans),
                 "anchor": [np.array(p.box[:2], dtype=np.float32) for p in plans],
@@ -103,6 +103,11 @@ class SegImageDecoder:
             self._pipe.feed_input(name, data)
         (out,) = self._pipe.run()
         return _to_tensor(out)
+
+
+def _float_scalars(values) -> list[np.ndarray]:
+    """One float32 scalar array per sample (a DALI argument input)."""
+    return [np.array(v, dtype=np.float32) for v in values]
 
 
 class PILSegImageDecoder:
