@@ -17,7 +17,7 @@ and ``targets`` a list of dicts: ``boxes`` (N, 4) float32 xyxy in the resized im
 int64, ``image_id`` () int64 (the annotation file's), ``orig_size`` and ``size`` (2,) int64 (h, w)
 before and after the resize. The manifest's ``category_ids[label - 1]`` is the file's category id.
 Boxes are scaled and flipped geometrically; masks are resized nearest (pixel-centre), so a mask's tight
-box stays within one resized pixel of its box.
+box stays within 0.5 px of its box (1.5 px where downscaling skips a thin tip of the mask).
 """
 from __future__ import annotations
 
