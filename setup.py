@@ -32,8 +32,10 @@ setup(
     package_data={"itpn_ds": ["recipes/*.yaml", "ds_configs/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest", "pytest-timeout", "scikit-image"],
+        "test": ["pytest", "pytest-timeout", "scikit-image", "pycocotools"],
         "demo": ["scikit-image"],
+        # detection shards and loaders decode COCO masks (RLE / polygons) with pycocotools
+        "dense": ["pycocotools"],
     },
     entry_points={"console_scripts": ["itpn-ds = itpn_ds.cli:main"]},
 )

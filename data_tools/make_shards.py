@@ -1,5 +1,9 @@
 """``itpn-ds make-shards``: preprocess an ImageFolder tree or a CSV/TSV table into WebDataset shards,
-DALI index files and a manifest (format: ``itpn_ds.data.shards``).
+DALI index files and a manifest (format: ``itpn_ds.data.shards``). ``--kind segmentation`` takes an image
+tree with ``--annotations`` the label-map tree beside it (ADE20K) and ``--class-names``; ``--kind
+detection`` takes an image directory with ``--annotations`` a COCO instances JSON
+(``itpn_ds.data.dense_sources``). Annotations that do not fit their image (size, label values, boxes,
+missing images) are bad samples like undecodable images.
 
 Re-running with the same arguments keeps the shards an earlier run finished. Files that cannot be
 decoded are listed in ``bad_files.tsv`` and counted in the manifest; the command exits 1 when their
@@ -10,14 +14,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from itpn_ds.data.annotations import CLASSIFICATION, DETECTION, KINDS, SEGMENTATION, DenseSpec
+from itpn_ds.data.dense_sources import coco_items, read_class_names, segmentation_items
 from itpn_ds.data.preprocess import PreprocessOptions
-from itpn_ds.data.shards import ShardError, write_shards
+from itpn_ds.data.shards import ShardError, SourceItem, write_shards
 from itpn_ds.data.sources import image_folder_items, shuffled, table_items
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("source", type=Path, help="ImageFolder root (<class>/<image>) or a .csv/.tsv of path,label")
+    parser.add_argument("source", type=Path, help="ImageFolder root (<class>/<image>) or a .csv/.tsv of path,label; "
+                                                  "segmentation/detection: the image directory")
     parser.add_argument("out", type=Path, help="output shard directory")
+    parser.add_argument("--kind", choices=KINDS, default=CLASSIFICATION, help="shard kind (default classification)")
+    parser.add_argument("--annotations", type=Path, help="segmentation: label-map directory (same relative paths, "
+                                                         ".png); detection: COCO instances JSON")
+    parser.add_argument("--class-names", type=Path, help="segmentation: class names, one per line, training-id "
+                                                         "order (with --reduce-zero-label the first names raw label 1)")
+    parser.add_argument("--reduce-zero-label", action="store_true",
+                        help="segmentation: raw label 0 is ignored and raw v is class v - 1 (ADE20K)")
     parser.add_argument("--shard-size", type=float, default=1024.0,
                         help="target shard size in MiB of input bytes (default 1024)")
     parser.add_argument("--max-short-side", type=int, default=0,
@@ -31,17 +45,31 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
+def list_inputs(args: argparse.Namespace) -> tuple[list[SourceItem], dict[str, int], DenseSpec | None]:
+    """Items, class map and dense spec (None: classification) from the command line."""
+    if args.kind == CLASSIFICATION:
+        items, classes = table_items(args.source) if args.source.is_file() else image_folder_items(args.source)
+        return items, classes, None
+    if args.annotations is None:
+        raise ShardError(f"--kind {args.kind} needs --annotations (label-map directory or COCO JSON)")
+    if args.kind == SEGMENTATION:
+        if args.class_names is None:
+            raise ShardError("--kind segmentation needs --class-names FILE")
+        names = read_class_names(args.class_names)
+        spec = DenseSpec(SEGMENTATION, len(names), args.reduce_zero_label)
+        return segmentation_items(args.source, args.annotations), {n: i for i, n in enumerate(names)}, spec
+    items, classes, category_ids = coco_items(args.annotations, args.source)
+    return items, classes, DenseSpec(DETECTION, len(classes), category_ids=tuple(category_ids))
+
+
 def main(args: argparse.Namespace) -> int:
-    if args.source.is_file():
-        items, classes = table_items(args.source)
-    else:
-        items, classes = image_folder_items(args.source)
+    items, classes, spec = list_inputs(args)
     options = PreprocessOptions(args.max_short_side, args.quality, args.reencode_all)
     manifest = write_shards(shuffled(items, args.seed), args.out, classes, str(args.source), options,
                             target_shard_bytes=int(args.shard_size * (1 << 20)), num_workers=args.workers,
-                            progress=not args.quiet)
+                            progress=not args.quiet, spec=spec)
     total = len(manifest) + manifest.num_bad
-    print(f"{len(manifest)} samples in {len(manifest.shards)} shards, {manifest.num_classes} classes, "
+    print(f"{len(manifest)} samples in {len(manifest.shards)} shards, {manifest.num_classes} classes ({manifest.kind}), "
           f"{manifest.num_bad} bad ({args.out / manifest.bad_report}) -> {args.out}")
     if manifest.num_bad > args.max_bad_fraction * total:
         raise ShardError(f"{manifest.num_bad} of {total} inputs are bad, more than --max-bad-fraction "

@@ -23,6 +23,7 @@ from itpn_ds.errors import DEBUG_ENV, USER_ERROR_EXIT_CODE, debug_enabled, user_
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-shards": ("data_tools.make_shards", "preprocess images into WebDataset shards + DALI index + manifest"),
     "verify-shards": ("data_tools.verify_shards", "check shard checksums, sample counts and index files"),
+    "make-dense-shapes": ("data_tools.dense_shapes", "write a synthetic segmentation + detection set (shapes on photos)"),
     "extract-teacher": ("data_tools.extract_teacher", "compute CLIP targets for K views per image into Arrow files"),
     "plan-cache": ("data_tools.plan_cache", "bytes and files a teacher cache needs"),
     "plan-scaling": ("itpn_ds.scaling.command", "memory and throughput plan for a model at a GPU count"),

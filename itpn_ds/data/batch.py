@@ -20,6 +20,10 @@ class Batch:
     targets:         (B, T, D) float32 cached teacher targets (cached teacher only).
     valid:           (B,) bool; False marks padding that fills the epoch's last step so that every rank
                      takes the same number of steps. Losses and metrics ignore padded samples.
+    label_maps:      (B, H, W) int64 segmentation training ids, 255 = ignore (also the padding);
+                     training: aligned with ``images``; evaluation: at the original resolution.
+    image_sizes:     (B, 2) int64 (h, w) of each image in ``images`` before padding (segmentation eval).
+    label_sizes:     (B, 2) int64 (h, w) of each label map in ``label_maps`` before padding (segmentation eval).
     """
 
     images: torch.Tensor
@@ -30,6 +34,9 @@ class Batch:
     teacher_images: torch.Tensor | None = None
     targets: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    label_maps: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
+    label_sizes: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -1,5 +1,6 @@
 """The part every DALI loader shares: epoch order over a shard directory, batch decoding through
-:class:`ViewDecoder` with corrupt-sample handling, and the Loader protocol's epoch/state bookkeeping.
+:class:`ViewDecoder` with corrupt-sample handling, and the Loader protocol's epoch/state bookkeeping
+(:class:`EpochLoader`, which the dense loaders share too).
 
 Subclasses choose each sample's view (``views``) and turn decoded pixels into a Batch (``make_batch``).
 An optional :class:`~itpn_ds.data.view_decoder.SampleAugment` draws each sample's parameters from
@@ -49,8 +50,65 @@ def student_output(img_size: int, normalize: str = "imagenet") -> ViewOutput:
     return ViewOutput(img_size, "cubic", *NORMALIZATIONS[normalize])
 
 
-class ShardLoader:
-    """Iterates this rank's share of an epoch; ``state_dict`` is the global epoch position.
+class EpochLoader:
+    """The Loader protocol over a shard directory: this rank's share of each epoch (``DistributedOrder``),
+    a background thread decoding the next batch, and ``state_dict`` = the global epoch position.
+    Subclasses turn one step's sample indices into a batch (``_load``)."""
+
+    def __init__(self, shards: str | Path, micro_batch: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0) -> None:
+        self.reader = ShardReader(shards)
+        self.manifest = self.reader.manifest
+        self.order = DistributedOrder(len(self.reader), micro_batch, rank, world_size, seed)
+        self.seed = seed
+        self.epoch = 0
+        self.offset = 0
+
+    # --- Loader protocol
+    def __len__(self) -> int:
+        return self.order.steps(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.offset = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has {self.seed}")
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+    def __iter__(self) -> Iterator:
+        """The rest of the epoch. The next batch is decoded in a background thread while the caller uses
+        the current one; ``offset`` advances only when a batch is handed out, so ``state_dict`` taken
+        between batches resumes exactly after the last batch the caller received."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-loader") as prefetch:
+            pending = None
+            for step in self.order(self.epoch, self.offset):
+                ahead = (prefetch.submit(self._load, step.indices, step.valid), step.next_offset)
+                if pending is not None:
+                    yield self._hand_out(*pending)
+                pending = ahead
+            if pending is not None:
+                yield self._hand_out(*pending)
+        self.offset = 0
+        self.epoch += 1
+
+    def _hand_out(self, future: Future, next_offset: int):
+        batch = future.result()
+        self.offset = next_offset
+        return batch
+
+    def _load(self, indices: np.ndarray, valid: np.ndarray):
+        """One step's batch: global sample indices (B,) and their validity (B,)."""
+        raise NotImplementedError
+
+
+class ShardLoader(EpochLoader):
+    """Iterates this rank's share of an epoch through a view decoder; ``state_dict`` is the global epoch
+    position.
 
     backend:    ``dali`` (ViewDecoder) or ``torch`` (PILViewDecoder, for machines without DALI).
     on_corrupt: ``skip`` (the sample becomes a zero image with valid=False, counted in
@@ -69,57 +127,15 @@ class ShardLoader:
             raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.reader = ShardReader(shards)
-        self.manifest = self.reader.manifest
-        self.order = DistributedOrder(len(self.reader), micro_batch, rank, world_size, seed)
+        super().__init__(shards, micro_batch, rank, world_size, seed)
         self.backend = backend
         decoder_cls = ViewDecoder if backend == "dali" else PILViewDecoder
         self.decoder = decoder_cls(decoder_outputs, device=device, batch_size=micro_batch, num_threads=num_threads,
                                    augment=augment, torch_resize=torch_resize, color_jitter=color_jitter,
                                    decode=decode)
         self.augment = augment
-        self.seed = seed
         self.on_corrupt = on_corrupt
-        self.epoch = 0
-        self.offset = 0
         self.corrupt_count = 0
-
-    # --- Loader protocol
-    def __len__(self) -> int:
-        return self.order.steps(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.offset = epoch, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has {self.seed}")
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-
-    def __iter__(self) -> Iterator[Batch]:
-        """The rest of the epoch. The next batch is decoded in a background thread while the caller uses
-        the current one; ``offset`` advances only when a batch is handed out, so ``state_dict`` taken
-        between batches resumes exactly after the last batch the caller received."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-loader") as prefetch:
-            pending = None
-            for step in self.order(self.epoch, self.offset):
-                ahead = (prefetch.submit(self._load, step.indices, step.valid), step.next_offset)
-                if pending is not None:
-                    yield self._hand_out(*pending)
-                pending = ahead
-            if pending is not None:
-                yield self._hand_out(*pending)
-        self.offset = 0
-        self.epoch += 1
-
-    def _hand_out(self, future: Future, next_offset: int) -> Batch:
-        batch = future.result()
-        self.offset = next_offset
-        return batch
 
     # --- for subclasses
     def views(self, keys: list[str], sizes: list[tuple[int, int]], indices: np.ndarray) -> tuple[list[int], list[CropView]]:

@@ -3,10 +3,13 @@
 A shard directory holds:
 
 * ``shard-NNNNN.tar``: a WebDataset tar; each sample is two consecutive members ``KEY.jpg`` (an RGB
-  JPEG) and ``KEY.cls`` (the class id as ASCII digits).
+  JPEG) and its annotation: ``KEY.cls`` (the class id as ASCII digits) in a classification shard,
+  ``KEY.png`` (label map) in a segmentation shard, ``KEY.json`` (instances) in a detection shard
+  (``Manifest.kind``; formats in ``itpn_ds.data.annotations``).
 * ``shard-NNNNN.idx``: its DALI index (the ``wds2idx`` format ``fn.readers.webdataset`` reads):
   a first line ``v1.2 N`` then one line per sample ``jpg OFFSET SIZE KEY.jpg cls OFFSET SIZE KEY.cls``
-  (OFFSET = byte offset of the member's data in the tar).
+  (``png``/``json`` in place of ``cls`` for the dense kinds; OFFSET = byte offset of the member's data
+  in the tar).
 * ``manifest.json``: :class:`Manifest`.
 * ``shard-NNNNN.meta.json``: per-shard record of a finished shard (lets an interrupted run resume).
 * ``bad_files.tsv``: inputs that could not become samples, with the reason.
@@ -30,8 +33,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from itpn_ds import __version__
-from itpn_ds.errors import UserError
+from itpn_ds.data.annotations import (ANNOTATION_EXT, CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION,
+                                      BadAnnotation, DenseSpec, check_instances, check_label_map)
 from itpn_ds.data.preprocess import BadImage, PreprocessOptions, prepare_image
+from itpn_ds.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 BAD_REPORT_NAME = "bad_files.tsv"
@@ -47,11 +52,14 @@ class ShardError(UserError, RuntimeError):
 
 @dataclass(frozen=True)
 class SourceItem:
-    """One input image: its file, its sample key and its class id."""
+    """One input image: its file, its sample key and its class id (classification; 0 for the dense
+    kinds). ``annotation``: segmentation: the label map's path; detection: the image's instance record
+    as JSON text (``itpn_ds.data.annotations``)."""
 
     path: str
     key: str
     label: int
+    annotation: str = ""
 
 
 @dataclass
@@ -68,7 +76,15 @@ class ShardInfo:
 @dataclass
 class Manifest:
     """Everything about a shard directory. Per-sample lists are in shard order (shard 0's samples first,
-    in tar order); ``sizes`` are (width, height) in px after preprocessing."""
+    in tar order); ``sizes`` are (width, height) in px after preprocessing.
+
+    ``kind``: ``classification`` (``labels`` holds each sample's class id), ``segmentation`` or
+    ``detection`` (``labels`` is empty: the annotations are in the shards). For the dense kinds
+    ``classes`` maps class names to training ids (segmentation 0..K-1, detection 1..K),
+    ``ignore_index`` is the label-map value of ignored pixels, ``reduce_zero_label`` says that raw label
+    0 is ignored and raw v is class v - 1 (ADE20K), ``category_ids`` the annotation file's category id
+    of each detection label 1..K.
+    """
 
     shards: list[ShardInfo]
     keys: list[str]
@@ -81,6 +97,10 @@ class Manifest:
     bad_report: str = BAD_REPORT_NAME
     tool_version: str = __version__
     format_version: int = FORMAT_VERSION
+    kind: str = CLASSIFICATION
+    ignore_index: int = IGNORE_INDEX
+    reduce_zero_label: bool = False
+    category_ids: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -88,6 +108,16 @@ class Manifest:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def annotation_ext(self) -> str:
+        """The member next to each ``KEY.jpg``: ``cls``, ``png`` or ``json``."""
+        return ANNOTATION_EXT[self.kind]
+
+    def dense_spec(self) -> DenseSpec:
+        """What this (segmentation or detection) shard's annotations satisfy."""
+        return DenseSpec(self.kind, self.num_classes, self.reduce_zero_label, self.ignore_index,
+                         tuple(self.category_ids))
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
@@ -114,6 +144,14 @@ class Manifest:
     def check_consistent(self, where: str | Path) -> None:
         """The per-sample lists agree with each other, the shard counts and the class map."""
         n = len(self.keys)
+        if self.kind not in ANNOTATION_EXT:
+            raise ShardError(f"{where}: unknown shard kind {self.kind!r} (one of {sorted(ANNOTATION_EXT)})")
+        if self.kind != CLASSIFICATION:
+            if self.labels or len(self.sizes) != n or n != sum(s.num_samples for s in self.shards):
+                raise ShardError(f"{where}: {n} keys, {len(self.sizes)} sizes and "
+                                 f"{sum(s.num_samples for s in self.shards)} samples in the shards disagree "
+                                 f"(a {self.kind} manifest lists no per-sample labels)")
+            return
         if not (len(self.labels) == len(self.sizes) == n == sum(s.num_samples for s in self.shards)):
             raise ShardError(f"{where}: {n} keys, {len(self.labels)} labels, {len(self.sizes)} sizes and "
                              f"{sum(s.num_samples for s in self.shards)} samples in the shards disagree")
@@ -177,6 +215,7 @@ class ShardReader:
     def __init__(self, directory: str | Path, manifest: Manifest | None = None) -> None:
         self.directory = Path(directory)
         self.manifest = manifest or Manifest.load(self.directory)
+        self.annotation_locations: list[SampleLocation] = []
         self.locations = self._locate()
         self._position = {key: i for i, key in enumerate(self.manifest.keys)}
         self._files: dict[int, int] = {}
@@ -184,6 +223,7 @@ class ShardReader:
 
     def _locate(self) -> list[SampleLocation]:
         locations = []
+        ext = self.manifest.annotation_ext
         for shard_number, shard in enumerate(self.manifest.shards):
             tar_path = self.directory / shard.tar
             if not tar_path.is_file():
@@ -196,14 +236,17 @@ class ShardReader:
             first = len(locations)
             for i, (key, components) in enumerate(entries):
                 expected = self.manifest.keys[first + i]
-                if key != expected or "jpg" not in components:
+                if key != expected or "jpg" not in components or ext not in components:
                     raise ShardError(f"{self.directory / shard.index}: entry {i} is {key!r} "
-                                     f"({sorted(components)}), the manifest expects {expected!r} with a jpg")
-                offset, size = components["jpg"]
-                if offset + size > tar_size:
-                    raise ShardError(f"{tar_path}: truncated: sample {key!r} ends at byte {offset + size}, "
-                                     f"the file has {tar_size}")
-                locations.append(SampleLocation(shard_number, offset, size))
+                                     f"({sorted(components)}), the manifest expects {expected!r} with a jpg "
+                                     f"and a {ext}")
+                for member in ("jpg", ext):
+                    offset, size = components[member]
+                    if offset + size > tar_size:
+                        raise ShardError(f"{tar_path}: truncated: sample {key!r} ends at byte {offset + size}, "
+                                         f"the file has {tar_size}")
+                locations.append(SampleLocation(shard_number, *components["jpg"]))
+                self.annotation_locations.append(SampleLocation(shard_number, *components[ext]))
         return locations
 
     def __len__(self) -> int:
@@ -217,7 +260,14 @@ class ShardReader:
 
     def encoded(self, index: int) -> bytes:
         """The JPEG bytes of sample ``index``."""
-        loc = self.locations[index]
+        return self._pread(index, self.locations[index])
+
+    def annotation(self, index: int) -> bytes:
+        """The annotation member of sample ``index``: ``.cls`` digits, ``.png`` label map or ``.json``
+        instances (``Manifest.kind``)."""
+        return self._pread(index, self.annotation_locations[index])
+
+    def _pread(self, index: int, loc: SampleLocation) -> bytes:
         data = os.pread(self._fd(loc.shard), loc.size, loc.offset)
         if len(data) != loc.size:
             raise ShardError(f"{self.directory / self.manifest.shards[loc.shard].tar}: short read of sample "
@@ -285,33 +335,53 @@ def shard_names(number: int) -> tuple[str, str, str]:
     return f"{base}.tar", f"{base}.idx", f"{base}.meta.json"
 
 
-def plan_digest(items: Sequence[SourceItem], options: PreprocessOptions) -> str:
+def plan_digest(items: Sequence[SourceItem], options: PreprocessOptions, spec: DenseSpec | None = None) -> str:
     """Identifies a shard's inputs and options, so a resumed run redoes shards whose plan changed."""
-    text = json.dumps([[i.path, i.key, i.label] for i in items] + [asdict(options)])
+    dense = [[i.annotation for i in items], asdict(spec)] if spec is not None else []
+    text = json.dumps([[i.path, i.key, i.label] for i in items] + [asdict(options)] + dense)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def write_shard(out_dir: Path, number: int, items: Sequence[SourceItem], options: PreprocessOptions) -> ShardResult:
+def sample_members(item: SourceItem, options: PreprocessOptions,
+                   spec: DenseSpec | None) -> tuple[bytes, str, bytes, int, int]:
+    """(JPEG, annotation extension, annotation bytes, width, height) of one input; raises BadImage (or its
+    subclass BadAnnotation) and OSError for inputs that cannot become samples."""
+    if spec is not None and spec.kind == DETECTION and not Path(item.path).is_file():
+        record = json.loads(item.annotation)
+        raise BadAnnotation(f"{record['annotation_file']} names image {record['file_name']!r} "
+                            f"(id {record['image_id']}), which does not exist")
+    data, width, height = prepare_image(Path(item.path).read_bytes(), options)
+    if spec is None:
+        return data, "cls", str(item.label).encode(), width, height
+    if spec.kind == SEGMENTATION:
+        return data, "png", check_label_map(Path(item.annotation).read_bytes(), (width, height), spec), width, height
+    return data, "json", check_instances(json.loads(item.annotation), (width, height), spec), width, height
+
+
+def write_shard(out_dir: Path, number: int, items: Sequence[SourceItem], options: PreprocessOptions,
+                spec: DenseSpec | None = None) -> ShardResult:
     """Preprocess ``items`` into shard ``number`` (tar + index + meta sidecar), written under temporary
-    names and renamed into place, the sidecar last. Bad inputs are recorded, not written."""
+    names and renamed into place, the sidecar last. Bad inputs are recorded, not written. ``spec``: the
+    dense kind's annotation rules (None: classification)."""
     tar_name, idx_name, meta_name = shard_names(number)
-    result = ShardResult(info=None, plan_digest=plan_digest(items, options))
+    result = ShardResult(info=None, plan_digest=plan_digest(items, options, spec))
     index_lines = []
     tmp_tar = out_dir / f".{tar_name}.tmp"
     with tarfile.open(tmp_tar, "w", format=tarfile.PAX_FORMAT) as tar:
         for item in items:
             try:
-                data, width, height = prepare_image(Path(item.path).read_bytes(), options)
+                data, ext, annotation, width, height = sample_members(item, options, spec)
             except (BadImage, OSError) as exc:
-                result.bad.append((item.path, str(exc).replace("\t", " ").replace("\n", " ")))
+                where = f"{item.path} (sample {item.key!r})" if spec is not None else item.path
+                result.bad.append((where, str(exc).replace("\t", " ").replace("\n", " ")))
                 continue
             jpg_offset = _add_member(tar, f"{item.key}.jpg", data)
-            label_bytes = str(item.label).encode()
-            cls_offset = _add_member(tar, f"{item.key}.cls", label_bytes)
+            ann_offset = _add_member(tar, f"{item.key}.{ext}", annotation)
             index_lines.append(f"jpg {jpg_offset} {len(data)} {item.key}.jpg "
-                               f"cls {cls_offset} {len(label_bytes)} {item.key}.cls")
+                               f"{ext} {ann_offset} {len(annotation)} {item.key}.{ext}")
             result.keys.append(item.key)
-            result.labels.append(item.label)
+            if spec is None:
+                result.labels.append(item.label)
             result.sizes.append((width, height))
     if index_lines:
         _atomic_write_text(out_dir / idx_name, f"{INDEX_VERSION} {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
@@ -333,14 +403,15 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
     return tar.offset - padded
 
 
-def load_finished(out_dir: Path, number: int, items: Sequence[SourceItem], options: PreprocessOptions) -> ShardResult | None:
+def load_finished(out_dir: Path, number: int, items: Sequence[SourceItem], options: PreprocessOptions,
+                  spec: DenseSpec | None = None) -> ShardResult | None:
     """The sidecar of a shard an earlier run finished with the same plan, or None."""
     tar_name, _, meta_name = shard_names(number)
     meta = out_dir / meta_name
     if not meta.is_file():
         return None
     raw = json.loads(meta.read_text())
-    if raw["plan_digest"] != plan_digest(items, options):
+    if raw["plan_digest"] != plan_digest(items, options, spec):
         return None
     info = ShardInfo(**raw["info"]) if raw["info"] else None
     if info is not None and not (out_dir / tar_name).is_file():
@@ -364,26 +435,34 @@ def plan_shards(items: Sequence[SourceItem], target_bytes: int) -> list[list[Sou
     return [g for g in groups if g]
 
 
-def _write_job(job: tuple[Path, int, list[SourceItem], PreprocessOptions]) -> tuple[int, ShardResult, bool]:
-    out_dir, number, items, options = job
-    finished = load_finished(out_dir, number, items, options)
+def _write_job(job: tuple[Path, int, list[SourceItem], PreprocessOptions, DenseSpec | None]
+               ) -> tuple[int, ShardResult, bool]:
+    out_dir, number, items, options, spec = job
+    finished = load_finished(out_dir, number, items, options, spec)
     if finished is not None:
         return number, finished, True
-    return number, write_shard(out_dir, number, items, options), False
+    return number, write_shard(out_dir, number, items, options, spec), False
 
 
 def write_shards(items: Sequence[SourceItem], out_dir: str | Path, classes: dict[str, int], source: str,
                  options: PreprocessOptions = PreprocessOptions(), target_shard_bytes: int = 1 << 30,
-                 num_workers: int = 1, progress: bool = True) -> Manifest:
+                 num_workers: int = 1, progress: bool = True, spec: DenseSpec | None = None) -> Manifest:
     """Write ``items`` as shards under ``out_dir`` with ``num_workers`` processes; shards finished by an
-    earlier run with the same plan are kept. Writes ``bad_files.tsv`` and ``manifest.json``."""
+    earlier run with the same plan are kept. Writes ``bad_files.tsv`` and ``manifest.json``.
+    ``spec``: a segmentation or detection shard's annotation rules (None: classification); ``classes``
+    then maps names to training ids and must hold ``spec.num_classes`` entries."""
     if not items:
         raise ShardError(f"{source}: no input images")
+    if spec is not None and options.max_short_side:
+        raise ShardError(f"{source}: --max-short-side is not supported for {spec.kind} shards (the annotations "
+                         "would need the same resize); shard the images at their own size")
+    if spec is not None and len(classes) != spec.num_classes:
+        raise ShardError(f"{source}: {len(classes)} class names for {spec.num_classes} classes")
     _check_unique_keys(items, source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = plan_shards(items, target_shard_bytes)
-    jobs = [(out_dir, n, g, options) for n, g in enumerate(groups)]
+    jobs = [(out_dir, n, g, options, spec) for n, g in enumerate(groups)]
     results: dict[int, ShardResult] = {}
     started, done = time.monotonic(), 0
     if num_workers > 1:
@@ -399,6 +478,9 @@ def write_shards(items: Sequence[SourceItem], out_dir: str | Path, classes: dict
             done += len(groups[number])
             _report_progress(progress, len(results), len(jobs), done, len(items), started, skipped)
     manifest = _assemble(results, classes, source, options, out_dir)
+    if spec is not None:
+        manifest.kind, manifest.ignore_index = spec.kind, spec.ignore_index
+        manifest.reduce_zero_label, manifest.category_ids = spec.reduce_zero_label, list(spec.category_ids)
     manifest.save(out_dir)
     return manifest
 
