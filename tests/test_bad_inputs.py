@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,6 +22,7 @@ import pytest
 
 from itpn_ds.cli import main as cli_main
 from itpn_ds.data.shards import Manifest, ShardReader
+from tests.fixtures.cli import run_cli
 
 pytestmark = pytest.mark.dist
 
@@ -188,6 +191,13 @@ CASES: list[Case] = [
          "schedule.grad_accum=1000 is more than the"),
     Case("truncated shard in training", lambda ws: pretrain(ws, f"data.shards={ws.extra['truncated']}"),
          "shard-00000.tar"),
+    Case("flipped byte met in training", lambda ws: pretrain(ws, f"data.shards={ws.extra['flipped']}",
+                                                          "data.on_corrupt=raise", "teacher.mode=online",
+                                                          f"teacher.checkpoint={ws.clip}"),
+         "CRC32 of its JPEG differs from when it was written", watched=lambda ws: ws.extra["flipped"]),
+    Case("index that does not match its tar", lambda ws: finetune(ws, f"data.shards={ws.extra['shifted']}",
+                                                                 "data.on_corrupt=raise"),
+         "the index does not match the tar", watched=lambda ws: ws.extra["shifted"]),
     Case("labels beyond num_classes", lambda ws: finetune(ws, "finetune.num_classes=2", "model.kwargs.num_classes=2"),
          "set finetune.num_classes=4"),
     # --- run directory
@@ -268,6 +278,9 @@ def inputs(demo_shards, demo_cache, demo_image_folder, tiny_clip_checkpoint, tin
     extra["flipped"] = shards = root / "flipped"
     shutil.copytree(demo_shards, shards)
     flip_byte_in_first_jpeg(shards)
+    extra["shifted"] = shards = root / "shifted"
+    shutil.copytree(demo_shards, shards)
+    shift_index_offsets(shards)
     extra["bad_manifest"] = shards = root / "bad_manifest"
     shutil.copytree(demo_shards, shards)
     truncate(shards / "manifest.json", 0.6)
@@ -366,3 +379,49 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(ws, caplog):
     truncate(root / "step_00000001" / "rank00000.pt")
     with pytest.raises(CheckpointError, match="no checkpoint verifies"):
         manager.latest()
+
+
+# ------------------------------------------------------------------------------------------ whole processes
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 4.8 MiB: room for the tiny model's checkpoint estimate (4.4 MiB), not for its checkpoint
+    (5.3 MiB). Needs root (mount); skipped with the reason elsewhere, never under CI."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4800k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs for the full-disk cases: {proc.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs (needs root): {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_too_little_free_space_is_refused_before_anything_is_written(ws, small_disk):
+    run = small_disk / "run"
+    proc = run_cli(*pretrain(ws, "model.kwargs.fpn_dim=64", run=run), timeout=300)  # a larger model: 6.1 MiB
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "a checkpoint of this model needs about" in proc.stderr and "Traceback" not in proc.stderr
+    assert not run.exists()
+
+
+def test_a_disk_filling_up_during_a_checkpoint_is_one_line_and_loses_nothing(ws, small_disk):
+    run = small_disk / "run"
+    proc = run_cli(*pretrain(ws, "schedule.max_steps=2", "checkpoint.every_steps=1", run=run), timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("itpn-ds pretrain: ")]
+    assert "no space left on the device while saving a checkpoint" in line, line
+    assert not (run / "checkpoints" / "latest").exists()  # nothing half-written was published
+
+
+def test_a_taken_master_port_is_named(ws):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli(*pretrain(ws), env={"MASTER_PORT": str(port)}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("itpn-ds pretrain: ")]
+    assert f"cannot rendezvous at 127.0.0.1:{port}" in line and "set MASTER_PORT to a free one" in line
+    assert not ws.run.exists()

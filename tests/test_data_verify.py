@@ -60,7 +60,7 @@ def test_label_outside_class_map_and_empty_dataset(shard_copy, capsys):
     (copy / "manifest.json").write_text(json.dumps(raw))
     assert cli(["verify-shards", str(copy)]) == 2
     assert f"sample {raw['keys'][0]!r} has label 7, outside the class map" in capsys.readouterr().err
-    raw.update(keys=[], labels=[], sizes=[], shards=[])
+    raw.update(keys=[], labels=[], sizes=[], shards=[], crc32=[])
     (copy / "manifest.json").write_text(json.dumps(raw))
     assert verify(copy) == [f"{copy}: empty dataset (the manifest lists no samples)"]
 
@@ -78,3 +78,17 @@ def test_make_shards_cli_reencodes_and_fails_on_too_many_bad_files(demo_image_fo
     assert cli(["make-shards", str(images), str(tmp_path / "bad"), "--max-bad-fraction", "0.01", "--quiet"]) == 2
     assert "1 of 41 inputs are bad" in capsys.readouterr().err
     assert cli(["make-shards", str(images), str(tmp_path / "bad"), "--max-bad-fraction", "0.05", "--quiet"]) == 0
+
+
+def test_make_shards_rerun_remakes_a_damaged_finished_shard(demo_image_folder, tmp_path, capsys):
+    out = tmp_path / "shards"
+    args = ["make-shards", str(demo_image_folder), str(out), "--shard-size", "0.1", "--quiet"]
+    assert cli(args) == 0
+    manifest = Manifest.load(out)
+    damaged = out / manifest.shards[1].tar
+    damaged.write_bytes(damaged.read_bytes()[:-2048])
+    capsys.readouterr()
+    assert cli(args) == 0
+    assert f"{damaged}: finished earlier but no longer matches its sidecar" in capsys.readouterr().err
+    assert Manifest.load(out).shards[1].sha256 == manifest.shards[1].sha256
+    assert cli(["verify-shards", str(out)]) == 0

@@ -32,7 +32,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _rewrite_as_version_1(cache: Path, out: Path, version: int = 1) -> Path:
-    """A copy of ``cache`` in the layout of format version 1 (no ``jitter`` column, no ``color_jitter`` in the
+    """A copy of ``cache`` in the layout of format version 1 (no ``jitter`` or ``crc32`` column, no ``color_jitter`` in the
     metadata), record batches kept; ``version`` is the one its metadata claims."""
     out.mkdir()
     for path in sorted(cache.glob("*.arrow")):
@@ -40,11 +40,11 @@ def _rewrite_as_version_1(cache: Path, out: Path, version: int = 1) -> Path:
         meta = json.loads(reader.schema.metadata[META_KEY])
         del meta["color_jitter"]
         meta["format_version"] = version
-        schema = reader.schema.remove(reader.schema.get_field_index("jitter")).with_metadata(
-            {META_KEY: json.dumps(meta).encode()})
+        kept = [field for field in reader.schema if field.name not in ("jitter", "crc32")]
+        schema = pa.schema(kept, metadata={META_KEY: json.dumps(meta).encode()})
         with pa.OSFile(str(out / path.name), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             for i in range(reader.num_record_batches):
-                columns = reader.get_batch(i).drop_columns(["jitter"]).columns
+                columns = reader.get_batch(i).drop_columns(["jitter", "crc32"]).columns
                 writer.write_batch(pa.record_batch(columns, schema=schema))
     return out
 
@@ -53,7 +53,7 @@ def test_cache_replays_stored_views_and_serves_targets(demo_cache, demo_shards):
     cache = TeacherCache(demo_cache, shards=demo_shards, color_jitter=DEMO_CACHE_JITTER)
     manifest = Manifest.load(demo_shards)
     assert len(cache) == len(manifest) and cache.num_views == DEMO_CACHE_VIEWS
-    assert cache.meta.format_version == 2 and cache.color_jitter == DEMO_CACHE_JITTER
+    assert cache.meta.format_version == 3 and cache.color_jitter == DEMO_CACHE_JITTER
     keys, sizes = manifest.keys[:5], manifest.sizes[:5]
     for epoch in (0, 1, 7):
         pairs = cache.views(keys, sizes, epoch)
@@ -201,7 +201,7 @@ def test_cli_names_a_corrupt_sample_and_a_missing_checkpoint(demo_shards, tiny_c
             "--batch-size", "16", "--no-progress"]
     assert cli_main([*args, "--teacher-checkpoint", str(tiny_clip_checkpoint)]) == 2
     err = capsys.readouterr().err
-    assert f"shard-00001.tar: sample {reader.manifest.keys[bad]!r} cannot be decoded" in err
+    assert f"shard-00001.tar: sample {reader.manifest.keys[bad]!r}: CRC32 of its JPEG differs" in err
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["shard-00000.arrow", "shard-00001.arrow.tmp"]
 
     assert cli_main([*args, "--teacher-checkpoint", str(tmp_path / "ViT-L-14.pt")]) == 2
@@ -220,3 +220,23 @@ def test_run_refuses_a_cache_drawn_with_another_crop_scale(demo_shards, demo_cac
                  "data.crop_scale=[0.2, 1.0]", "data.device=cpu"]
     with pytest.raises(ConfigError, match=r"crop scale \(0.08, 1.0\) but data.crop_scale is \(0.2, 1.0\)"):
         build_loaders(load_config("tiny_pretrain_cpu", overrides), rank=0, world_size=1)
+
+
+def test_a_flipped_byte_in_a_cached_target_is_found_when_read(demo_cache, tmp_path):
+    """Per-record CRC32: the damaged (key, view) is named when its targets are read; the others still read."""
+    cache = tmp_path / "cache"
+    shutil.copytree(demo_cache, cache)
+    path = cache / "shard-00000.arrow"
+    reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    batch = reader.get_batch(0)
+    key, size = batch.column("key")[1].as_py(), batch.column("targets").type.list_size
+    row = batch.column("targets").values.to_numpy(zero_copy_only=False)[size:2 * size].tobytes()  # view 1
+    raw = bytearray(path.read_bytes())
+    at = raw.find(row)
+    assert at > 0 and raw.find(row, at + 1) < 0
+    raw[at + len(row) // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+    damaged = TeacherCache(cache)
+    with pytest.raises(CacheError, match=rf"shard-00000.arrow: sample {key!r} view 1: CRC32 of the record differs"):
+        damaged.targets([key], [1])
+    assert torch.equal(damaged.targets([key], [0]), TeacherCache(demo_cache).targets([key], [0]))

@@ -18,7 +18,7 @@ import torch
 
 from itpn_ds.data.batch import Batch
 from itpn_ds.data.sampler import DistributedOrder
-from itpn_ds.data.shards import ShardReader
+from itpn_ds.data.shards import SampleChecksumError, ShardReader
 from itpn_ds.data.torch_loader import PILViewDecoder
 from itpn_ds.data.view_decoder import SampleAugment, ViewDecoder, ViewOutput
 from itpn_ds.data.views import CropView
@@ -151,29 +151,45 @@ class ShardLoader(EpochLoader):
         keys = [m.keys[i] for i in indices]
         view_ids, views = self.views(keys, [m.sizes[i] for i in indices], indices)
         params = None if self.augment is None else [self.augment.draw(self.seed, k, self.epoch) for k in keys]
-        encoded = [self.reader.encoded(int(i)) for i in indices]
         valid_t = torch.from_numpy(valid.copy())
+        encoded = [self._read(int(i), k, valid_t, j) for j, (i, k) in enumerate(zip(indices, keys))]
         outputs = self._decode(encoded, views, params, keys, valid_t)
         return self.make_batch(keys, indices, view_ids, outputs, valid_t)
 
-    def _decode(self, encoded: list[bytes], views: list[CropView], params: list[np.ndarray] | None, keys: list[str],
-                valid: torch.Tensor) -> list[torch.Tensor]:
-        """Decode the batch; on a DALI error, decode sample by sample to find the corrupt ones."""
+    def _read(self, index: int, key: str, valid: torch.Tensor, position: int) -> bytes | None:
+        """The sample's JPEG, or None when its bytes are not those written (``on_corrupt`` applies)."""
         try:
-            return self.decoder.decode(encoded, views, params)
-        except RuntimeError:
-            pass
+            return self.reader.encoded(index)
+        except SampleChecksumError as exc:
+            self._corrupt(position, key, str(exc), valid)
+            return None
+
+    def _corrupt(self, position: int, key: str, reason: str, valid: torch.Tensor) -> None:
+        """``on_corrupt``: raise, or mark the batch position invalid, count it and log the key and why."""
+        if self.on_corrupt == "raise":
+            raise CorruptSampleError(f"sample {key!r}: {reason} (data.on_corrupt=raise; =skip counts and skips it)")
+        self.corrupt_count += 1
+        log.warning("skipping corrupt sample %r (%d so far): %s", key, self.corrupt_count, reason)
+        valid[position] = False
+
+    def _decode(self, encoded: list[bytes | None], views: list[CropView], params: list[np.ndarray] | None,
+                keys: list[str], valid: torch.Tensor) -> list[torch.Tensor]:
+        """Decode the batch; samples already found corrupt (None) or failing to decode (found by decoding
+        sample by sample after the batch failed) become zero images with valid=False."""
+        if all(data is not None for data in encoded):
+            try:
+                return self.decoder.decode(encoded, views, params)
+            except RuntimeError:
+                pass
         per_sample: list[list[torch.Tensor] | None] = []
         for i, (data, view) in enumerate(zip(encoded, views)):
-            try:
-                per_sample.append(self.decoder.decode([data], [view], None if params is None else [params[i]]))
-            except RuntimeError as exc:
-                if self.on_corrupt == "raise":
-                    raise CorruptSampleError(f"sample {keys[i]!r} cannot be decoded: {exc}") from exc
-                self.corrupt_count += 1
-                log.warning("skipping corrupt sample %r (%d so far)", keys[i], self.corrupt_count)
-                valid[i] = False
-                per_sample.append(None)
+            decoded = None
+            if data is not None:
+                try:
+                    decoded = self.decoder.decode([data], [view], None if params is None else [params[i]])
+                except RuntimeError as exc:
+                    self._corrupt(i, keys[i], f"cannot be decoded: {exc}", valid)
+            per_sample.append(decoded)
         shapes = [o.shape[1:] for o in self.decoder_template()]
         return [torch.cat([s[k] if s is not None else torch.zeros(1, *shapes[k]) for s in per_sample])
                 for k in range(len(shapes))]

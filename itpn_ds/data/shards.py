@@ -27,6 +27,7 @@ import re
 import sys
 import tarfile
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -48,6 +49,10 @@ _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
 
 class ShardError(UserError, RuntimeError):
     """A shard directory that cannot be read as written: names the file and what is wrong."""
+
+
+class SampleChecksumError(ShardError):
+    """One sample whose bytes are not those written (damaged, or an index that does not match its tar)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,8 @@ class Manifest:
     in tar order); ``sizes`` are (width, height) in px after preprocessing.
 
     ``kind``: ``classification`` (``labels`` holds each sample's class id), ``segmentation`` or
-    ``detection`` (``labels`` is empty: the annotations are in the shards). For the dense kinds
+    ``detection`` (``labels`` is empty: the annotations are in the shards). ``crc32`` holds each sample's
+    [JPEG, annotation] member CRC32s, checked on every read (empty in manifests written before it: unchecked). For the dense kinds
     ``classes`` maps class names to training ids (segmentation 0..K-1, detection 1..K),
     ``ignore_index`` is the label-map value of ignored pixels, ``reduce_zero_label`` says that raw label
     0 is ignored and raw v is class v - 1 (ADE20K), ``category_ids`` the annotation file's category id
@@ -101,6 +107,7 @@ class Manifest:
     ignore_index: int = IGNORE_INDEX
     reduce_zero_label: bool = False
     category_ids: list[int] = field(default_factory=list)
+    crc32: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -144,6 +151,8 @@ class Manifest:
     def check_consistent(self, where: str | Path) -> None:
         """The per-sample lists agree with each other, the shard counts and the class map."""
         n = len(self.keys)
+        if self.crc32 and len(self.crc32) != n:
+            raise ShardError(f"{where}: {len(self.crc32)} checksums for {n} samples")
         if self.kind not in ANNOTATION_EXT:
             raise ShardError(f"{where}: unknown shard kind {self.kind!r} (one of {sorted(ANNOTATION_EXT)})")
         if self.kind != CLASSIFICATION:
@@ -259,20 +268,34 @@ class ShardReader:
             raise KeyError(f"sample {key!r} is not in {self.directory}") from None
 
     def encoded(self, index: int) -> bytes:
-        """The JPEG bytes of sample ``index``."""
-        return self._pread(index, self.locations[index])
+        """The JPEG bytes of sample ``index`` (checked against the manifest's CRC32)."""
+        return self._pread(index, self.locations[index], 0)
 
     def annotation(self, index: int) -> bytes:
         """The annotation member of sample ``index``: ``.cls`` digits, ``.png`` label map or ``.json``
-        instances (``Manifest.kind``)."""
-        return self._pread(index, self.annotation_locations[index])
+        instances (``Manifest.kind``), checked against the manifest's CRC32."""
+        return self._pread(index, self.annotation_locations[index], 1)
 
-    def _pread(self, index: int, loc: SampleLocation) -> bytes:
+    def _pread(self, index: int, loc: SampleLocation, member: int) -> bytes:
         data = os.pread(self._fd(loc.shard), loc.size, loc.offset)
+        tar = self.directory / self.manifest.shards[loc.shard].tar
+        key = self.manifest.keys[index]
         if len(data) != loc.size:
-            raise ShardError(f"{self.directory / self.manifest.shards[loc.shard].tar}: short read of sample "
-                             f"{self.manifest.keys[index]!r} ({len(data)} of {loc.size} bytes)")
+            raise ShardError(f"{tar}: short read of sample {key!r} ({len(data)} of {loc.size} bytes)")
+        if self.manifest.crc32 and zlib.crc32(data) != self.manifest.crc32[index][member]:
+            raise SampleChecksumError(f"{tar}: sample {key!r}: {self._mismatch(loc, key, member)}; run "
+                                      "`itpn-ds verify-shards` and re-make the shard")
         return data
+
+    def _mismatch(self, loc: SampleLocation, key: str, member: int) -> str:
+        """Why a member's CRC32 differs: the index points elsewhere than the tar's member, or its bytes changed."""
+        header = os.pread(self._fd(loc.shard), TAR_BLOCK, loc.offset - TAR_BLOCK) if loc.offset >= TAR_BLOCK else b""
+        name = header[:100].split(b"\0", 1)[0].decode(errors="replace")
+        expected = f"{key}."
+        if not (name.startswith(expected) or expected.startswith(name)):  # ustar names stop at 100 bytes
+            return (f"the index offset {loc.offset} does not point at its tar member (the header there names "
+                    f"{name!r}): the index does not match the tar")
+        return f"CRC32 of its {'JPEG' if member == 0 else 'annotation'} differs from when it was written (damaged)"
 
     def read(self, key: str) -> bytes:
         return self.encoded(self.index_of(key))
@@ -328,6 +351,7 @@ class ShardResult:
     sizes: list[tuple[int, int]] = field(default_factory=list)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     plan_digest: str = ""
+    crc32: list[list[int]] = field(default_factory=list)  # per sample: [JPEG, annotation] member CRC32
 
 
 def shard_names(number: int) -> tuple[str, str, str]:
@@ -383,6 +407,7 @@ def write_shard(out_dir: Path, number: int, items: Sequence[SourceItem], options
             if spec is None:
                 result.labels.append(item.label)
             result.sizes.append((width, height))
+            result.crc32.append([zlib.crc32(data), zlib.crc32(annotation)])
     if index_lines:
         _atomic_write_text(out_dir / idx_name, f"{INDEX_VERSION} {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
         os.replace(tmp_tar, out_dir / tar_name)
@@ -405,19 +430,30 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
 
 def load_finished(out_dir: Path, number: int, items: Sequence[SourceItem], options: PreprocessOptions,
                   spec: DenseSpec | None = None) -> ShardResult | None:
-    """The sidecar of a shard an earlier run finished with the same plan, or None."""
+    """The sidecar of a shard an earlier run finished with the same plan, or None (made again) when there
+    is none, the plan differs, or the shard no longer has the size and sha256 the sidecar recorded
+    (truncated or damaged since: said on stderr)."""
     tar_name, _, meta_name = shard_names(number)
     meta = out_dir / meta_name
     if not meta.is_file():
         return None
-    raw = json.loads(meta.read_text())
-    if raw["plan_digest"] != plan_digest(items, options, spec):
+    try:
+        raw = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return None
+    if raw.get("plan_digest") != plan_digest(items, options, spec) or "crc32" not in raw:
         return None
     info = ShardInfo(**raw["info"]) if raw["info"] else None
-    if info is not None and not (out_dir / tar_name).is_file():
+    if info is not None and not _shard_intact(out_dir / tar_name, info):
+        print(f"[make-shards] {out_dir / tar_name}: finished earlier but no longer matches its sidecar (missing, "
+              "truncated or damaged): made again", file=sys.stderr, flush=True)
         return None
     return ShardResult(info, raw["keys"], raw["labels"], [tuple(s) for s in raw["sizes"]],
-                       [tuple(b) for b in raw["bad"]], raw["plan_digest"])
+                       [tuple(b) for b in raw["bad"]], raw["plan_digest"], raw["crc32"])
+
+
+def _shard_intact(tar: Path, info: ShardInfo) -> bool:
+    return tar.is_file() and tar.stat().st_size == info.bytes and sha256_file(tar) == info.sha256
 
 
 def plan_shards(items: Sequence[SourceItem], target_bytes: int) -> list[list[SourceItem]]:
@@ -507,7 +543,7 @@ def _report_progress(enabled: bool, shards_done: int, shards: int, done: int, to
 
 def _assemble(results: dict[int, ShardResult], classes: dict[str, int], source: str,
               options: PreprocessOptions, out_dir: Path) -> Manifest:
-    shards, keys, labels, sizes, bad = [], [], [], [], []
+    shards, keys, labels, sizes, bad, crc32 = [], [], [], [], [], []
     for number in sorted(results):
         r = results[number]
         bad.extend(r.bad)
@@ -516,9 +552,11 @@ def _assemble(results: dict[int, ShardResult], classes: dict[str, int], source: 
             keys += r.keys
             labels += r.labels
             sizes += r.sizes
+            crc32 += r.crc32
     report = "path\treason\n" + "".join(f"{path}\t{reason}\n" for path, reason in bad)
     _atomic_write_text(out_dir / BAD_REPORT_NAME, report)
-    return Manifest(shards, keys, labels, sizes, dict(classes), source, asdict(options), num_bad=len(bad))
+    return Manifest(shards, keys, labels, sizes, dict(classes), source, asdict(options), num_bad=len(bad),
+                    crc32=crc32)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

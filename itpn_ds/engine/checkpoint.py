@@ -31,6 +31,7 @@ ZeRO-3 run's state only from a ZeRO-3 checkpoint and vice versa, so crossing bet
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from itpn_ds.errors import UserError
+from itpn_ds.errors import DiskSpaceError, UserError
 
 log = logging.getLogger("itpn_ds.engine")
 
@@ -56,6 +57,7 @@ TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
 FILES = "files.json"
 CRC_CHUNK = 1 << 24
+DISK_FULL_BYTES = 1 << 20  # a failed save with less than this free is taken for a full disk
 
 
 def tag_for_step(step: int) -> str:
@@ -130,9 +132,13 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.root / tmp_tag, ignore_errors=True)
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
         tmp_dir = self.root / tmp_tag
-        torch.save({**rank_state, "rng": rng_state()}, tmp_dir / rank_file(self.rank))
+        try:
+            engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
+            torch.save({**rank_state, "rng": rng_state()}, tmp_dir / rank_file(self.rank))
+        except (RuntimeError, OSError) as exc:
+            raise_if_disk_full(exc, tmp_dir)
+            raise
         full_meta = {**meta, "step": step, "tag": tag, "world_size": self.world_size}
         if self.rank == 0:
             _atomic_write_text(tmp_dir / META, json.dumps(full_meta, indent=2, sort_keys=True))
@@ -227,6 +233,17 @@ def read_checkpoint(path: str | Path) -> CheckpointRef:
         raise CheckpointError(f"{meta_file} is corrupt: {exc}") from exc
     verify_files(path)
     return CheckpointRef(path.parent, path.name, meta)
+
+
+def raise_if_disk_full(exc: BaseException, tmp_dir: Path) -> None:
+    """A failed save on a full disk becomes one ``DiskSpaceError`` naming the directory (torch's writer says
+    only "unexpected pos"); the partial save stays under its temporary name and ``latest`` is untouched."""
+    errno_full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    free = shutil.disk_usage(tmp_dir.parent if tmp_dir.parent.exists() else Path("/")).free
+    if errno_full or free < DISK_FULL_BYTES:
+        raise DiskSpaceError(f"{tmp_dir}: no space left on the device while saving a checkpoint ({free / 2**20:.1f} "
+                             "MiB free); the previous checkpoint is intact and `latest` still names it: free space "
+                             "there (or move the run) and start the same command again to resume") from exc
 
 
 def file_records(directory: Path) -> dict[str, list[int]]:

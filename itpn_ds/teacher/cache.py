@@ -25,7 +25,7 @@ from itpn_ds.data.color_jitter import NO_JITTER, JitterFactors
 from itpn_ds.data.views import CropView, view_for_epoch
 from itpn_ds.errors import UserError
 from itpn_ds.teacher.cache_format import (JITTER_FIELDS, META_KEY, READABLE_VERSIONS, SUFFIX, CacheMeta,
-                                          cache_file_name, column_names)
+                                          cache_file_name, column_names, row_crc32)
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,24 @@ class CacheError(UserError, RuntimeError):
 @dataclass(frozen=True)
 class _Batch:
     """Zero-copy numpy views of one record batch: box (N, 4) int32, flip (N,) bool, jitter (N, 3) float32
-    (None in format version 1), targets (N, T*D) fp16/int8, scales (N, T) float32 or None."""
+    (None in format version 1), targets (N, T*D) fp16/int8, scales (N, T) float32 or None, crc32 (N,)
+    uint32 (None before format version 3)."""
 
     box: np.ndarray
     flip: np.ndarray
     jitter: np.ndarray | None
     targets: np.ndarray
     scales: np.ndarray | None
+    crc32: np.ndarray | None
+
+    def check_row(self, row: int, where: str) -> None:
+        """``CacheError`` when the row's stored values are not those written (format version 3 on)."""
+        if self.crc32 is None:
+            return
+        scales = None if self.scales is None else self.scales[row]
+        if row_crc32(self.box[row], bool(self.flip[row]), self.jitter[row], self.targets[row], scales) != self.crc32[row]:
+            raise CacheError(f"{where}: CRC32 of the record differs from when it was written (damaged): delete the "
+                             "file and re-run `itpn-ds extract-teacher` (finished files are kept)")
 
 
 class TeacherCache:
@@ -126,6 +137,7 @@ class TeacherCache:
         out = np.empty((len(keys), t, d), dtype=np.float32)
         for i, (key, view_id) in enumerate(zip(keys, view_ids)):
             batch, row = self._locate(key, int(view_id))
+            batch.check_row(row, f"{self._paths[self._index[key][0]]}: sample {key!r} view {view_id}")
             values = batch.targets[row].reshape(t, d)
             if batch.scales is None:
                 out[i] = values
@@ -242,4 +254,5 @@ def _numpy_batch(rb: pa.RecordBatch, meta: CacheMeta) -> _Batch:
     return _Batch(box=values("box", 4), flip=rb.column("flip").to_numpy(zero_copy_only=False),
                   jitter=values("jitter", JITTER_FIELDS) if meta.format_version >= 2 else None,
                   targets=values("targets", size),
-                  scales=values("scales", meta.num_tokens) if meta.dtype == "int8" else None)
+                  scales=values("scales", meta.num_tokens) if meta.dtype == "int8" else None,
+                  crc32=rb.column("crc32").to_numpy(zero_copy_only=False) if meta.format_version >= 3 else None)

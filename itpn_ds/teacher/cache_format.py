@@ -14,19 +14,23 @@ jitter     fixed_size_list<float32>[3]           colour-jitter factors: brightne
 targets    fixed_size_list<float16>[T*D]         teacher targets, row-major (T, D)  (dtype ``fp16``)
            fixed_size_list<int8>[T*D]            quantized targets                   (dtype ``int8``)
 scales     fixed_size_list<float32>[T]           per-token scale: target = int8 * scale (``int8`` only)
+crc32      uint32                                CRC32 of the row's box, flip, jitter, targets and scales
+                                                 (:func:`row_crc32`), checked when the row is read; version 3 on
 =========  ====================================  ==============================================================
 
 Rows are grouped by sample, views in order 0..K-1, and every record batch holds whole samples, so a
 sample's K rows sit in one batch. The schema metadata key ``itpn_ds.teacher_cache`` holds
 :class:`CacheMeta` as JSON (teacher identity, view policy, dtype, shapes, source shard and its sha256).
 
-Versions: 2 (written) adds the ``jitter`` column and ``CacheMeta.color_jitter`` (the strength the factors
-were drawn with); 1 (still read) has neither: its views are jitter-free.
+Versions: 3 (written) adds the per-row ``crc32`` column; 2 (still read, unchecked) adds the ``jitter``
+column and ``CacheMeta.color_jitter`` (the strength the factors were drawn with); 1 (still read) has
+neither: its views are jitter-free.
 """
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,8 +42,8 @@ import torch
 from itpn_ds import __version__
 from itpn_ds.data.views import DEFAULT_RATIO, DEFAULT_SCALE, CropView
 
-FORMAT_VERSION = 2             # written
-READABLE_VERSIONS = (1, 2)     # 1: no jitter column, read as jitter-free views
+FORMAT_VERSION = 3             # written
+READABLE_VERSIONS = (1, 2, 3)  # 1: no jitter column, read as jitter-free views; 1-2: no crc32 column
 JITTER_FIELDS = 3              # brightness, contrast, saturation
 META_KEY = b"itpn_ds.teacher_cache"
 SUFFIX = ".arrow"
@@ -115,13 +119,25 @@ def schema(meta: CacheMeta) -> pa.Schema:
     else:
         fields += [pa.field("targets", pa.list_(pa.int8(), size)),
                    pa.field("scales", pa.list_(pa.float32(), meta.num_tokens))]
+    fields.append(pa.field("crc32", pa.uint32()))
     return pa.schema(fields, metadata={META_KEY: meta.to_json()})
 
 
 def column_names(meta: CacheMeta) -> list[str]:
-    """The columns of a file of ``meta``'s format version and dtype (version 1: no ``jitter``)."""
+    """The columns of a file of ``meta``'s format version and dtype (version 1: no ``jitter``; 1-2: no ``crc32``)."""
     names = schema(replace(meta, format_version=FORMAT_VERSION)).names
-    return names if meta.format_version >= 2 else [name for name in names if name != "jitter"]
+    absent = {1: ("jitter", "crc32"), 2: ("crc32",)}.get(meta.format_version, ())
+    return [name for name in names if name not in absent]
+
+
+def row_crc32(box: np.ndarray, flip: bool, jitter: np.ndarray, targets: np.ndarray, scales: np.ndarray | None) -> int:
+    """CRC32 of one row's stored values (box int32 (4,), flip, jitter float32 (3,), targets fp16/int8 (T*D,),
+    scales float32 (T,) or None), in that order."""
+    crc = zlib.crc32(np.ascontiguousarray(box).tobytes())
+    crc = zlib.crc32(b"\x01" if flip else b"\x00", crc)
+    crc = zlib.crc32(np.ascontiguousarray(jitter).tobytes(), crc)
+    crc = zlib.crc32(np.ascontiguousarray(targets).tobytes(), crc)
+    return crc if scales is None else zlib.crc32(np.ascontiguousarray(scales).tobytes(), crc)
 
 
 def quantize_int8(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,16 +194,22 @@ class CacheFileWriter:
         keys = [key for key, _, _ in self._pending for _ in range(k)]
         views = [v for _, vs, _ in self._pending for v in vs]
         targets = torch.cat([t for _, _, t in self._pending])  # (N*K, T, D)
+        boxes = np.array([v.box() for v in views], dtype=np.int32)
+        flips = [v.flip for v in views]
+        jitters = np.stack([v.jitter.as_array() for v in views]).astype(np.float32)
         columns = [pa.array(keys, pa.string()), pa.array(np.tile(np.arange(k, dtype=np.int16), len(self._pending))),
-                   _fixed_list(np.array([v.box() for v in views], dtype=np.int32), pa.int32(), 4),
-                   pa.array([v.flip for v in views], pa.bool_()),
-                   _fixed_list(np.stack([v.jitter.as_array() for v in views]), pa.float32(), JITTER_FIELDS)]
+                   _fixed_list(boxes, pa.int32(), 4), pa.array(flips, pa.bool_()),
+                   _fixed_list(jitters, pa.float32(), JITTER_FIELDS)]
         if self.meta.dtype == "fp16":
-            columns.append(_fixed_list(targets.to(torch.float16).numpy(), pa.float16(), size))
+            stored, scales = targets.to(torch.float16).numpy().reshape(len(views), size), None
+            columns.append(_fixed_list(stored, pa.float16(), size))
         else:
             q, scale = quantize_int8(targets)
-            columns += [_fixed_list(q.numpy(), pa.int8(), size),
-                        _fixed_list(scale.numpy(), pa.float32(), self.meta.num_tokens)]
+            stored, scales = q.numpy().reshape(len(views), size), scale.numpy().astype(np.float32)
+            columns += [_fixed_list(stored, pa.int8(), size), _fixed_list(scales, pa.float32(), self.meta.num_tokens)]
+        crcs = [row_crc32(boxes[i], flips[i], jitters[i], stored[i], None if scales is None else scales[i])
+                for i in range(len(views))]
+        columns.append(pa.array(crcs, pa.uint32()))
         self._writer.write_batch(pa.record_batch(columns, schema=self._schema))
         self._pending = []
 
