@@ -79,6 +79,8 @@ DENSE_FAMILIES: dict[type[nn.Module], tuple[type[nn.Module], dict]] = {
 }
 HEAD_ONLY_KWARGS = ("num_classes", "num_outs", "teacher_dim", "decoder_embed_dim", "decoder_depth",
                     "decoder_num_heads", "norm_pix_loss", "convmlp", "subln", "init_scale")
+# The layout sets the pyramid depth (published: segmentation 2, detection 1), not the pre-training name.
+LAYOUT_KWARGS = ("fpn_depth",)
 
 # dense task name -> (builder of the task model on a backbone, backbone name, backbone arguments, head arguments)
 DENSE_MODEL_CONFIGS: dict[str, tuple[Callable[..., nn.Module], str, dict, dict]] = {
@@ -142,7 +144,7 @@ def build_dense_backbone(name: str, **overrides) -> nn.Module:
         raise KeyError(f"unknown iTPN model {name!r}; known: {', '.join([*MODEL_CONFIGS, *DENSE_MODEL_CONFIGS])}")
     cls, kwargs = MODEL_CONFIGS[name]
     dense_cls, family_defaults = DENSE_FAMILIES[cls]
-    kwargs = {k: v for k, v in {**family_defaults, **kwargs}.items() if k not in HEAD_ONLY_KWARGS}
+    kwargs = {k: v for k, v in {**family_defaults, **kwargs}.items() if k not in HEAD_ONLY_KWARGS + LAYOUT_KWARGS}
     if "mlp_depth" in kwargs:  # the pixel model's one depth for both early stages
         depth = kwargs.pop("mlp_depth")
         kwargs.update(mlp_depth1=depth, mlp_depth2=depth)
