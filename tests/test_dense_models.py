@@ -7,7 +7,7 @@ import torch
 import itpn_ds  # noqa: F401  (registers the timm names)
 from itpn_ds.engine.export import write_export
 from itpn_ds.engine.optim import param_groups
-from itpn_ds.models import ITPN, FastITPNClipDistill, ITPNClipDistill, load_weights
+from itpn_ds.models import ITPN, FastITPNClipDistill, ITPNClipDistill, ITPNPixelMAE, load_weights
 from itpn_ds.models.dense import LAYOUTS, DenseFastITPN, DenseITPN
 from itpn_ds.models.detection import LEVEL_NAMES, PyramidBackbone
 from itpn_ds.models.layers import Attention, relative_position_index
@@ -161,6 +161,20 @@ def test_clip_pretraining_loads_with_every_pyramid_key_used(family, layout, fres
     own = backbone.state_dict()
     for k in pyramid_keys | {"patch_embed.proj.weight", "blocks.4.norm1.weight"}:
         torch.testing.assert_close(own[k], state[k], msg=k)
+
+
+def test_pixel_pretraining_loads_into_the_dense_backbone_of_its_name(tmp_path):
+    """The pixel name's dense backbone has its pyramid depth (2, as the segmentation layout) and no RPE."""
+    torch.manual_seed(1)
+    config = {k: v for k, v in HIVIT.items() if not k.startswith("mlp_depth")}
+    pixel = ITPNPixelMAE(mlp_depth=1, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, **config)
+    file = tmp_path / "pixel.pth"
+    torch.save({"model": pixel.state_dict()}, file)
+    features = timm.create_model("itpn_base_dec512d8b", features_only=True, pretrained=True, mlp_depth=1,
+                                 pretrained_cfg_overlay=dict(file=str(file)), **config)
+    report = load_weights(features.model, pixel.state_dict())
+    assert not report.fresh and all(k.startswith(("decoder_", "mask_token")) for k in report.dropped)
+    assert [lvl.shape[1] for lvl in features(torch.randn(1, 3, 64, 96))] == [48, 64, 96, 96]
 
 
 def tiny_upernet(family: str = "itpn", **kwargs) -> SegmentationModel:
