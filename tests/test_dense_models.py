@@ -213,6 +213,15 @@ def test_upernet_checkpointing_keeps_gradients():
     assert model.backbone.grad_ckpt_every == 2
 
 
+def test_regional_compilation_finds_the_backbone_blocks_of_a_task_model():
+    from itpn_ds.models.compile import repeated_blocks
+
+    model = tiny_upernet()
+    assert list(repeated_blocks(model)) == list(repeated_blocks(model.backbone))
+    # stage blocks, main blocks, fpn_modules, block_16to8 and block_8to4 (fpn_depth 2)
+    assert len(list(repeated_blocks(model))) == 2 + 3 + 3 + 2 + 2
+
+
 def detection_batch() -> tuple[list[torch.Tensor], list[dict]]:
     torch.manual_seed(0)
     images = [torch.rand(3, 100, 140), torch.rand(3, 120, 90)]
