@@ -239,8 +239,7 @@ def test_mask_rcnn_trains_and_detects_on_images_of_two_sizes():
     torch.manual_seed(0)
     few = dict(rpn_post_nms_top_n_train=200, rpn_post_nms_top_n_test=100, box_batch_size_per_image=64,
                box_detections_per_img=10)  # fewer proposals and detections: a fast CPU test
-    model = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, min_size=(64, 96), max_size=160,
-                              detector_kwargs=few, **HIVIT)
+    model = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, detector_kwargs=few, **HIVIT)
     assert isinstance(model.backbone, PyramidBackbone)
     assert model.rpn.anchor_generator.num_anchors_per_location() == [3] * 5
     assert model.roi_heads.box_roi_pool.featmap_names == list(LEVEL_NAMES[:4])
@@ -263,6 +262,17 @@ def test_mask_rcnn_trains_and_detects_on_images_of_two_sizes():
         n = det["boxes"].shape[0]
         assert det["boxes"].shape == (n, 4) and det["labels"].shape == det["scores"].shape == (n,)
         assert det["masks"].shape == (n, 1, *image.shape[-2:])
+
+
+def test_mask_rcnn_transform_pads_to_the_coarsest_stride_and_resizes_only_when_asked():
+    images, targets = detection_batch()
+    pad_only = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, **HIVIT).eval()
+    batch, _ = pad_only.transform(images, targets)
+    assert batch.image_sizes == [(100, 140), (120, 90)] and batch.tensors.shape == (2, 3, 128, 192)
+    resizing = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, resize=True, min_size=200,
+                                 max_size=400, **HIVIT).eval()
+    batch, _ = resizing.transform(images, targets)
+    assert batch.image_sizes == [(200, 280), (266, 200)] and batch.tensors.shape == (2, 3, 320, 320)
 
 
 def test_bad_inputs_name_the_size_and_the_stride():

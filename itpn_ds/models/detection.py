@@ -6,8 +6,10 @@ torchvision's ``MaskRCNN`` as the published COCO configs (det/configs/itpn, mmde
 with the neck removed): one anchor size per level, 8 × its stride (32-512 px), aspect ratios 0.5 / 1 / 2;
 box and mask RoIAlign (7 and 14 px, adaptive sampling) over the levels at strides 4-32, the RPN over all
 five; the box head 4 convs (BatchNorm) + 1 fc of 1024 (mmdet's ``ConvFCBBoxHead`` 4conv1fc), the mask head 4
-convs. Images are resized by torchvision's transform (short side ``min_size``, one picked at random per
-batch in training, long side ≤ ``max_size``) and padded to a multiple of the coarsest stride (64).
+convs. The model's transform normalises the images and pads the batch to a multiple of the coarsest stride
+(64); it resizes them only with ``resize=True`` (short side from ``min_size``, one picked at random per
+batch in training, long side ≤ ``max_size``): the detection loaders (``itpn_ds.data.det_pipeline``) already
+apply the published multi-scale resize.
 Differences from the published detector: docs/dense.md.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from itpn_ds.models.dense import DenseTaskModel
@@ -56,6 +59,14 @@ class PyramidBackbone(nn.Module):
         return OrderedDict(zip(LEVEL_NAMES, self.body(images)))
 
 
+class PadOnlyTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform without its resize: normalise, pad to ``size_divisible``, and map
+    detections back to the (unchanged) input sizes. For images the data loader has already resized."""
+
+    def resize(self, image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
+        return image, target
+
+
 class ITPNMaskRCNN(DenseTaskModel, MaskRCNN):
     """torchvision's ``MaskRCNN`` with the layer-decay metadata of the dense backbone (``DenseTaskModel``).
 
@@ -69,19 +80,21 @@ class ITPNMaskRCNN(DenseTaskModel, MaskRCNN):
 
 def mask_rcnn(backbone: nn.Module, num_classes: int = 81, min_size: int | Sequence[int] = MULTI_SCALE_SHORT_SIDES,
               max_size: int = 1333, image_mean: Sequence[float] | None = None,
-              image_std: Sequence[float] | None = None, detector_kwargs: dict | None = None) -> ITPNMaskRCNN:
+              image_std: Sequence[float] | None = None, resize: bool = False,
+              detector_kwargs: dict | None = None) -> ITPNMaskRCNN:
     """Mask R-CNN on a dense backbone in the ``detection`` layout.
 
     ``num_classes`` counts the background (81: COCO's 80 + background). ``image_mean`` / ``image_std``:
-    torchvision's (ImageNet) by default. ``detector_kwargs``: any other ``MaskRCNN`` argument (RPN / RoI
-    sampling, score threshold, detections per image).
+    torchvision's (ImageNet) by default. ``resize``: let the model's transform resize by ``min_size`` /
+    ``max_size`` (False: the images come resized, ``PadOnlyTransform``). ``detector_kwargs``: any other
+    ``MaskRCNN`` argument (RPN / RoI sampling, score threshold, detections per image).
     """
     adapter = PyramidBackbone(backbone)
     width = adapter.out_channels
     anchors = AnchorGenerator(sizes=tuple((ANCHOR_SCALE * s,) for s in adapter.strides),
                               aspect_ratios=(ASPECT_RATIOS,) * len(adapter.strides))
     box_head = FastRCNNConvFCHead((width, 7, 7), [width] * 4, [BOX_REPRESENTATION], norm_layer=nn.BatchNorm2d)
-    return ITPNMaskRCNN(
+    model = ITPNMaskRCNN(
         adapter, None, min_size=min_size, max_size=max_size, image_mean=image_mean, image_std=image_std,
         rpn_anchor_generator=anchors,
         box_roi_pool=MultiScaleRoIAlign(list(ROI_LEVELS), output_size=7, sampling_ratio=0),
@@ -92,3 +105,8 @@ def mask_rcnn(backbone: nn.Module, num_classes: int = 81, min_size: int | Sequen
         mask_predictor=MaskRCNNPredictor(width, width, num_classes),
         size_divisible=adapter.strides[-1],
         **(detector_kwargs or {}))
+    if not resize:
+        t = model.transform
+        model.transform = PadOnlyTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
+                                           size_divisible=t.size_divisible)
+    return model
