@@ -2,7 +2,9 @@
 
 Groups: weight decay off for 1-d tensors (norm weights, biases), layer-scale gammas and whatever the model
 lists in ``no_weight_decay()`` (position embeddings, relative-position bias tables, tokens); with layer-wise
-lr decay (fine-tuning) one group per (layer, decay) pair, layer ids from the model's ``lr_layer_id(name)``.
+lr decay (fine-tuning) one group per (layer, decay) pair, layer ids from the model's ``lr_layer_id(name)``
+(dense task models answer for their backbone by its rule and put every head in the last layer:
+``itpn_ds.models.dense.DenseTaskModel``).
 Each group carries ``lr_scale`` and ``wd_scale``, which the schedule multiplies in every step.
 
 Optimizer: FusedAdam on CUDA, DeepSpeedCPUAdam when ZeRO offloads the optimizer, torch AdamW otherwise

@@ -37,9 +37,11 @@ REPEATED_BLOCK_TYPES = (Block, ConvMlpBlock)
 
 
 def repeated_blocks(model: nn.Module) -> Iterator[nn.Module]:
-    """The ``Block`` / ``ConvMlpBlock`` entries of the model's block lists (``BLOCK_LISTS``), in order."""
+    """The ``Block`` / ``ConvMlpBlock`` entries of the model's block lists (``BLOCK_LISTS``), in order; for a
+    dense task model (``DenseTaskModel``: UperNet, Mask R-CNN) those of its backbone (the heads stay eager)."""
+    owner = getattr(model, "dense_backbone", model)
     for name in BLOCK_LISTS:
-        for block in getattr(model, name, None) or ():
+        for block in getattr(owner, name, None) or ():
             if isinstance(block, REPEATED_BLOCK_TYPES):
                 yield block
 

@@ -15,7 +15,7 @@ from timm.layers import trunc_normal_
 
 from itpn_ds.models.hivit import GradCheckpointing, OptimizerMetadata, StagedBlocks, drop_path_rates
 from itpn_ds.models.layers import (Block, ConvMlpBlock, ConvPatchMerge, Mlp, SplitQKVAttention, SwiGLU,
-                                   init_linear_and_norm_)
+                                   init_linear_and_norm_, resize_position_embedding)
 
 
 class ConvStem(nn.Module):
@@ -54,7 +54,8 @@ class FastBlockConfig:
 class FastITPNBackbone(StagedBlocks, GradCheckpointing, OptimizerMetadata, nn.Module):
     """NCHW conv stages (``depth_stage1``, merge, ``depth_stage2``, merge) then ``depth`` main blocks.
 
-    Input (B, 3, H, W) with H = W = ``img_size`` (the position embedding is not resized at run time).
+    Input (B, 3, H, W) with H = W = ``img_size``; dense backbones (``itpn_ds.models.dense``) take any sides
+    that are multiples of their coarsest stride and resize the position embedding to the token grid.
     Subclasses add their outputs and call ``init_weights`` once everything is registered.
     """
 
@@ -115,8 +116,9 @@ class FastITPNBackbone(StagedBlocks, GradCheckpointing, OptimizerMetadata, nn.Mo
             x = self.run_block(i, blk, x)
         return x.flatten(2).transpose(1, 2), features
 
-    def add_position(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.pos_drop(tokens + self.pos_embed)
+    def add_position(self, tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tokens (B, N, D) + the position embedding of the model's grid, or resized to an h×w ``grid``."""
+        return self.pos_drop(tokens + resize_position_embedding(self.pos_embed, grid or self.grid))
 
     def forward_main(self, x: torch.Tensor, capture_after: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:

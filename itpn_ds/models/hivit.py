@@ -11,17 +11,16 @@ at the output.
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import trunc_normal_
 
-from itpn_ds.models.layers import (PatchEmbed, PatchMerge, attention_block, init_linear_and_norm_, mlp_block,
-                                   relative_position_index)
+from itpn_ds.models.layers import (PatchEmbed, PatchMerge, as_hw, attention_block, check_image_batch,
+                                   init_linear_and_norm_, mlp_block, relative_position_index,
+                                   resize_position_embedding)
 from itpn_ds.models.pyramid import FeaturePyramid
 
 
@@ -157,11 +156,10 @@ class HiViT(FeaturePyramid, StagedBlocks, GradCheckpointing, OptimizerMetadata, 
 
     # ---- input checks -------------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
-            raise ValueError(f"expected images (B, {self.patch_embed.proj.in_channels}, H, W), got {tuple(x.shape)}")
+        """Square images at the model's size (the classifier and pre-training paths; dense backbones override
+        this to take any sides that are multiples of their coarsest stride)."""
+        check_image_batch(x, self.patch_embed.proj.in_channels, self.patch_size, "patch size")
         H, W = x.shape[-2:]
-        if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}")
         if H != W:
             raise ValueError(f"iTPN takes square images, got {H}x{W}")
         if self.rpe and H // self.patch_size != self.grid:
@@ -186,17 +184,13 @@ class HiViT(FeaturePyramid, StagedBlocks, GradCheckpointing, OptimizerMetadata, 
             x = self.run_block(i, blk, x)
         return x[..., 0, 0, :], features
 
-    def position_embedding(self, grid: int) -> torch.Tensor:
-        """(1, grid², D) absolute position embedding, bicubically resized when ``grid`` differs."""
-        pos = self.absolute_pos_embed
-        n = math.isqrt(pos.shape[1])
-        if n == grid:
-            return pos
-        pos = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
-        pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False)
-        return pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+    def position_embedding(self, grid: int | tuple[int, int]) -> torch.Tensor:
+        """(1, h·w, D) absolute position embedding for an h×w token grid (an int g: g×g), bicubically resized
+        when the grid is not the model's own."""
+        return resize_position_embedding(self.absolute_pos_embed, grid)
 
-    def add_position(self, x: torch.Tensor, grid: int, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def add_position(self, x: torch.Tensor, grid: int | tuple[int, int], ids_keep: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         if self.ape:
             pos = self.position_embedding(grid)
             if ids_keep is not None:
@@ -204,16 +198,33 @@ class HiViT(FeaturePyramid, StagedBlocks, GradCheckpointing, OptimizerMetadata, 
             x = x + pos
         return self.pos_drop(x)
 
-    def rpe_index(self) -> torch.Tensor | None:
-        return self.relative_position_index.view(-1) if self.rpe else None
+    def rpe_index(self, grid: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """(N²,) relative-position index of the model's grid, or of an h×w ``grid`` (into the tables resampled
+        to that grid, ``Attention.bias_table``); None without RPE."""
+        if not self.rpe:
+            return None
+        if grid is None or as_hw(grid) == (self.grid, self.grid):
+            return self.relative_position_index.view(-1)
+        return relative_position_index(grid, self.relative_position_index.device).view(-1)
 
-    def forward_main(self, x: torch.Tensor, rpe_index: torch.Tensor | None, capture_after: int | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Main attention blocks on tokens (B, N, D); also returns the output of block ``capture_after``."""
+    def forward_main(self, x: torch.Tensor, rpe_index: torch.Tensor | None, capture_after: int | None = None,
+                     token_grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Main attention blocks on tokens (B, N, D); also returns the output of block ``capture_after``.
+        ``token_grid`` (h, w): the grid ``rpe_index`` was built for (None: the model's own)."""
         captured = None
         offset = len(self.stage_blocks)
         for i, blk in enumerate(self.main_blocks):
-            x = self.run_block(offset + i, blk, x, rpe_index)
+            x = self.run_block(offset + i, blk, x, rpe_index, token_grid)
             if i == capture_after:
                 captured = x
         return x, captured
+
+    def forward_pyramid_inputs(self, x: torch.Tensor
+                               ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int]]:
+        """Images (B, 3, H, W) -> (main-block tokens (B, N, D), [stage-1 map (B, N, 4, 4, D/4), stage-2 map
+        (B, N, 2, 2, D/2)], token grid (H/16, W/16)), N = H/16 · W/16: what the pyramid takes. The position
+        embedding and the relative-position tables are resampled to the grid when it is not the model's own."""
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        tokens, features = self.forward_stages(x)
+        tokens = self.forward_main(self.add_position(tokens, grid), self.rpe_index(grid), token_grid=grid)[0]
+        return tokens, features, grid

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from itpn_ds.models.hivit import HiViT
+from itpn_ds.models.layers import check_image_batch
+from itpn_ds.models.pyramid import tokens_to_map
 
 
 class ITPN(HiViT):
@@ -31,20 +33,20 @@ class ITPN(HiViT):
         pooled = self.fc_norm(tokens.mean(dim=1))
         return pooled if pre_logits else self.head(pooled)
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """The classifier takes square images at its size; the pyramid maps take any multiple of 16 px."""
+        if self.num_outs == 1:
+            super().check_input(x)
+        else:
+            check_image_batch(x, self.patch_embed.proj.in_channels, self.patch_size, "patch size")
+
     def forward_pyramid_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Images -> dense maps for detection/segmentation, finest last: (B, F, H/16·s, W/16·s), s = 1, 2, 4."""
+        """Images (B, 3, H, W), sides multiples of 16 -> pyramid maps, finest last: (B, F, H/16·s, W/16·s),
+        s = 1, 2, 4 (``itpn_ds.models.dense`` builds the published dense layouts on these)."""
         if self.num_outs == 1:
             raise ValueError("this ITPN was built as a classifier (num_outs=1); build it with num_outs>1 for pyramid outputs")
-        grid = x.shape[-1] // self.patch_size
-        tokens, features = self.forward_stages(x)
-        tokens = self.forward_main(self.add_position(tokens, grid), self.rpe_index())[0]
+        tokens, features, grid = self.forward_pyramid_inputs(x)
         return [tokens_to_map(level, grid) for level in self.forward_pyramid(tokens, features)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def tokens_to_map(x: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, N, s, s, C) with N = grid² -> (B, C, grid·s, grid·s)."""
-    B, _, s, _, C = x.shape
-    return x.view(B, grid, grid, s, s, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, grid * s, grid * s)

@@ -32,11 +32,47 @@ def compiled_flex_attention() -> Callable[..., torch.Tensor]:
     return torch.compile(flex_attention, dynamic=False)
 
 
-def relative_position_index(grid: int) -> torch.Tensor:
-    """(grid², grid²) int64 index into a ((2·grid-1)², heads) bias table for every (query, key) pair."""
-    coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (grid - 1)
-    return rel[..., 0] * (2 * grid - 1) + rel[..., 1]
+def as_hw(grid: int | tuple[int, int]) -> tuple[int, int]:
+    """A token grid as (rows, cols); an int g is the square g×g."""
+    return (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+
+
+def check_image_batch(x: torch.Tensor, in_chans: int, multiple: int, what: str) -> None:
+    """Raise ``ValueError`` unless ``x`` is (B, in_chans, H, W) with H and W multiples of ``multiple``; the
+    message names the size and ``what`` the multiple is (e.g. "patch size", "coarsest stride")."""
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"expected images (B, {in_chans}, H, W), got {tuple(x.shape)}")
+    H, W = x.shape[-2:]
+    if H % multiple or W % multiple:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the {what} {multiple}")
+
+
+def relative_position_index(grid: int | tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+    """(h·w, h·w) int64 index, for every (query, key) pair of an h×w token grid (row-major; an int g is g×g),
+    into a ((2h-1)·(2w-1), heads) bias table: (row offset + h-1)·(2w-1) + (column offset + w-1)."""
+    h, w = as_hw(grid)
+    coords = torch.stack(torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                                        indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    return (rel[..., 0] + h - 1) * (2 * w - 1) + rel[..., 1] + w - 1
+
+
+def resample_grid(values: torch.Tensor, size: tuple[int, int], to: tuple[int, int]) -> torch.Tensor:
+    """(rows·cols, C) values on a ``size`` = (rows, cols) grid -> (to_rows·to_cols, C) on the ``to`` grid,
+    bicubic (align_corners=False), computed in fp32 and returned in the input's dtype (differentiable)."""
+    grid = values.float().T.reshape(1, -1, *size)
+    grid = F.interpolate(grid, size=to, mode="bicubic", align_corners=False)
+    return grid.reshape(values.shape[1], -1).T.to(values.dtype).contiguous()
+
+
+def resize_position_embedding(pos: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
+    """(1, n², D) absolute position embedding on its n×n grid -> (1, h·w, D) for an h×w token grid (bicubic);
+    returned as is when the grid is its own."""
+    h, w = as_hw(grid)
+    n = math.isqrt(pos.shape[1])
+    if (h, w) == (n, n):
+        return pos
+    return resample_grid(pos[0], (n, n), (h, w))[None]
 
 
 def init_linear_and_norm_(module: nn.Module) -> None:
@@ -91,20 +127,34 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         return q, k, v
 
-    def position_bias(self, rpe_index: torch.Tensor | None) -> torch.Tensor | None:
-        """rpe_index (N²,) or (B, N²) -> bias (1 or B, heads, N, N), or None without a bias table."""
+    def bias_table(self, token_grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """The bias table for an h×w token grid ``token_grid``: the module's own ((2g-1)², heads) table, resampled
+        per head (bicubic, differentiable) to ((2h-1)·(2w-1), heads) when (h, w) is not (g, g); None: own grid.
+
+        This is the resize that loading applies to a table trained at another resolution, done at run time
+        for inputs of any (rectangular) size (dense tasks, ``docs/dense.md``)."""
+        table = self.relative_position_bias_table
+        side = math.isqrt(table.shape[0])
+        offsets = (side, side) if token_grid is None else (2 * token_grid[0] - 1, 2 * token_grid[1] - 1)
+        return table if offsets == (side, side) else resample_grid(table, (side, side), offsets)
+
+    def position_bias(self, rpe_index: torch.Tensor | None, token_grid: tuple[int, int] | None = None
+                      ) -> torch.Tensor | None:
+        """rpe_index (N²,) or (B, N²) into the table of grid ``token_grid`` (see ``bias_table``) -> bias
+        (1 or B, heads, N, N), or None without a bias table."""
         if self.relative_position_bias_table is None or rpe_index is None:
             return None
         n = math.isqrt(rpe_index.shape[-1])
-        bias = self.relative_position_bias_table[rpe_index.reshape(-1, n * n)]
+        bias = self.bias_table(token_grid)[rpe_index.reshape(-1, n * n)]
         return bias.view(-1, n, n, self.num_heads).permute(0, 3, 1, 2)
 
-    def position_score_mod(self, rpe_index: torch.Tensor | None, batch: int) -> ScoreMod | None:
+    def position_score_mod(self, rpe_index: torch.Tensor | None, batch: int,
+                           token_grid: tuple[int, int] | None = None) -> ScoreMod | None:
         """rpe_index (N²,) or (B, N²) -> a FlexAttention ``score_mod`` adding the bias of (b, head, q, k) to its
         score, reading the table through the index (nothing of size N² per head is built); None without a table."""
-        table = self.relative_position_bias_table
-        if table is None or rpe_index is None:
+        if self.relative_position_bias_table is None or rpe_index is None:
             return None
+        table = self.bias_table(token_grid)
         n = math.isqrt(rpe_index.shape[-1])
         index = rpe_index.reshape(-1, n, n).expand(batch, n, n)
 
@@ -113,29 +163,33 @@ class Attention(nn.Module):
 
         return add_position_bias
 
-    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe_index: torch.Tensor | None) -> torch.Tensor:
+    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe_index: torch.Tensor | None,
+             token_grid: tuple[int, int] | None = None) -> torch.Tensor:
         """q, k, v (B, heads, N, d) -> (B, heads, N, d) through SDPA, the bias as additive mask."""
-        bias = self.position_bias(rpe_index)
+        bias = self.position_bias(rpe_index, token_grid)
         if bias is not None:
             bias = bias.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                               dropout_p=self.attn_drop if self.training else 0.0)
 
-    def flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe_index: torch.Tensor | None) -> torch.Tensor:
+    def flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe_index: torch.Tensor | None,
+             token_grid: tuple[int, int] | None = None) -> torch.Tensor:
         """q, k, v (B, heads, N, d) -> (B, heads, N, d) through FlexAttention, the bias as ``score_mod``."""
         if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
             raise RuntimeError("model.attention=flex: FlexAttention has no backward on the CPU (torch "
                                f"{torch.__version__}); train on the CPU with model.attention=sdpa")
-        score_mod = self.position_score_mod(rpe_index, q.shape[0])
+        score_mod = self.position_score_mod(rpe_index, q.shape[0], token_grid)
         if q.device.type == "cpu" or torch.compiler.is_compiling():  # a compiled caller fuses it itself
             return flex_attention(q, k, v, score_mod=score_mod)
         return compiled_flex_attention()(q, k, v, score_mod=score_mod)
 
-    def forward(self, x: torch.Tensor, rpe_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rpe_index: torch.Tensor | None = None,
+                token_grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """x (B, N, C); ``rpe_index`` indexes the bias table of token grid ``token_grid`` (None: the own grid)."""
         B, N, C = x.shape
         q, k, v = self.qkv_heads(x)
         attend = self.flex if self.backend == "flex" else self.sdpa
-        out = attend(q, k, v, rpe_index)
+        out = attend(q, k, v, rpe_index, token_grid)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 
 
@@ -226,9 +280,10 @@ class Block(nn.Module):
     def _scale(gamma: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         return x if gamma is None else gamma * x
 
-    def forward(self, x: torch.Tensor, rpe_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rpe_index: torch.Tensor | None = None,
+                token_grid: tuple[int, int] | None = None) -> torch.Tensor:
         if self.attn is not None:
-            x = x + self.drop_path(self._scale(self.gamma_1, self.attn(self.norm1(x), rpe_index)))
+            x = x + self.drop_path(self._scale(self.gamma_1, self.attn(self.norm1(x), rpe_index, token_grid)))
         return x + self.drop_path(self._scale(self.gamma_2, self.mlp(self.norm2(x))))
 
 

@@ -4,6 +4,9 @@ Our parameter names equal the published ones, so there is no conversion table. A
 (``model`` / ``module`` / ``state_dict`` / ``model_ema`` keys, DDP's ``module.`` prefix) the checkpoint's
 keys are sorted:
 
+* a dense task model's checkpoint (segmentation, detection: the backbone under a prefix such as
+  ``backbone.`` or ``backbone.body.``, found in front of ``patch_embed.proj.weight``) loaded into a backbone:
+  the backbone's keys lose the prefix, the task heads' keys are dropped;
 * pre-training only (``PRETRAIN_ONLY_PREFIXES``: pyramid, decoders, prediction heads, mask token) and absent
   from the model: dropped (``LoadReport.dropped``);
 * the classification head, the prefixes a classifier class declares in ``head_prefixes`` (ITPN: ``head.``,
@@ -11,6 +14,10 @@ keys are sorted:
   initialisation (``fresh``) and the checkpoint's keys under those prefixes are dropped (a pre-training
   ``norm.`` is the fused-pyramid norm, not FastITPN's final norm). From a classification checkpoint the head
   loads, except ``head.*`` trained for another number of classes, which stays at init (``reinitialised``);
+  a model without those parts (a dense backbone) drops them;
+* the pyramid of a dense backbone (its class's ``fresh_when_absent`` prefixes) where the checkpoint has none
+  (a classifier) or fewer blocks (CLIP pre-training has ``fpn_depth`` 1, the segmentation layout 2): at init
+  (``fresh``);
 * relative-position bias tables the checkpoint has none of (pixel pre-training has no RPE): at init, zeros,
   as the published pixel fine-tuning leaves them (``fresh``);
 * position embeddings and relative-position bias tables trained at another resolution: resized bicubically
@@ -29,10 +36,11 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from itpn_ds.errors import UserError
+from itpn_ds.models.layers import resample_grid
+from itpn_ds.models.pyramid import PYRAMID_PREFIXES
 
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_ema")
 POS_EMBED_KEYS = ("absolute_pos_embed", "pos_embed")
@@ -41,7 +49,8 @@ RPE_INDEX = "relative_position_index"
 LAYER_SCALE = ("gamma_1", "gamma_2")
 CLASS_HEAD = "head."  # the classifier's last Linear: the only head part whose shape follows the class count
 PRETRAIN_ONLY_PREFIXES = ("mask_token", "lm_head", "lm_cls_head", "norm.", "norm_cls", "cls_pt_layers",
-                          "decoder_", "fpn_modules", "align_dim_", "split_", "block_16to8", "block_8to4")
+                          "decoder_", *PYRAMID_PREFIXES)
+BACKBONE_ANCHOR = "patch_embed.proj.weight"  # every backbone has it; a task model has it under its backbone
 
 
 @dataclass
@@ -91,9 +100,7 @@ def resize_grid(values: torch.Tensor, side: int) -> torch.Tensor:
     n = math.isqrt(values.shape[0])
     if n * n != values.shape[0]:
         raise CheckpointMismatchError(f"a table of {values.shape[0]} rows is not a square grid")
-    grid = values.float().T.reshape(1, -1, n, n)
-    grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
-    return grid.reshape(-1, side * side).T.to(values.dtype).contiguous()
+    return resample_grid(values, (n, n), (side, side))
 
 
 def resize_pos_embed(pos: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -132,9 +139,11 @@ def load_weights(model: nn.Module, state_dict: Mapping, strict: bool = False) ->
     """
     sd = {k: v for k, v in unwrap_state_dict(state_dict).items() if not k.endswith(RPE_INDEX)}
     own = {k: v for k, v in model.state_dict().items() if not k.endswith(RPE_INDEX)}
-    report = sort_keys(sd, own, head_prefixes(model))
+    sd, task_keys = backbone_of_task_checkpoint(sd, own)
+    report = sort_keys(sd, own, head_prefixes(model), tuple(getattr(model, "fresh_when_absent", ())))
     for k in report.dropped + report.reinitialised:
         del sd[k]
+    report.dropped = sorted(report.dropped + task_keys)
     report.resized = resize_to_model(sd, own)
     check_fit(model, sd, own, report, strict)
     model.load_state_dict(sd, strict=False)
@@ -142,11 +151,23 @@ def load_weights(model: nn.Module, state_dict: Mapping, strict: bool = False) ->
     return report
 
 
-def sort_keys(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], heads: tuple[str, ...]) -> LoadReport:
+def backbone_of_task_checkpoint(sd: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]
+                                ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A task model's checkpoint into a bare backbone: (the backbone's tensors without the task model's
+    prefix, the task heads' keys); any other checkpoint: (``sd``, [])."""
+    prefix = next((k[:-len(BACKBONE_ANCHOR)] for k in sorted(sd, key=len) if k.endswith("." + BACKBONE_ANCHOR)), None)
+    if prefix is None or BACKBONE_ANCHOR not in own or BACKBONE_ANCHOR in sd:
+        return sd, []
+    backbone = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return backbone, sorted(k for k in sd if not k.startswith(prefix))
+
+
+def sort_keys(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], heads: tuple[str, ...],
+              fresh_when_absent: tuple[str, ...] = ()) -> LoadReport:
     """The report's ``dropped`` (checkpoint keys), ``fresh`` and ``reinitialised`` (model keys) by the rule."""
     from_pretraining = is_pretraining_checkpoint(sd, heads)
     report = LoadReport()
-    report.dropped = sorted(k for k in sd if (k not in own and k.startswith(PRETRAIN_ONLY_PREFIXES))
+    report.dropped = sorted(k for k in sd if (k not in own and k.startswith(PRETRAIN_ONLY_PREFIXES + heads))
                             or (from_pretraining and k.startswith(heads)))
     if from_pretraining:
         report.fresh = sorted(k for k in own if k.startswith(heads))
@@ -155,6 +176,8 @@ def sort_keys(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], h
                                       and k in sd and sd[k].shape != own[k].shape)
     if not any(k.endswith(RPE_TABLE) for k in sd):
         report.fresh += sorted(k for k in own if k.endswith(RPE_TABLE))
+    if fresh_when_absent:
+        report.fresh += sorted(k for k in own if k not in sd and k.startswith(fresh_when_absent))
     return report
 
 

@@ -15,22 +15,33 @@ from typing import Callable
 import torch
 from torch import nn
 
-from itpn_ds.models.layers import NormLayer, PatchSplit, mlp_block
+from itpn_ds.models.layers import NormLayer, PatchSplit, as_hw, mlp_block
+
+# the pyramid's parameter-name prefixes (the module docstring's names)
+PYRAMID_PREFIXES = ("align_dim_", "fpn_modules", "split_", "block_16to8", "block_8to4")
 
 
-def patch_maps_from_nchw(x: torch.Tensor, grid: int) -> torch.Tensor:
-    """NCHW map (B, C, grid·s, grid·s) -> sub-token map (B, grid², s, s, C).
+def patch_maps_from_nchw(x: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
+    """NCHW map (B, C, h·s, w·s) -> sub-token map (B, h·w, s, s, C) for an h×w patch ``grid`` (an int g: g×g).
 
-    Patch n = row·grid + col (row-major, the order of the tokens and of ``bool_masked_pos``) takes the s×s
+    Patch n = row·w + col (row-major, the order of the tokens and of ``bool_masked_pos``) takes the s×s
     pixels of its 16×16 patch at that resolution, in (row, col) order: the layout ``PatchEmbed`` produces and
-    ``PatchSplit`` and ``itpn.tokens_to_map`` assume (this is the inverse of ``tokens_to_map``).
+    ``PatchSplit`` and ``tokens_to_map`` assume (this is the inverse of ``tokens_to_map``).
     """
     B, C, H, W = x.shape
-    if H != W or H % grid:
-        raise ValueError(f"expected a square map whose side is a multiple of the patch grid {grid}, "
+    h, w = as_hw(grid)
+    if H % h or W % w or H // h != W // w:
+        raise ValueError(f"expected a map whose sides are the same multiple of the patch grid {h}x{w}, "
                          f"got {tuple(x.shape)}")
-    s = H // grid
-    return x.view(B, C, grid, s, grid, s).permute(0, 2, 4, 3, 5, 1).reshape(B, grid * grid, s, s, C)
+    s = H // h
+    return x.view(B, C, h, s, w, s).permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, s, s, C)
+
+
+def tokens_to_map(x: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
+    """Sub-token map (B, N, s, s, C) with N = h·w patches of an h×w ``grid`` -> NCHW (B, C, h·s, w·s)."""
+    B, _, s, _, C = x.shape
+    h, w = as_hw(grid)
+    return x.view(B, h, w, s, s, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * s, w * s)
 
 
 class FeaturePyramid:

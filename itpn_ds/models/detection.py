@@ -1,0 +1,112 @@
+"""Detection and instance segmentation: torchvision's Mask R-CNN with the iTPN pyramid in place of the FPN.
+
+Only the backbone adapter is ours (``PyramidBackbone``: the five levels of the ``detection`` layout,
+strides 4-64, 256 channels, as the OrderedDict torchvision's detection models take). ``mask_rcnn`` configures
+torchvision's ``MaskRCNN`` as the published COCO configs (det/configs/itpn, mmdet's ``mask_rcnn_r50_fpn``
+with the neck removed): one anchor size per level, 8 × its stride (32-512 px), aspect ratios 0.5 / 1 / 2;
+box and mask RoIAlign (7 and 14 px, adaptive sampling) over the levels at strides 4-32, the RPN over all
+five; the box head 4 convs (BatchNorm) + 1 fc of 1024 (mmdet's ``ConvFCBBoxHead`` 4conv1fc), the mask head 4
+convs. The model's transform normalises the images and pads the batch to a multiple of the coarsest stride
+(64); it resizes them only with ``resize=True`` (short side from ``min_size``, one picked at random per
+batch in training, long side ≤ ``max_size``): the detection loaders (``itpn_ds.data.det_pipeline``) already
+apply the published multi-scale resize.
+Differences from the published detector: docs/dense.md.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+
+from itpn_ds.models.dense import DenseTaskModel
+
+LEVEL_NAMES = ("0", "1", "2", "3", "pool")  # torchvision's FPN names: strides 4, 8, 16, 32 and the extra 64
+ROI_LEVELS = LEVEL_NAMES[:4]                # RoIAlign over strides 4-32 (mmdet's featmap_strides)
+ANCHOR_SCALE = 8                            # anchor side = 8 × the level's stride
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+BOX_REPRESENTATION = 1024                   # the box head's fc width
+MULTI_SCALE_SHORT_SIDES = tuple(range(480, 801, 32))  # DETR-style multi-scale training, 800 at test
+
+
+class PyramidBackbone(nn.Module):
+    """torchvision's detection-backbone interface over a dense iTPN in the ``detection`` layout.
+
+    forward: images (B, 3, H, W), sides multiples of 64 -> OrderedDict ``LEVEL_NAMES`` -> (B, 256, H/s, W/s),
+    s = 4, 8, 16, 32, 64; ``out_channels`` = 256 (the pyramid's ``fpn_dim``).
+    """
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        info = body.feature_info
+        channels = {i["num_chs"] for i in info}
+        if len(info) != len(LEVEL_NAMES) or len(channels) != 1:
+            raise ValueError(f"Mask R-CNN needs the detection layout (5 levels of one width); the backbone gives "
+                             f"{[(i['num_chs'], i['reduction']) for i in info]} (channels, stride): build it with "
+                             "layout='detection'")
+        self.body = body
+        self.out_channels = channels.pop()
+        self.strides = tuple(i["reduction"] for i in info)
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return OrderedDict(zip(LEVEL_NAMES, self.body(images)))
+
+
+class PadOnlyTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform without its resize: normalise, pad to ``size_divisible``, and map
+    detections back to the (unchanged) input sizes. For images the data loader has already resized."""
+
+    def resize(self, image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
+        return image, target
+
+
+class ITPNMaskRCNN(DenseTaskModel, MaskRCNN):
+    """torchvision's ``MaskRCNN`` with the layer-decay metadata of the dense backbone (``DenseTaskModel``).
+
+    forward (torchvision's contract): a list of images (3, H_i, W_i) in [0, 1] of any sizes, and in training
+    targets [{"boxes" (n, 4) xyxy px, "labels" (n,) int64 in 1..num_classes-1, "masks" (n, H_i, W_i) uint8}]
+    -> training: dict of the five losses; eval: [{"boxes", "labels", "scores", "masks" (m, 1, H_i, W_i)}].
+    """
+
+    backbone_prefix = "backbone.body."
+
+
+def mask_rcnn(backbone: nn.Module, num_classes: int = 81, min_size: int | Sequence[int] = MULTI_SCALE_SHORT_SIDES,
+              max_size: int = 1333, image_mean: Sequence[float] | None = None,
+              image_std: Sequence[float] | None = None, resize: bool = False,
+              detector_kwargs: dict | None = None) -> ITPNMaskRCNN:
+    """Mask R-CNN on a dense backbone in the ``detection`` layout.
+
+    ``num_classes`` counts the background (81: COCO's 80 + background). ``image_mean`` / ``image_std``:
+    torchvision's (ImageNet) by default. ``resize``: let the model's transform resize by ``min_size`` /
+    ``max_size`` (False: the images come resized, ``PadOnlyTransform``). ``detector_kwargs``: any other
+    ``MaskRCNN`` argument (RPN / RoI sampling, score threshold, detections per image).
+    """
+    adapter = PyramidBackbone(backbone)
+    width = adapter.out_channels
+    anchors = AnchorGenerator(sizes=tuple((ANCHOR_SCALE * s,) for s in adapter.strides),
+                              aspect_ratios=(ASPECT_RATIOS,) * len(adapter.strides))
+    box_head = FastRCNNConvFCHead((width, 7, 7), [width] * 4, [BOX_REPRESENTATION], norm_layer=nn.BatchNorm2d)
+    model = ITPNMaskRCNN(
+        adapter, None, min_size=min_size, max_size=max_size, image_mean=image_mean, image_std=image_std,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(list(ROI_LEVELS), output_size=7, sampling_ratio=0),
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(BOX_REPRESENTATION, num_classes),
+        mask_roi_pool=MultiScaleRoIAlign(list(ROI_LEVELS), output_size=14, sampling_ratio=0),
+        mask_head=MaskRCNNHeads(width, [width] * 4, 1),
+        mask_predictor=MaskRCNNPredictor(width, width, num_classes),
+        size_divisible=adapter.strides[-1],
+        **(detector_kwargs or {}))
+    if not resize:
+        t = model.transform
+        model.transform = PadOnlyTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
+                                           size_divisible=t.size_divisible)
+    return model
