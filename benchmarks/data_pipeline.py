@@ -8,7 +8,9 @@ Suite ``loaders`` (default): all of them do the fine-tuning train transform with
 RandomResizedCrop 224 bicubic + flip + normalize, batches of ``--batch``, on ``--threads`` CPU threads /
 workers. Suites ``jitter`` (DALI CPU) and ``jitter_pil`` (PIL fallback): the cost of the pre-training
 colour jitter, our pre-training loader (student view 224 bicubic, block masks) with
-``SampledViews(color_jitter=0)`` against 0.4.
+``SampledViews(color_jitter=0)`` against 0.4. Suite ``checksums``: the cost of the per-sample CRC32 check on
+every read, the DALI CPU fine-tuning loader with the manifest's checksums against the same loader with them
+dropped (unchecked, as manifests written before them).
 
 The images are the demo set (scikit-image photos cropped and rescaled, sides ``--min-side``..``--max-side``),
 written as shards once under ``--work``. Each measurement runs in a fresh process, so peak RSS is its own;
@@ -20,6 +22,7 @@ recorded).
     python benchmarks/data_pipeline.py [--images 2400] [--threads 2] [--repeats 3]
                                        [--out benchmarks/results/data_pipeline.json]
     python benchmarks/data_pipeline.py --suite jitter --images 800   # about a minute and a half on 2 cores
+    python benchmarks/data_pipeline.py --suite checksums --images 800
 """
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ import psutil
 SUITES = {"loaders": ("dali_cpu", "dali_cpu_dali_resize", "pil_threads", "torchvision_dataloader",
                        "torchvision_v2_tensors"),
           "jitter": ("pretrain_dali_cpu", "pretrain_dali_cpu_jitter"),
-          "jitter_pil": ("pretrain_pil", "pretrain_pil_jitter")}
+          "jitter_pil": ("pretrain_pil", "pretrain_pil_jitter"),
+          "checksums": ("dali_cpu_unchecked", "dali_cpu")}
 PIPELINES = tuple(name for names in SUITES.values() for name in names)
 JITTER = 0.4  # the ``_jitter`` pipelines' strength (the published recipe's)
 
@@ -110,6 +114,8 @@ def batches_of(name: str, shards: Path, batch: int, threads: int, img_size: int)
     loader = build_finetune_loader(shards, img_size=img_size, micro_batch=batch, num_threads=threads, device="cpu",
                                    backend=backend, rand_augment_ops=0, reprob=0.0,
                                    torch_resize=name != "dali_cpu_dali_resize")
+    if name == "dali_cpu_unchecked":
+        loader.reader.manifest.crc32 = []  # the reader then skips the per-sample CRC32 check
     return loader, lambda b: int(b.valid.sum())
 
 
@@ -197,7 +203,8 @@ def main() -> None:
         print(f"{r['pipeline']:<26} {r['images_per_s']:>9.0f} {r['cpu_ms_per_image']:>11.2f} "
               f"{r['peak_rss_mib']:>13.0f} {r['peak_child_rss_mib']:>19.0f}")
     by_name = {r["pipeline"]: r for r in rows}
-    summary = loaders_summary(by_name) if args.suite == "loaders" else jitter_summary(*rows)
+    summaries = {"loaders": lambda: loaders_summary(by_name), "checksums": lambda: checksum_summary(*rows)}
+    summary = summaries.get(args.suite, lambda: jitter_summary(*rows))()
     suffix = "" if args.suite == "loaders" else f"_{args.suite}"
     out = Path(args.out or f"benchmarks/results/data_pipeline{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +229,15 @@ def jitter_summary(off: dict, on: dict) -> dict:
     ratio = on["images_per_s"] / off["images_per_s"]
     print(f"colour jitter {JITTER} on {off['pipeline']}: +{extra:.2f} CPU ms per image, {ratio:.2f}x images/s")
     return {"jitter_extra_cpu_ms_per_image": extra, "jitter_images_per_s_ratio": ratio}
+
+
+def checksum_summary(unchecked: dict, checked: dict) -> dict:
+    """The CRC32 check's extra CPU ms per image and images/s with it over without (median rows), printed."""
+    extra = checked["cpu_ms_per_image"] - unchecked["cpu_ms_per_image"]
+    ratio = checked["images_per_s"] / unchecked["images_per_s"]
+    print(f"per-sample CRC32 on read: +{extra:.3f} CPU ms per image ({100 * extra / unchecked['cpu_ms_per_image']:.1f} % "
+          f"of the loader's), {ratio:.3f}x images/s")
+    return {"crc32_extra_cpu_ms_per_image": extra, "crc32_images_per_s_ratio": ratio}
 
 
 if __name__ == "__main__":
