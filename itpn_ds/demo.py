@@ -40,9 +40,10 @@ def stage(number: int, title: str) -> None:
 def itpn_ds(*args: str, ranks: int = 1, capture: bool = False) -> str:
     """Run an ``itpn-ds`` subcommand (under torchrun when ``ranks`` > 1); the demo stops if it fails.
     With ``capture`` its stdout is also returned (and printed once it ends); otherwise ``""``."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+    launcher = [sys.executable, "-m", "itpn_ds.torchrun", "--nproc_per_node", str(ranks),
                 "--master_port", "29531"] if ranks > 1 else [sys.executable]
-    print(("$ torchrun --nproc_per_node %d " % ranks if ranks > 1 else "$ ") + "itpn-ds " + " ".join(args), flush=True)
+    shown = f"python -m itpn_ds.torchrun --nproc_per_node {ranks} -m itpn_ds.cli" if ranks > 1 else "itpn-ds"
+    print(f"$ {shown} " + " ".join(args), flush=True)
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*launcher, "-m", "itpn_ds.cli", *args], check=True, env=env, text=True,
                           stdout=subprocess.PIPE if capture else None)

@@ -42,7 +42,7 @@ case "$LAUNCHER" in
     nodes=(--nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}"
            --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}")
     if [ "${#MODULE_FLAG[@]}" -gt 0 ]; then MODULE_FLAG=(-m); fi
-    exec "$PY" -m torch.distributed.run --nproc-per-node "$NPROC" "${nodes[@]}" "${MODULE_FLAG[@]}" "${PROGRAM[@]}"
+    exec "$PY" -m itpn_ds.torchrun --nproc-per-node "$NPROC" "${nodes[@]}" "${MODULE_FLAG[@]}" "${PROGRAM[@]}"
     ;;
   deepspeed)
     hosts=()

@@ -425,3 +425,13 @@ def test_a_taken_master_port_is_named(ws):
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("itpn-ds pretrain: ")]
     assert f"cannot rendezvous at 127.0.0.1:{port}" in line and "set MASTER_PORT to a free one" in line
     assert not ws.run.exists()
+
+
+def test_under_torchrun_every_rank_leaves_our_line_and_nothing_of_torchruns(ws):
+    """itpn_ds.torchrun (what launch/local.sh and the tests start): two ranks refuse the same run, each prints
+    its line, the launcher exits 2 without torchrun's ChildFailedError traceback."""
+    proc = run_cli(*pretrain(ws, "model.kwargs.depth=2", run=ws.pretrain), ranks=2, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("itpn-ds pretrain: ")]
+    assert len(lines) == 2 and all("holds checkpoints of another run" in line for line in lines), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
