@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,7 @@ import pytest
 
 from itpn_ds.cli import main as cli_main
 from itpn_ds.data.shards import Manifest, ShardReader
-from tests.fixtures.cli import run_cli
+from tests.fixtures.cli import free_port, run_cli
 
 pytestmark = pytest.mark.dist
 
@@ -435,3 +436,22 @@ def test_under_torchrun_every_rank_leaves_our_line_and_nothing_of_torchruns(ws):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("itpn-ds pretrain: ")]
     assert len(lines) == 2 and all("holds checkpoints of another run" in line for line in lines), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+
+
+LOCAL_SH = Path(__file__).resolve().parents[1] / "launch" / "local.sh"
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["bogus", "--", "pretrain"], "launch/local.sh torchrun  [-n NPROC]"),  # the usage
+    (["torchrun", "-H", "hosts", "--", "pretrain"], "local.sh: -H is for the deepspeed launcher"),
+    (["torchrun", "-n", "1"], "launch/local.sh torchrun  [-n NPROC]"),  # no command after --
+    (["torchrun", "-n", "1", "--", "pretrain", "--config", "no_such_recipe", "--run-dir", "RUN"],
+     "itpn-ds pretrain: no recipe named 'no_such_recipe'"),
+], ids=["unknown launcher", "hostfile with torchrun", "no command", "bad recipe through torchrun"])
+def test_the_local_launcher_refuses_in_one_line(args, expect, ws):
+    argv = [str(ws.run) if a == "RUN" else a for a in args]
+    env = {**os.environ, "ITPN_DS_PYTHON": sys.executable, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run(["bash", str(LOCAL_SH), *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not ws.run.exists()
