@@ -86,7 +86,7 @@ def require_writable_dir(directory: Path) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise UserError(f"{directory}: {probe} is a file, not a directory: choose another path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{directory}: {probe} is not writable: choose a directory you can write to")
     if os.statvfs(probe).f_flag & os.ST_RDONLY:
         raise UserError(f"{directory}: {probe} is on a read-only file system: choose a writable directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{directory}: {probe} is not writable: choose a directory you can write to")

@@ -385,18 +385,40 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(ws, caplog):
 # ------------------------------------------------------------------------------------------ whole processes
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of 4.8 MiB: room for the tiny model's checkpoint estimate (4.4 MiB), not for its checkpoint
-    (5.3 MiB). Needs root (mount); skipped with the reason elsewhere, never under CI."""
-    mount = tmp_path / "small_disk"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4800k", "tmpfs", str(mount)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot mount a tmpfs for the full-disk cases: {proc.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs (needs root): {proc.stderr.strip()}")
+def tmpfs(tmp_path):
+    """tmpfs(options) -> a fresh tmpfs mounted with those options (e.g. "size=4800k", "ro"). Needs root (mount);
+    skipped with the reason elsewhere, never under CI."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        point = tmp_path / f"tmpfs{len(mounted)}"
+        point.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            if os.environ.get("CI"):
+                pytest.fail(f"cannot mount a tmpfs for the file-system cases: {proc.stderr.strip()}")
+            pytest.skip(f"cannot mount a tmpfs (needs root): {proc.stderr.strip()}")
+        mounted.append(point)
+        return point
+
     yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmpfs):
+    """4.8 MiB: room for the tiny model's checkpoint estimate (4.4 MiB), not for its checkpoint (5.3 MiB)."""
+    return tmpfs("size=4800k")
+
+
+def test_a_read_only_run_directory_is_refused(ws, tmpfs):
+    run = tmpfs("ro,size=1m") / "run"
+    proc = run_cli(*pretrain(ws, run=run), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("itpn-ds pretrain: ")]
+    assert "is on a read-only file system: choose a writable directory" in line and "Traceback" not in proc.stderr
 
 
 def test_too_little_free_space_is_refused_before_anything_is_written(ws, small_disk):
