@@ -33,7 +33,7 @@ from PIL import Image
 
 from itpn_ds.data.annotations import DETECTION, instance_masks
 from itpn_ds.data.seg_transforms import nearest_index
-from itpn_ds.data.shard_loader import CorruptSampleError, EpochLoader
+from itpn_ds.data.shard_loader import CorruptSampleError, EpochLoader, FixedPass
 from itpn_ds.data.shards import ShardError
 from itpn_ds.data.views import key_hash
 
@@ -143,7 +143,7 @@ class DetTrainLoader(_DetectionLoader):
         return resized_size(width, height, short, self.recipe.max_long_side), flip
 
 
-class DetEvalLoader(_DetectionLoader):
+class DetEvalLoader(FixedPass, _DetectionLoader):
     """Evaluation batches: shorter side ``short_side`` (longer <= ``max_long_side``), crowd kept, fixed order."""
 
     keep_crowd = True
@@ -156,10 +156,3 @@ class DetEvalLoader(_DetectionLoader):
     def sample_transform(self, key: str, width: int, height: int) -> tuple[tuple[int, int], bool]:
         return resized_size(width, height, self.short_side, self.max_long_side), False
 
-    def set_epoch(self, epoch: int) -> None:
-        self.offset = 0
-
-    def __iter__(self):
-        self.epoch = 0
-        yield from super().__iter__()
-        self.epoch = 0

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from itpn_ds.data.batch import Batch
-from itpn_ds.data.shard_loader import ShardLoader, student_output
+from itpn_ds.data.shard_loader import FixedPass, ShardLoader, student_output
 from itpn_ds.data.views import CropView
 
 
@@ -19,21 +19,13 @@ def center_crop_view(width: int, height: int, crop_pct: float) -> CropView:
     return CropView((width - side) // 2, (height - side) // 2, side, side, False)
 
 
-class EvalLoader(ShardLoader):
+class EvalLoader(FixedPass, ShardLoader):
     def __init__(self, shards: str | Path, micro_batch: int, img_size: int = 224, crop_pct: float = 0.875,
                  normalize: str = "imagenet", **kwargs) -> None:
         if not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
         super().__init__(shards, [student_output(img_size, normalize)], micro_batch, **kwargs)
         self.crop_pct = crop_pct
-
-    def set_epoch(self, epoch: int) -> None:
-        self.offset = 0
-
-    def __iter__(self):
-        self.epoch = 0
-        yield from super().__iter__()
-        self.epoch = 0
 
     def views(self, keys: list[str], sizes: list[tuple[int, int]], indices: np.ndarray) -> tuple[list[int], list[CropView]]:
         return [0] * len(keys), [center_crop_view(w, h, self.crop_pct) for w, h in sizes]

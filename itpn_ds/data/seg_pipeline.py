@@ -37,7 +37,7 @@ from PIL import Image
 
 from itpn_ds.data.annotations import SEGMENTATION, decode_label_map, label_lut
 from itpn_ds.data.batch import Batch
-from itpn_ds.data.shard_loader import BACKENDS, NORMALIZATIONS, CorruptSampleError, EpochLoader
+from itpn_ds.data.shard_loader import BACKENDS, NORMALIZATIONS, CorruptSampleError, EpochLoader, FixedPass
 from itpn_ds.data.shards import ShardError
 from itpn_ds.data.seg_transforms import (ADE20K_SCALE, SegPlan, SegRecipe, eval_plan, photometric_numpy,
                                          plan_labels, train_plan)
@@ -197,20 +197,12 @@ class SegTrainLoader(_SegLoader):
         return Batch(images=images, keys=keys, label_maps=label_maps, valid=torch.from_numpy(valid.copy()))
 
 
-class SegEvalLoader(_SegLoader):
+class SegEvalLoader(FixedPass, _SegLoader):
     """Evaluation batches: whole images rescaled (keep ratio) to ``scale``, labels at the original size."""
 
     def __init__(self, shards: str | Path, micro_batch: int, scale: tuple[int, int] = ADE20K_SCALE, **kwargs) -> None:
         super().__init__(shards, micro_batch, None, False, **kwargs)
         self.scale = scale
-
-    def set_epoch(self, epoch: int) -> None:
-        self.offset = 0
-
-    def __iter__(self):
-        self.epoch = 0
-        yield from super().__iter__()
-        self.epoch = 0
 
     def _load(self, indices: np.ndarray, valid: np.ndarray) -> Batch:
         keys = [self.manifest.keys[i] for i in indices]

@@ -106,6 +106,19 @@ class EpochLoader:
         raise NotImplementedError
 
 
+class FixedPass:
+    """Mixed in before an ``EpochLoader`` subclass by the evaluation loaders: every iteration is one whole
+    pass in the epoch-0 order, whatever epoch the caller sets."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.offset = 0
+
+    def __iter__(self):
+        self.epoch = 0
+        yield from super().__iter__()
+        self.epoch = 0
+
+
 class ShardLoader(EpochLoader):
     """Iterates this rank's share of an epoch through a view decoder; ``state_dict`` is the global epoch
     position.
