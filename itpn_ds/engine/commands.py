@@ -100,7 +100,7 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     if runtime.rank == 0:
         tracker.log_artifact(run_dir / "config.yaml")
     ema = WeightEma(engine.module, cfg.finetune.ema_decay) if cfg.task == "finetune" and cfg.finetune.ema_decay > 0 else None
-    parts = LoopParts(engine=engine, loader=train_loader, task=_task(cfg, runtime.device),
+    parts = LoopParts(engine=engine, loader=train_loader, task=build_task(cfg, runtime.device),
                       schedule=CosineSchedule.from_config(cfg.optim, steps_per_epoch, total),
                       checkpoints=checkpoints, tracker=tracker, device=runtime.device, total_steps=total,
                       flops_per_image=flops, ema=ema)
@@ -174,7 +174,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return consolidated_state_dict(read_checkpoint(path))
 
 
-def _task(cfg: RunConfig, device: torch.device) -> Any:
+def build_task(cfg: RunConfig, device: torch.device) -> Any:
+    """The loss of the run's task: classification, pixel reconstruction or CLIP distillation (with the online
+    teacher on ``device`` when ``teacher.mode=online``)."""
     if cfg.task == "finetune":
         return ClassifyTask(label_smoothing=cfg.finetune.label_smoothing, mixup=components.build_mixup(cfg))
     if cfg.pretrain.objective == "pixel":
