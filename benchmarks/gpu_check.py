@@ -146,6 +146,7 @@ class Plan:
     cuda: bool
     smoke: bool
     notes: list[str] = field(default_factory=list)
+    blocker: str | None = None  # why nothing can run here
 
 
 @dataclass(frozen=True)
@@ -205,20 +206,23 @@ def make_plan(env: dict[str, Any], engine: str, loader: str, smoke: bool) -> Pla
         loader = "dali" if env["dali"] else "torch"
         if loader == "torch":
             notes.append("DALI is not installed: data.loader=torch (PIL decoding) for training and teacher extraction")
-    optimizer = "auto"
-    if cuda and not smoke:
-        optimizer = "fused_adam"
-        problem = fused_adam_problem() if engine == "deepspeed" else "pure-torch steps use torch AdamW"
+    optimizer = "adamw" if engine == "torch" else "auto"  # auto: DeepSpeed's choice on the CPU (torch AdamW)
+    if cuda and not smoke and engine == "deepspeed":
+        problem = fused_adam_problem()
+        optimizer = "fused_adam" if problem is None else "adamw"
         if problem is not None:
-            optimizer = "adamw"
             notes.append(f"FusedAdam unavailable, torch AdamW instead: {problem}")
     if smoke:
         notes.append("--smoke: tiny model and teacher on the CPU, DeepSpeed's CPU optimizer choice (torch AdamW)")
-    return Plan(engine, loader, optimizer, cuda, smoke, notes)
+    blocker = None if env["open_clip"] else ("open_clip is not installed: the teacher (cache extraction and the online "
+                                             "variants) needs it; carry its wheel (docs/benchmarks.md)")
+    return Plan(engine, loader, optimizer, cuda, smoke, notes, blocker)
 
 
 def skip_reason(variant: Variant, plan: Plan) -> str | None:
     """Why ``variant`` cannot run here, or None."""
+    if plan.blocker:
+        return plan.blocker
     if not plan.cuda and not plan.smoke:
         return "no CUDA device: the check trains bf16 with FusedAdam on a GPU (run --smoke on the CPU)"
     if variant.attention == "flex" and not plan.cuda:
@@ -237,8 +241,8 @@ def synthetic_photo(seed: int, side: int = 640) -> np.ndarray:
     without any download or scikit-image)."""
     rng = np.random.default_rng(seed)
     coarse = torch.from_numpy(rng.random((1, 3, 6, 6), dtype=np.float32))
-    field = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bicubic", align_corners=False)[0]
-    pixels = field.permute(1, 2, 0).numpy() * 200 + rng.normal(0, 12, (side, side, 3))
+    smooth = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bicubic", align_corners=False)[0]
+    pixels = smooth.permute(1, 2, 0).numpy() * 200 + rng.normal(0, 12, (side, side, 3))
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 

@@ -26,6 +26,7 @@ SDPA_KERNELS = {"flash (CPU)", "math"}  # what the CPU's SDPA dispatches to with
 def load_gpu_check():
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -117,7 +118,7 @@ def test_a_failing_variant_is_recorded_with_its_error(tmp_path):
     (tmp_path / "cache").mkdir()
     data = gpu_check.CheckData(shards=tmp_path / "no_shards", cache=tmp_path / "cache",
                                teacher_checkpoint=tmp_path / "none.pt", teacher_arch="ViT-L-14")
-    plan = gpu_check.Plan(engine="torch", loader="torch", optimizer="auto", cuda=False, smoke=True)
+    plan = gpu_check.Plan(engine="torch", loader="torch", optimizer="adamw", cuda=False, smoke=True)
     record = gpu_check.run_variant(gpu_check.Variant.parse("zero2-cache-eager-sdpa"), data, gpu_check.SMOKE, plan,
                                    tmp_path, timeout=300, keep=False)
     assert record["status"] == "failed" and record["returncode"] == 2, record
@@ -136,11 +137,13 @@ def test_without_cuda_the_full_check_skips_every_variant_and_exits_0(tmp_path, c
 
 
 def test_missing_packages_change_the_plan_and_say_so():
-    env = {"cuda": None, "deepspeed": None, "dali": None}
+    env = {"cuda": None, "deepspeed": None, "dali": None, "open_clip": "3.3.0"}
     plan = gpu_check.make_plan(env, "auto", "auto", smoke=True)
-    assert (plan.engine, plan.loader, plan.optimizer) == ("torch", "torch", "auto")
+    assert (plan.engine, plan.loader, plan.optimizer, plan.blocker) == ("torch", "torch", "adamw", None)
     assert any("DeepSpeed is not installed" in n for n in plan.notes)
     assert any("DALI is not installed" in n for n in plan.notes)
+    blocked = gpu_check.make_plan({**env, "open_clip": None}, "auto", "auto", smoke=True)
+    assert "open_clip is not installed" in gpu_check.skip_reason(gpu_check.SMOKE_VARIANTS[0], blocked)
 
 
 def test_variant_names_round_trip_and_a_bad_one_is_a_usage_error(capsys):
