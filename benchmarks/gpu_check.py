@@ -268,9 +268,8 @@ def write_teacher(work: Path, scale: Scale) -> tuple[Path, str]:
     import open_clip
 
     path = work / "vit_l_14_random.pt"
-    if not path.is_file():
-        torch.save({k: v.half() for k, v in random_clip_state_dict(open_clip.get_model_config(TEACHER_ARCH)).items()},
-                   path)
+    if not path.is_file():  # float32 (fp16-exact values): open_clip cannot resize a half position table to 196 px
+        torch.save(random_clip_state_dict(open_clip.get_model_config(TEACHER_ARCH)), path)
     return path, TEACHER_ARCH
 
 
