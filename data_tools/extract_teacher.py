@@ -29,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="fp16", help="stored target type (int8: per-token scale)")
     parser.add_argument("--batch-size", type=int, default=256, help="views per teacher forward")
     parser.add_argument("--device", default="auto", help="auto (the rank's GPU when CUDA is present), cpu, cuda")
-    parser.add_argument("--num-threads", type=int, default=4, help="DALI decoding threads")
+    parser.add_argument("--num-threads", type=int, default=4, help="decoding threads")
+    parser.add_argument("--loader", choices=("dali", "torch"), default="dali",
+                        help="decoder: dali (default) or torch (PIL, for machines without DALI; train with "
+                             "data.loader=torch on such a cache)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -45,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
                             arch=args.teacher_arch, resolution=args.teacher_resolution, num_views=args.num_views,
                             seed=args.seed, color_jitter=args.color_jitter, dtype=args.dtype,
                             batch_size=args.batch_size, device=args.device, num_threads=args.num_threads,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, loader=args.loader)
         written = extract_cache(cfg)
     except (ShardError, CacheError, TeacherLoadError, ValueError) as exc:
         print(f"itpn-ds extract-teacher: {exc}", file=sys.stderr)

@@ -2,11 +2,12 @@
 
 Through the real engine (CLI, 2 CPU ranks, DALI, teacher cache, tiny iTPN): compiled and eager losses agree
 under ZeRO-2 (the demo recipes' stage) and ZeRO-3 (all parameters partitioned, so its hooks gather every
-block's weights inside compiled blocks); a compiled run SIGKILLed mid-run resumes to the uninterrupted run's
-losses. In process (``build_model``): both objectives under activation checkpointing match eager losses and
-gradients, parameter names are unchanged, and a model without our block lists is refused. ZeRO-0/1 change
-nothing in the module tree (no hooks; only the optimizer state is partitioned), so ``build_model``'s model is
-what they run.
+block's weights inside compiled blocks); the ZeRO-2 compiled run is SIGKILLed mid-run and resumed, and the
+resumed run replays the step after its checkpoint to the killed run's loss, then continues to the eager losses
+(one compiled run serves both checks: compilation dominates the time of these tests). In process
+(``build_model``): both objectives under activation checkpointing match eager losses and gradients, parameter
+names are unchanged, and a model without our block lists is refused. ZeRO-0/1 change nothing in the module
+tree (no hooks; only the optimizer state is partitioned), so ``build_model``'s model is what they run.
 
 Inductor caches its kernels under /tmp, so the tests share the tiny recipe's shapes: the first one compiles.
 """
@@ -22,12 +23,14 @@ from itpn_ds.models.pixel_mae import random_masking
 from tests.fixtures.cli import losses_by_step, zero3_config_partitioning_all
 from tests.test_engine_zero import pretrain, succeeded
 
-STEPS = 6
+STEPS = 4
+CHECKPOINT_EVERY = 2
+KILL_BEFORE = 4  # rank 1 SIGKILLs itself before this step: the run holds the checkpoint of step 2
 BF16_REL = 0.03  # bf16 weights: compiled kernels round in other places than eager ones
 
 
 def run(run_dir: Path, shards: Path, cache: Path, *overrides: str):
-    return pretrain(run_dir, shards, cache, f"schedule.max_steps={STEPS}", "checkpoint.every_steps=3",
+    return pretrain(run_dir, shards, cache, f"schedule.max_steps={STEPS}", f"checkpoint.every_steps={CHECKPOINT_EVERY}",
                     "checkpoint.keep_last=3", *overrides)
 
 
@@ -44,15 +47,35 @@ def eager_losses(demo_shards, demo_cache, tmp_path_factory) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def compiled_losses(demo_shards, demo_cache, tmp_path_factory) -> dict[int, float]:
-    out = succeeded(run(tmp_path_factory.mktemp("compiled"), demo_shards, demo_cache, "model.compile=on"))
-    return losses_by_step(out)
+def killed_and_resumed(demo_shards, demo_cache, tmp_path_factory) -> tuple[Path, dict[int, float], str]:
+    """A compiled ZeRO-2 run SIGKILLed before step KILL_BEFORE, then resumed in the same directory:
+    (run dir, the killed run's losses, the resumed run's stdout)."""
+    run_dir = tmp_path_factory.mktemp("compiled")
+    killed = run(run_dir, demo_shards, demo_cache, "model.compile=on", f"debug.kill_at_step=[1, {KILL_BEFORE}]")
+    assert killed.returncode != 0, killed.stdout[-3000:]
+    resumed = succeeded(run(run_dir, demo_shards, demo_cache, "model.compile=on"))
+    return run_dir, losses_by_step(killed.stdout), resumed
 
 
 @pytest.mark.dist
-def test_compiled_losses_agree_with_eager_under_zero2(eager_losses, compiled_losses):
-    assert_losses_agree(compiled_losses, eager_losses, list(range(1, STEPS + 1)))
-    assert compiled_losses[STEPS] < compiled_losses[1]
+def test_compiled_losses_agree_with_eager_under_zero2(eager_losses, killed_and_resumed):
+    _, killed, resumed = killed_and_resumed
+    assert sorted(killed) == list(range(1, KILL_BEFORE)), killed
+    compiled = {**killed, **losses_by_step(resumed)}
+    assert_losses_agree(compiled, eager_losses, list(range(1, STEPS + 1)))
+    assert compiled[STEPS] < compiled[1]
+
+
+@pytest.mark.dist
+def test_sigkilled_compiled_run_resumes_to_the_uninterrupted_losses(killed_and_resumed):
+    run_dir, killed, resumed = killed_and_resumed
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    assert "resumed from" in resumed and f"step_{CHECKPOINT_EVERY:08d}" in resumed
+    losses = losses_by_step(resumed)
+    assert sorted(losses) == list(range(CHECKPOINT_EVERY + 1, STEPS + 1)), losses
+    # steps after the checkpoint and before the kill ran in both processes: the same weights, data and RNG
+    for step in range(CHECKPOINT_EVERY + 1, KILL_BEFORE):
+        assert losses[step] == pytest.approx(killed[step], rel=1e-3), (step, losses, killed)
 
 
 @pytest.mark.dist
@@ -61,16 +84,6 @@ def test_compiled_zero3_with_checkpointing_agrees_with_eager(eager_losses, demo_
     out = succeeded(run(tmp_path / "run", demo_shards, demo_cache, "model.compile=on",
                         f"deepspeed.config={zero3_json}", "model.grad_checkpointing=every"))
     assert_losses_agree(losses_by_step(out), eager_losses, list(range(1, STEPS + 1)))
-
-
-@pytest.mark.dist
-def test_sigkilled_compiled_run_resumes_to_the_uninterrupted_losses(compiled_losses, demo_shards, demo_cache, tmp_path):
-    killed = run(tmp_path, demo_shards, demo_cache, "model.compile=on", "debug.kill_at_step=[1, 5]")
-    assert killed.returncode != 0
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"
-    resumed = succeeded(run(tmp_path, demo_shards, demo_cache, "model.compile=on"))
-    assert "resumed from" in resumed
-    assert_losses_agree(losses_by_step(resumed), compiled_losses, list(range(4, STEPS + 1)))
 
 
 def built(recipe: str, *overrides: str) -> torch.nn.Module:

@@ -109,6 +109,24 @@ def test_int8_close_to_fp16_at_about_half_the_bytes(demo_cache, demo_shards, tin
     assert 0.45 < size(tmp_path) / size(demo_cache) < 0.7
 
 
+def test_extraction_with_the_torch_loader_gives_the_same_views_and_close_targets(demo_cache, demo_shards,
+                                                                                tiny_clip_checkpoint, tmp_path):
+    """``loader="torch"`` (machines without DALI): the same views, targets from PIL's pixels close to DALI's."""
+    extract_cache(ExtractConfig(shards=demo_shards, out=tmp_path, checkpoint=tiny_clip_checkpoint,
+                                num_views=DEMO_CACHE_VIEWS, seed=DEMO_CACHE_SEED, color_jitter=DEMO_CACHE_JITTER,
+                                batch_size=16, progress=False, loader="torch"))
+    dali, pil = TeacherCache(demo_cache), TeacherCache(tmp_path)
+    manifest = Manifest.load(demo_shards)
+    keys = manifest.keys
+    for epoch in (0, 1):
+        pairs = pil.views(keys, manifest.sizes, epoch)
+        assert pairs == dali.views(keys, manifest.sizes, epoch)
+        view_ids = [view_id for view_id, _ in pairs]
+        assert _cosine(pil.targets(keys, view_ids), dali.targets(keys, view_ids)) >= 0.99
+    with pytest.raises(ValueError, match=r"loader \(--loader\) must be one of \('dali', 'torch'\), got 'pil'"):
+        ExtractConfig(shards=demo_shards, out=tmp_path, checkpoint=tiny_clip_checkpoint, loader="pil")
+
+
 def test_resume_skips_finished_files_and_refuses_other_settings(demo_cache, demo_shards, tiny_clip_checkpoint,
                                                                 tmp_path):
     out = tmp_path / "cache"

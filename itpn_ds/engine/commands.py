@@ -93,7 +93,7 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     total = steps_per_epoch * cfg.schedule.epochs
     if cfg.schedule.max_steps > 0:
         total = min(total, cfg.schedule.max_steps)
-    task = _task(cfg, runtime.device)
+    task = build_task(cfg, runtime.device)
     # accepted: from here on the run writes into run_dir
     checkpoints.remove_incomplete()
     if runtime.rank == 0:
@@ -199,7 +199,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return consolidated_state_dict(read_checkpoint(path))
 
 
-def _task(cfg: RunConfig, device: torch.device) -> Any:
+def build_task(cfg: RunConfig, device: torch.device) -> Any:
+    """The loss of the run's task: classification, pixel reconstruction or CLIP distillation (with the online
+    teacher on ``device`` when ``teacher.mode=online``)."""
     if cfg.task == "finetune":
         return ClassifyTask(label_smoothing=cfg.finetune.label_smoothing, mixup=components.build_mixup(cfg))
     if cfg.pretrain.objective == "pixel":

@@ -40,6 +40,13 @@ def device_peak_tflops(configured: float) -> float:
     return 0.0
 
 
+def model_flops_utilization(flops_per_image: float, images_per_s: float, peak_tflops: float,
+                            world_size: int = 1) -> float:
+    """MFU: 3 x forward FLOPs per image (forward + a backward of twice its cost) x images/s, over the summed
+    peak of ``world_size`` devices (``peak_tflops`` TFLOP/s each)."""
+    return 3 * flops_per_image * images_per_s / (peak_tflops * 1e12 * world_size)
+
+
 def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -83,7 +90,7 @@ def step_metrics(losses: dict[str, float], lr: float, grad_norm: float | None, i
         metrics["train/param_mib"] = state_bytes.params / 2**20
         metrics["train/optim_state_mib"] = state_bytes.optimizer / 2**20
     if peak_tflops > 0 and flops_per_image > 0:
-        metrics["train/mfu"] = 3 * flops_per_image * images / seconds / (peak_tflops * 1e12 * world_size)
+        metrics["train/mfu"] = model_flops_utilization(flops_per_image, images / seconds, peak_tflops, world_size)
     return metrics
 
 

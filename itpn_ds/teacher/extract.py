@@ -3,7 +3,8 @@
 Views are drawn by ``sample_view(seed, key, view_id, width, height, color_jitter=...)`` (sizes from the
 shard manifest) and decoded by the same DALI graph the pre-training pipeline replays them with
 (``ViewDecoder``: box, colour jitter, lanczos resize to the teacher resolution), so cached targets come from
-exactly the pixels training sees. Each row stores its view's box, flip and jitter factors.
+exactly the pixels training sees. Each row stores its view's box, flip and jitter factors. Without DALI,
+``loader="torch"`` decodes with the torch loader's ``PILViewDecoder`` (the pixels ``data.loader=torch`` replays).
 
 Work split: shard i goes to worker ``i % (tasks * world)``, a worker being (SLURM array task, rank):
 ``worker = task * world + rank``. A finished file (renamed from ``.tmp`` on completion) whose metadata
@@ -20,7 +21,9 @@ import torch
 from tqdm import tqdm
 
 from itpn_ds.data.color_jitter import check_strength
+from itpn_ds.data.shard_loader import BACKENDS
 from itpn_ds.data.shards import Manifest, ShardError, ShardInfo, ShardReader
+from itpn_ds.data.torch_loader import PILViewDecoder
 from itpn_ds.data.view_decoder import ViewDecoder
 from itpn_ds.data.views import CropView, sample_view
 from itpn_ds.distributed import detect
@@ -37,7 +40,8 @@ class ExtractConfig:
     (``load_clip_teacher``); num_views: K; seed: view seed (the cache's, replayed by training);
     color_jitter: the views' colour-jitter strength in [0, 1) (0: none; training's ``data.color_jitter``
     must match it); dtype: ``fp16`` or ``int8``; batch_size: views per teacher forward; device:
-    ``auto``/``cpu``/``cuda``."""
+    ``auto``/``cpu``/``cuda``; loader: ``dali`` (``ViewDecoder``, the pixels the DALI loader replays) or ``torch``
+    (``PILViewDecoder``, for machines without DALI: the torch loader's pixels)."""
 
     shards: Path
     out: Path
@@ -52,6 +56,7 @@ class ExtractConfig:
     device: str = "auto"
     num_threads: int = 4
     progress: bool = True
+    loader: str = "dali"
 
     def __post_init__(self) -> None:
         if self.num_views < 1:
@@ -59,6 +64,8 @@ class ExtractConfig:
         if self.batch_size < self.num_views:
             raise ValueError(f"batch_size {self.batch_size} must hold at least one sample's {self.num_views} views")
         check_strength(self.color_jitter, "color_jitter (--color-jitter)")
+        if self.loader not in BACKENDS:
+            raise ValueError(f"loader (--loader) must be one of {BACKENDS}, got {self.loader!r}")
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,8 @@ def extract_cache(cfg: ExtractConfig, worker: Worker | None = None) -> list[Path
     firsts = _first_indices(manifest)
     todo = [n for n, shard in enumerate(manifest.shards)
             if worker.owns(n) and not _finished(cfg.out / cache_file_name(shard.tar), _meta(cfg, teacher, shard))]
-    decoder = ViewDecoder([(teacher.resolution, TEACHER_INTERP)], device="gpu" if device.type == "cuda" else "cpu",
+    decoder_cls = ViewDecoder if cfg.loader == "dali" else PILViewDecoder
+    decoder = decoder_cls([(teacher.resolution, TEACHER_INTERP)], device="gpu" if device.type == "cuda" else "cpu",
                           batch_size=cfg.batch_size, num_threads=cfg.num_threads, color_jitter=cfg.color_jitter > 0)
     progress = tqdm(total=sum(manifest.shards[n].num_samples for n in todo), unit="img", unit_scale=True,
                     desc=f"teacher targets (worker {worker.index}/{worker.count})", disable=not cfg.progress)

@@ -1,11 +1,11 @@
-"""Training curves (loss, learning rate, throughput) drawn from the journal into one PNG."""
+"""Training curves (loss, learning rate, throughput) drawn from the journal into one PNG.
+
+matplotlib is imported when a figure is drawn, so training without tracking runs where it is not installed.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Iterable
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 
 def metric_history(records: Iterable[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
@@ -20,6 +20,9 @@ def metric_history(records: Iterable[dict[str, Any]]) -> dict[str, list[tuple[in
 
 def draw_curves(history: dict[str, list[tuple[int, float]]], names: Iterable[str], out: Path) -> Path:
     """One panel per metric name (step on x); a metric never logged gets an empty panel saying so."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     names = list(names)
     if not names:
         raise ValueError("draw_curves needs at least one metric name")
