@@ -59,9 +59,10 @@ def test_open_clip_checkpoint_with_config_json(reference, tmp_path):
     torch.testing.assert_close(teacher(data["images"]), data["targets"], atol=1e-5, rtol=0)
 
 
-def test_tiny_fixtures_agree_across_formats(tiny_clip_checkpoint, tiny_open_clip_checkpoint):
+def test_tiny_fixtures_agree_across_formats(tiny_clip_checkpoint, tiny_open_clip_checkpoint, tmp_path):
     """The fixture teacher in OpenAI format and as an open_clip checkpoint + config: same targets, own
-    identities; an open_clip checkpoint under another architecture is refused naming the file."""
+    identities, also from a half-precision checkpoint at another resolution; an open_clip checkpoint under
+    another architecture is refused naming the file."""
     checkpoint, config = tiny_open_clip_checkpoint
     openai, open_clip = load_clip_teacher(tiny_clip_checkpoint), load_clip_teacher(checkpoint, arch=str(config))
     assert (open_clip.resolution, open_clip.num_tokens, open_clip.dim) == (56, 16, 32)
@@ -70,6 +71,10 @@ def test_tiny_fixtures_agree_across_formats(tiny_clip_checkpoint, tiny_open_clip
     images = torch.rand(3, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(open_clip(images), openai(images), atol=1e-5, rtol=0)
     assert load_clip_teacher(checkpoint, arch=str(config), resolution=112).num_tokens == 64  # 8 x 8 grid
+    half = torch.load(checkpoint, weights_only=False)  # open_clip checkpoints are often saved in fp16
+    half["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in half["state_dict"].items()}
+    torch.save(half, tmp_path / "half.pt")
+    assert load_clip_teacher(tmp_path / "half.pt", arch=str(config), resolution=112).num_tokens == 64
     with pytest.raises(TeacherLoadError, match=f"{checkpoint.name} does not fit arch 'ViT-B-16'"):
         load_clip_teacher(checkpoint, arch="ViT-B-16")
 

@@ -211,6 +211,8 @@ def _build_open_clip(state_dict: dict[str, torch.Tensor], path: Path, arch: str,
     if config.get("custom_text") or "hf_model_name" in config.get("text_cfg", {}):
         raise TeacherLoadError(f"arch {arch!r}: only CLIP models with the standard text tower are supported")
     model = CLIP(**{k: v for k, v in config.items() if k != "custom_text"} | {"vision_cfg": vision})
+    # float32 first: the model is built in float32, and open_clip's resize cannot interpolate a half table
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     open_clip_resize_pos_embed(state_dict, model)
     try:
         model.load_state_dict(state_dict)
