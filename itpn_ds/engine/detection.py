@@ -200,7 +200,8 @@ def evaluate_detector(model: nn.Module, loader: Any, device: torch.device, groun
                       category_ids: list[int]) -> dict[str, float]:
     """COCO box / mask AP of ``model`` over a whole evaluation loader, all ranks together.
 
-    Every rank predicts its share of the images (padding skipped); the results are gathered
+    Every rank predicts its share of the images, one image per forward (padding samples skipped); the
+    results are gathered
     (``all_gather_object``) and rank 0 scores them against ``ground_truth`` (only rank 0 needs it);
     every rank returns the same metrics, plus ``images`` (the number evaluated).
     """
@@ -209,7 +210,9 @@ def evaluate_detector(model: nn.Module, loader: Any, device: torch.device, groun
     boxes, masks, images = [], [], 0
     for batch in loader:
         batch = batch.to(device)
-        outputs = model(batch.images)
+        # one image per forward: the backbone attends over the batch's padding, so batching images would make
+        # the results depend on which images share a batch (and so on the world size); mmdet tests one per GPU
+        outputs = [model([image])[0] for image in batch.images]
         for output, target, valid in zip(outputs, batch.targets, batch.valid.tolist()):
             if valid:
                 b, m = coco_detections(output, target, category_ids)
