@@ -145,9 +145,6 @@ def final_eval(stdout: str) -> dict[str, float]:
 
 
 @pytest.mark.dist
-@pytest.mark.xfail(strict=True, reason="known bug, not found yet: `itpn-ds evaluate` of a detection checkpoint or "
-                   "its export scores far below the training-time evaluation of the same weights (e.g. box AP 0.03 vs "
-                   "28.2 for the 10-epoch tiny run); docs/dense.md, 'Known problem'")
 def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_shards, tiny_pretrain_run, tmp_path):
     pretrained, scratch = tmp_path / "pretrained", tmp_path / "scratch"
     out = itpn_ds_cli(*detect_args(pretrained, det_shards, f"detect.init={tiny_pretrain_run}"), ranks=2)
@@ -188,4 +185,6 @@ def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_
                    f"data.val_shards={det_shards['val']}", "tracking.enabled=false")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     printed = float(re.search(r"bbox_AP ([\d.]+)", proc.stdout).group(1))
-    assert printed == pytest.approx(from_pretraining["bbox_AP"], abs=1e-3)
+    if printed != pytest.approx(from_pretraining["bbox_AP"], abs=1e-3):  # everything above is checked strictly
+        pytest.xfail(f"known bug, not found yet: itpn-ds evaluate of the best checkpoint gives box AP {printed}, the run "
+                     f"logged {from_pretraining['bbox_AP']:.4f} for the same weights (docs/dense.md, 'Known problem')")
