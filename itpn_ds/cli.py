@@ -29,7 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan-scaling": ("itpn_ds.scaling.command", "memory and throughput plan for a model at a GPU count"),
     "pretrain": ("itpn_ds.engine.commands", "iTPN pre-training on DeepSpeed"),
     "finetune": ("itpn_ds.engine.commands", "fine-tune a classifier on DeepSpeed"),
-    "evaluate": ("itpn_ds.engine.commands", "top-1/top-5 evaluation of a checkpoint"),
+    "detect": ("itpn_ds.engine.commands", "fine-tune a Mask R-CNN detector on DeepSpeed (COCO box / mask AP)"),
+    "evaluate": ("itpn_ds.engine.commands", "top-1/top-5 (classifier) or COCO AP (detector) of a checkpoint"),
     "export": ("itpn_ds.engine.commands", "export a checkpoint to one safetensors file + JSON metadata"),
 }
 

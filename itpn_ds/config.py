@@ -26,7 +26,7 @@ from itpn_ds.tracking.config import TrackingConfig
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
-TASKS = ("pretrain", "finetune")
+TASKS = ("pretrain", "finetune", "detect")
 OBJECTIVES = ("clip", "pixel")
 TEACHER_MODES = ("cache", "online")
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -35,6 +35,7 @@ ATTENTION_BACKENDS = ("sdpa", "flex")
 COMPILE_MODES = ("off", "on")
 OPTIMIZERS = ("auto", "adamw", "fused_adam", "cpu_adam")
 RESUME_POLICIES = ("auto", "never")
+LR_SCHEDULES = ("cosine", "step")
 
 
 class ConfigError(UserError, ValueError):
@@ -152,7 +153,10 @@ class TeacherConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with per-step cosine schedules of lr and weight decay after a linear lr warmup.
+    """AdamW with per-step schedules of lr and weight decay after a linear lr warmup.
+
+    ``schedule``: ``cosine`` (lr half-cosine to ``min_lr``) or ``step`` (mmdet's: lr x ``lr_step_gamma`` at
+    each of ``lr_step_epochs``, epochs from the start of the run, fractions allowed; ``min_lr`` unused).
 
     lr is the peak rate for the actual global batch (no implicit scaling). ``layer_decay`` < 1 scales the
     lr of layer i by ``layer_decay ** (num_layers - i)`` (fine-tuning); with ``layer_decay_depth`` N > 0 the
@@ -164,6 +168,9 @@ class OptimConfig:
     """
 
     optimizer: str = "auto"
+    schedule: str = "cosine"
+    lr_step_epochs: list[float] = field(default_factory=list)
+    lr_step_gamma: float = 0.1
     lr: float = 1.5e-3
     min_lr: float = 1e-5
     warmup_epochs: float = 10.0
@@ -178,6 +185,10 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("optim.schedule", self.schedule, LR_SCHEDULES)
+        if self.schedule == "step" and not (0 < self.lr_step_gamma <= 1 and all(e > 0 for e in self.lr_step_epochs)):
+            raise ConfigError(f"optim.schedule=step needs optim.lr_step_gamma in (0, 1] and optim.lr_step_epochs > 0, "
+                              f"got {self.lr_step_gamma} and {self.lr_step_epochs}")
         self.betas = tuple(self.betas)
         if len(self.betas) != 2:
             raise ConfigError(f"optim.betas must hold two numbers, got {self.betas}")
@@ -280,6 +291,40 @@ class FinetuneConfig:
 
 
 @dataclass
+class DetectConfig:
+    """Detection / instance-segmentation fine-tuning (``task: detect``, ``itpn-ds detect``; docs/dense.md).
+
+    init:              checkpoint to start from, as ``finetune.init`` (a pre-training run: its backbone and
+                       pyramid load, the heads start at init; a detection run or export: everything loads).
+    short_sides:       training: the shorter side (px) is drawn from these per image and epoch (published
+                       480, 512, ..., 800), the longer capped at ``max_long_side`` (1333), keep ratio.
+    flip_prob:         training horizontal-flip probability.
+    eval_short_side, eval_max_long_side: evaluation resize (published 800, 1333).
+    eval_every_epochs: COCO box / mask AP on ``data.val_shards`` every this many epochs and at the end; the
+                       best box AP is exported to ``RUN_DIR/best``.
+    The model's ``num_classes`` (``model.kwargs.num_classes``, counting the background) must be the shards'
+    categories + 1.
+    """
+
+    init: str = ""
+    short_sides: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
+    max_long_side: int = 1333
+    flip_prob: float = 0.5
+    eval_short_side: int = 800
+    eval_max_long_side: int = 1333
+    eval_every_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        sides = [*self.short_sides, self.max_long_side, self.eval_short_side, self.eval_max_long_side]
+        if not self.short_sides or min(sides) < 1:
+            raise ConfigError(f"detect.short_sides, detect.max_long_side and detect.eval_* must be positive sizes "
+                              f"in px, got {self.short_sides}, {self.max_long_side}, {self.eval_short_side}, "
+                              f"{self.eval_max_long_side}")
+        if not 0 <= self.flip_prob <= 1:
+            raise ConfigError(f"detect.flip_prob must be in [0, 1], got {self.flip_prob}")
+
+
+@dataclass
 class CheckpointConfig:
     """Checkpoints under ``<run_dir>/checkpoints``: every ``every_steps`` optimizer steps (0: only at the
     end and on preemption), the last ``keep_last`` kept. ``resume``: ``auto`` continues from the latest
@@ -331,7 +376,7 @@ class DebugConfig:
 
 @dataclass
 class RunConfig:
-    """Everything one ``itpn-ds pretrain|finetune|evaluate`` run needs."""
+    """Everything one ``itpn-ds pretrain|finetune|detect|evaluate`` run needs."""
 
     task: str = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -342,6 +387,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)

@@ -21,6 +21,7 @@ from typing import Callable
 
 import pytest
 
+from data_tools.dense_shapes import make_dense_shapes
 from itpn_ds.cli import main as cli_main
 from itpn_ds.data.shards import Manifest, ShardReader
 from tests.fixtures.cli import free_port, run_cli
@@ -66,6 +67,11 @@ def pretrain(ws: Ws, *overrides: str, run: Path | None = None) -> list[str]:
 def finetune(ws: Ws, *overrides: str, run: Path | None = None) -> list[str]:
     return [*FINETUNE, "--run-dir", str(run or ws.run), f"data.shards={ws.shards}", f"data.val_shards={ws.shards}",
             "tracking.enabled=false", "data.micro_batch=4", *overrides]
+
+
+def detect(ws: Ws, *overrides: str) -> list[str]:
+    return ["detect", "--config", "tiny_detect_cpu", "--run-dir", str(ws.run), f"data.shards={ws.extra['det_shards']}",
+            "tracking.enabled=false", *overrides]
 
 
 def evaluate(ws: Ws, checkpoint: Path, *overrides: str) -> list[str]:
@@ -161,7 +167,8 @@ CASES: list[Case] = [
     Case("unknown attention", lambda ws: pretrain(ws, "model.attention=fast"), "model.attention"),
     Case("unknown checkpointing policy", lambda ws: pretrain(ws, "model.grad_checkpointing=some"),
          "model.grad_checkpointing"),
-    Case("unknown task", lambda ws: pretrain(ws, "task=detect"), "task"),
+    Case("unknown task", lambda ws: pretrain(ws, "task=bogus"), "task must be one of"),
+    Case("unknown lr schedule", lambda ws: pretrain(ws, "optim.schedule=linear"), "optim.schedule must be one of"),
     Case("unknown model keyword", lambda ws: pretrain(ws, "model.kwargs.bogus=1"),
          "model.kwargs.bogus: not a keyword of ITPNClipDistill"),
     Case("unknown model name", lambda ws: pretrain(ws, "model.name=itpn_huge"), "itpn_huge"),
@@ -199,6 +206,18 @@ CASES: list[Case] = [
     Case("index that does not match its tar", lambda ws: finetune(ws, f"data.shards={ws.extra['shifted']}",
                                                                  "data.on_corrupt=raise"),
          "the index does not match the tar", watched=lambda ws: ws.extra["shifted"]),
+    Case("classification shards for detection", lambda ws: detect(ws, f"data.shards={ws.shards}"),
+         "holds classification shards; task=detect needs detection shards"),
+    Case("segmentation shards for detection", lambda ws: detect(ws, f"data.val_shards={ws.extra['seg_shards']}"),
+         "holds segmentation shards; task=detect needs detection shards"),
+    Case("detector classes off the shards", lambda ws: detect(ws, "model.kwargs.num_classes=81"),
+         "has 4 categories but model mask_rcnn_itpn_base_3324 has num_classes=81 (the background included): set "
+         "model.kwargs.num_classes=5"),
+    Case("detector cast to bf16", lambda ws: detect(ws, "deepspeed.precision=bf16"),
+         "task=detect with deepspeed.precision=bf16"),
+    Case("evaluate a pre-training run as a detector",
+         lambda ws: ["evaluate", "--config", "tiny_detect_cpu", "--checkpoint", str(ws.pretrain),
+                     f"data.val_shards={ws.extra['det_shards']}", "tracking.enabled=false"], "holds no ITPNMaskRCNN"),
     Case("labels beyond num_classes", lambda ws: finetune(ws, "finetune.num_classes=2", "model.kwargs.num_classes=2"),
          "set finetune.num_classes=4"),
     # --- run directory
@@ -294,6 +313,13 @@ def inputs(demo_shards, demo_cache, demo_image_folder, tiny_clip_checkpoint, tin
     shutil.copytree(tiny_pretrain_run, ckpt_run)
     tag = (ckpt_run / "checkpoints" / "latest").read_text().strip()
     truncate(ckpt_run / "checkpoints" / tag / "mp_rank_00_model_states.pt")
+    shapes = make_dense_shapes(root / "shapes", 4, 1, seed=0, min_side=64, max_side=96)
+    extra["det_shards"], extra["seg_shards"] = root / "det_shards", root / "seg_shards"
+    assert cli_main(["make-shards", str(shapes.images("training")), str(extra["det_shards"]), "--kind", "detection",
+                     "--annotations", str(shapes.coco("training")), "--quiet"]) == 0
+    assert cli_main(["make-shards", str(shapes.images("training")), str(extra["seg_shards"]), "--kind", "segmentation",
+                     "--annotations", str(shapes.annotations("training")), "--class-names", str(shapes.class_names),
+                     "--reduce-zero-label", "--quiet"]) == 0
     extra["bad_meta"] = meta_run = root / "bad_meta"
     shutil.copytree(tiny_pretrain_run, meta_run)
     truncate(meta_run / "checkpoints" / tag / "meta.json")

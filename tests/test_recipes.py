@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 
@@ -65,6 +66,30 @@ def fast_clip(classifier: int, dim: int) -> int:
     return classifier - (dim + 1) * 1000 - 2 * dim + FAST_PRETRAIN_PARTS[dim]
 
 
+def mask_rcnn_heads(width: int = 256, classes: int = 81, fc: int = 1024, anchors: int = 3) -> int:
+    """torchvision's Mask R-CNN heads as ``mask_rcnn`` configures them (the published mask_rcnn_r50_fpn heads):
+    RPN (3x3 conv + objectness + deltas), box head (4 convs without bias + BatchNorm, 1 fc), box predictor,
+    mask head (4 convs with bias), mask predictor (2x2 transposed conv + 1x1 classifier)."""
+    conv3 = 9 * width * width
+    rpn = conv3 + width + (width + 1) * anchors + (width + 1) * 4 * anchors
+    box_head = 4 * (conv3 + 2 * width) + 49 * width * fc + fc
+    box_predictor = (fc + 1) * classes + (fc + 1) * 4 * classes
+    mask_head = 4 * (conv3 + width)
+    mask_predictor = 4 * width * width + width + (width + 1) * classes
+    return rpn + box_head + box_predictor + mask_head + mask_predictor
+
+
+def pretraining_only_params(name: str) -> int:
+    """Parameters of the CLIP pre-training model ``name`` (whose total is the published count, checked above)
+    that a dense backbone does not have: mask token, CLIP heads, their norms, auxiliary blocks and decoder embeddings."""
+    import itpn_ds.models  # noqa: F401 - registers the names
+
+    heads = ("mask_token", "lm_head", "lm_cls_head", "norm.", "norm_cls", "cls_pt_layers", "decoder_embed")
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(heads))
+
+
 LS_B = layer_scale_params(512, 3, 3, 24)   # 25,728
 LS_L = layer_scale_params(768, 2, 2, 40)   # 62,592
 CLIP_B_HEADS = {512: 2 * (512 + 1) * (512 - 768), 768: 2 * (768 + 1) * (512 - 768)}  # two heads to 512-d targets
@@ -102,12 +127,17 @@ EXPECTED: dict[str, tuple[str, int]] = {
     "itpn_large_pixel_pretrain": ("pretrain", PIXEL_L),
     "itpn_base_pixel_finetune": ("finetune", ITPN_B),
     "itpn_large_pixel_finetune": ("finetune", ITPN_L),
+    # Mask R-CNN: the pre-training backbone + pyramid (every key loads) and torchvision's heads, 80 classes + bg.
+    "mask_rcnn_itpn_base_coco_3x": ("detect", lambda: CLIP_TPN_B - pretraining_only_params(
+        "clip_tpn_base_3324_patch16_224") + mask_rcnn_heads()),
+    "mask_rcnn_itpn_large_coco_1x": ("detect", lambda: CLIP_TPN_L - pretraining_only_params(
+        "clip_tpn_large_2240_patch16_224") + mask_rcnn_heads()),
 }
 # Test-only recipes (CPU tests and the demo): tiny models without a published count; they must still build.
 # Every other recipe is a published one and gets every check below.
 TEST_ONLY: dict[str, str] = {"tiny_finetune_cpu": "finetune", "tiny_pretrain_cpu": "pretrain",
                              "tiny_pretrain_pixel_cpu": "pretrain", "tiny_fast_pretrain_cpu": "pretrain",
-                             "tiny_fast_finetune_cpu": "finetune"}
+                             "tiny_fast_finetune_cpu": "finetune", "tiny_detect_cpu": "detect"}
 
 # iTPN (HiViT) fine-tuning recipes whose published script decays the lr as itpn_clip/utils/lr_decay.py does:
 # recipe -> (the published --layer_decay, the script's layer count = stage-1/2/main blocks + 1).
@@ -115,6 +145,12 @@ PUBLISHED_LAYER_DECAY: dict[str, tuple[float, int]] = {
     "itpn_base_finetune": (0.60, 31), "itpn_large_finetune": (0.55, 45), "itpn_large_finetune_256": (0.55, 45),
     "itpn_base_pixel_finetune": (0.60, 31), "itpn_large_pixel_finetune": (0.55, 45),
     "itpn_large_in21k_finetune": (0.75, 45), "itpn_large_in21k_to_in1k_finetune_384": (0.80, 45),
+}
+
+# Detection recipes against det/configs/itpn/*.py: recipe -> (lr, layer decay, drop path, lr steps (epochs), epochs).
+PUBLISHED_DETECTION: dict[str, tuple[float, float, float, list[float], int]] = {
+    "mask_rcnn_itpn_base_coco_3x": (1.5e-4, 0.90, 0.3, [27, 33], 36),   # clip_itpn_base_3x_ld090_dp030.py
+    "mask_rcnn_itpn_large_coco_1x": (2e-4, 0.95, 0.2, [9, 11], 12),     # clip_itpn_large_1x_ld095_dp020.py
 }
 
 SHIPPED = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
@@ -139,7 +175,7 @@ def command_of(recipe: str) -> str:
 def resolve(recipe: str):
     """The configuration ``itpn-ds COMMAND --config RECIPE`` runs (commands.main adds ``task=`` first)."""
     command = command_of(recipe)
-    cfg = load_config(recipe, [f"task={'pretrain' if command == 'pretrain' else 'finetune'}"])
+    cfg = load_config(recipe, [f"task={command}"])
     assert load_config(recipe).task == cfg.task, f"{recipe} sets task {load_config(recipe).task}, run by {command}"
     return cfg
 
@@ -153,13 +189,15 @@ def build_on_meta(cfg) -> torch.nn.Module:
 def test_recipe_builds_its_model_with_the_published_parameter_count(recipe):
     cfg = resolve(recipe)
     model = build_on_meta(cfg)
-    assert cfg.model.kwargs.get("img_size", 224) == model.img_size, \
-        f"{recipe}: the loader feeds {cfg.model.kwargs.get('img_size', 224)} px to a {model.img_size} px model; " \
+    img_size = getattr(model, "img_size", None) or model.dense_backbone.img_size  # a detector: its backbone's grid
+    assert cfg.model.kwargs.get("img_size", 224) == img_size, \
+        f"{recipe}: the loader feeds {cfg.model.kwargs.get('img_size', 224)} px to a {img_size} px model; " \
         "state model.kwargs.img_size"
     if recipe in TEST_ONLY:
         return
     count = sum(p.numel() for p in model.parameters())
-    assert count == EXPECTED[recipe][1], f"{recipe}: {count:,} parameters, published {EXPECTED[recipe][1]:,}"
+    expected = EXPECTED[recipe][1]() if callable(EXPECTED[recipe][1]) else EXPECTED[recipe][1]
+    assert count == expected, f"{recipe}: {count:,} parameters, published {expected:,}"
 
 
 def test_position_delta_reproduces_the_published_256_px_fast_itpn_large():
@@ -236,3 +274,16 @@ def test_every_recipe_is_in_the_recipe_table():
     text = DOCS.read_text()
     missing = [name for name in SHIPPED if not re.search(rf"(?<!\w){name}(?!\w)", text)]
     assert not missing, f"docs/recipes.md does not list {missing}"
+
+
+@pytest.mark.parametrize("recipe", sorted(PUBLISHED_DETECTION))
+def test_detection_recipe_has_the_published_optimizer_and_schedule(recipe):
+    lr, decay, drop_path, steps, epochs = PUBLISHED_DETECTION[recipe]
+    cfg = resolve(recipe)
+    o = cfg.optim
+    assert (o.lr, o.layer_decay, o.layer_decay_depth, cfg.model.drop_path_rate) == (lr, decay, 0, drop_path)
+    assert (o.schedule, o.lr_step_epochs, o.lr_step_gamma, cfg.schedule.epochs) == ("step", steps, 0.1, epochs)
+    assert (o.weight_decay, o.weight_decay_end, o.betas, o.warmup_steps, o.clip_grad) == (0.05, 0.05, (0.9, 0.999), 500, 0)
+    d = cfg.detect
+    assert (d.short_sides, d.max_long_side, d.eval_short_side, d.eval_max_long_side) == \
+        (list(range(480, 801, 32)), 1333, 800, 1333)

@@ -2,7 +2,8 @@
 
     itpn-ds pretrain --config RECIPE --run-dir DIR [key=value ...]
     itpn-ds finetune --config RECIPE --run-dir DIR finetune.init=PRETRAIN_RUN [key=value ...]
-    itpn-ds evaluate --config RECIPE --checkpoint CKPT [key=value ...]
+    itpn-ds detect   --config RECIPE --run-dir DIR detect.init=PRETRAIN_RUN [key=value ...]
+    itpn-ds evaluate --config RECIPE --checkpoint CKPT [key=value ...]   (the recipe's task: finetune or detect)
     itpn-ds export   --checkpoint CKPT --out DIR
 
 Exit codes: 0 done, 2 configuration error, PREEMPTED_EXIT_CODE (85) checkpoint saved after a preemption
@@ -20,6 +21,7 @@ import torch
 
 from itpn_ds.config import ConfigError, RunConfig, load_config, save_config, to_dict
 from itpn_ds.engine import components
+from itpn_ds.engine import detection
 from itpn_ds.engine.checkpoint import (CheckpointError, CheckpointManager, CheckpointRef, needs_universal,
                                       read_checkpoint)
 from itpn_ds.engine.ds_config import build_ds_config, zero_stage
@@ -28,11 +30,13 @@ from itpn_ds.engine.export import (WEIGHTS, consolidated_state_dict, export_chec
                                    model_metadata, write_export)
 from itpn_ds.engine.preemption import PREEMPTED_EXIT_CODE
 from itpn_ds.engine.runtime import build_engine, init_distributed, make_deterministic, seed_everything
-from itpn_ds.engine.schedule import CosineSchedule
+from itpn_ds.engine.schedule import build_schedule
 from itpn_ds.engine.tasks import ClassifyTask, ClipDistillTask, PixelTask, evaluate_classifier
 from itpn_ds.engine.trainer import LoopParts, Preempted, Trainer
+from itpn_ds.data.shards import Manifest
 from itpn_ds.errors import require_free_space, require_writable_dir
-from itpn_ds.models.loading import CheckpointMismatchError, LoadReport, load_weights, read_checkpoint_file
+from itpn_ds.models.loading import (CheckpointMismatchError, LoadReport, load_target, load_weights,
+                                    read_checkpoint_file)
 
 log = logging.getLogger("itpn_ds.engine")
 
@@ -57,11 +61,18 @@ def main(args: argparse.Namespace) -> int:
         out = export_checkpoint(args.checkpoint, args.out)
         print(f"exported {args.checkpoint} -> {out}")
         return 0
-    task = "finetune" if args.command in ("finetune", "evaluate") else "pretrain"
-    cfg = load_config(args.config, [f"task={task}", *args.overrides])
     if args.command == "evaluate":
+        cfg = load_config(args.config, args.overrides)
+        if cfg.task == "pretrain":  # a pre-training recipe (or none): evaluate as a classifier
+            cfg = load_config(args.config, ["task=finetune", *args.overrides])
         return evaluate(cfg, Path(args.checkpoint))
+    cfg = load_config(args.config, [f"task={args.command}", *args.overrides])
     return train(cfg, Path(args.run_dir))
+
+
+def init_source(cfg: RunConfig) -> str:
+    """The checkpoint a fine-tuning task starts from (``finetune.init`` / ``detect.init``); empty: none."""
+    return {"finetune": cfg.finetune.init, "detect": cfg.detect.init}.get(cfg.task, "")
 
 
 def train(cfg: RunConfig, run_dir: Path) -> int:
@@ -75,11 +86,16 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     require_writable_dir(run_dir)
     components.check_trainable_here(cfg, runtime.device)
     components.check_label_range(cfg)
+    if cfg.task == "detect":
+        detection.check_detection_shards(cfg)
     model = components.build_model(cfg)
+    if cfg.task == "detect":
+        detection.check_detection_model(cfg, model)
     require_free_space(run_dir, checkpoint_bytes_estimate(model), "a checkpoint of this model")
-    if cfg.task == "finetune" and cfg.finetune.init and resume is None:
-        init_from(model, cfg.finetune.init)
-    flops = components.forward_flops_per_image(model, cfg)
+    if init_source(cfg) and resume is None:
+        init_from(model, init_source(cfg))
+    # detection images have their own sizes: no per-image FLOPs, so no MFU
+    flops = 0.0 if cfg.task == "detect" else components.forward_flops_per_image(model, cfg)
     ds_config = build_ds_config(cfg, runtime.world_size, num_params=sum(p.numel() for p in model.parameters()))
     stage = zero_stage(ds_config)
     train_loader, eval_loader = components.build_loaders(cfg, runtime.rank, runtime.world_size)
@@ -104,11 +120,18 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
         tracker.log_artifact(run_dir / "config.yaml")
     ema = WeightEma(engine.module, cfg.finetune.ema_decay) if cfg.task == "finetune" and cfg.finetune.ema_decay > 0 else None
     parts = LoopParts(engine=engine, loader=train_loader, task=task,
-                      schedule=CosineSchedule.from_config(cfg.optim, steps_per_epoch, total),
+                      schedule=build_schedule(cfg.optim, steps_per_epoch, total),
                       checkpoints=checkpoints, tracker=tracker, device=runtime.device, total_steps=total,
-                      flops_per_image=flops, ema=ema)
-    if eval_loader is not None:
+                      flops_per_image=flops, ema=ema, eval_every_epochs=cfg.finetune.eval_every_epochs)
+    if eval_loader is not None and cfg.task == "detect":
+        ground_truth = detection.coco_ground_truth(cfg.data.val_shards) if runtime.rank == 0 else None
+        category_ids = Manifest.load(cfg.data.val_shards).category_ids
+        parts.evaluate = lambda: detection.evaluate_detector(engine, eval_loader, runtime.device, ground_truth,
+                                                             category_ids)
+        parts.best_metric, parts.eval_every_epochs = "bbox_AP", cfg.detect.eval_every_epochs
+    elif eval_loader is not None:
         parts.evaluate = lambda: _evaluate_with_ema(engine, eval_loader, runtime.device, ema)
+    if eval_loader is not None:
         parts.on_best = lambda metrics, step: _export_live(engine, cfg, run_dir / "best", metrics, step, runtime.rank)
     trainer = Trainer(cfg, parts, runtime.rank, runtime.world_size)
     if resume is not None:
@@ -159,16 +182,26 @@ def log_exported_model(tracker: Any, run_dir: Path) -> None:
 
 
 def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
-    """Top-1/top-5 of a checkpoint (ours, any stage) or an export directory on ``data.val_shards``."""
+    """Top-1/top-5 (classifier) or COCO box / mask AP (``task: detect``) of a checkpoint (ours, any stage)
+    or an export directory on ``data.val_shards``."""
     runtime = init_distributed()
     if not cfg.data.val_shards:
         raise ConfigError("evaluate needs data.val_shards")
     components.check_label_range(cfg)
+    if cfg.task == "detect":
+        detection.check_detection_shards(cfg)
     model = components.build_model(cfg)
+    if cfg.task == "detect":
+        detection.check_detection_model(cfg, model)
     init_from(model, str(checkpoint), strict=True)
     model.to(runtime.device)
     _, eval_loader = components.build_loaders(cfg, runtime.rank, runtime.world_size, train=False)
-    metrics = evaluate_classifier(model, eval_loader, runtime.device, torch.float32)
+    if cfg.task == "detect":
+        ground_truth = detection.coco_ground_truth(cfg.data.val_shards) if runtime.rank == 0 else None
+        metrics = detection.evaluate_detector(model, eval_loader, runtime.device, ground_truth,
+                                              Manifest.load(cfg.data.val_shards).category_ids)
+    else:
+        metrics = evaluate_classifier(model, eval_loader, runtime.device, torch.float32)
     if runtime.rank == 0:
         print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
@@ -181,11 +214,16 @@ def init_from(model: torch.nn.Module, source: str, strict: bool = False) -> Load
     anything else that does not fit refused. ``strict`` (evaluation): every model weight must come from
     ``source``. Logs the ``LoadReport``; raises ``CheckpointError`` naming ``source``, the keys and the fix.
     """
+    state = read_weights(Path(source))
+    target = load_target(model, state)  # a detection model takes a pre-training run into its backbone
+    if strict and target is not model:
+        raise CheckpointError(f"{source}: holds no {type(model).__name__} (its heads would stay at their "
+                              f"initialisation); give a run of this task or its export")
     try:
-        report = load_weights(model, read_weights(Path(source)), strict=strict)
+        report = load_weights(target, state, strict=strict)
     except CheckpointMismatchError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
-    log.info("initialised %s from %s: %s", type(model).__name__, source, report.summary())
+    log.info("initialised %s from %s: %s", type(target).__name__, source, report.summary())
     return report
 
 
@@ -200,8 +238,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def build_task(cfg: RunConfig, device: torch.device) -> Any:
-    """The loss of the run's task: classification, pixel reconstruction or CLIP distillation (with the online
-    teacher on ``device`` when ``teacher.mode=online``)."""
+    """The loss of the run's task: detection, classification, pixel reconstruction or CLIP distillation (with
+    the online teacher on ``device`` when ``teacher.mode=online``)."""
+    if cfg.task == "detect":
+        return detection.DetectTask()
     if cfg.task == "finetune":
         return ClassifyTask(label_smoothing=cfg.finetune.label_smoothing, mixup=components.build_mixup(cfg))
     if cfg.pretrain.objective == "pixel":

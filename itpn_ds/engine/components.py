@@ -106,6 +106,10 @@ def forward_flops_per_image(model: nn.Module, cfg: RunConfig) -> float:
 
 def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True) -> tuple[Loader | None, Loader | None]:
     """(train loader, eval loader) for the task; either is None when not configured."""
+    if cfg.task == "detect":
+        from itpn_ds.engine.detection import build_detection_loaders
+
+        return build_detection_loaders(cfg, rank, world_size, train)
     data = _import("itpn_ds.data", "data")
     if not cfg.data.shards and train:
         raise ConfigError("data.shards is empty: give the shard directory (itpn-ds make-shards output)")

@@ -1,8 +1,13 @@
 """Per-step learning-rate and weight-decay schedules.
 
-lr: linear warmup from 0 over ``warmup`` steps, then a half cosine from ``lr`` down to ``min_lr`` at the
-last step. Weight decay: a half cosine from ``weight_decay`` to ``weight_decay_end`` over the whole run.
-Both are pure functions of the optimizer-step index, so a resumed run needs only the step to continue.
+lr (``optim.schedule``), after a linear warmup from 0 over ``warmup`` steps:
+
+* ``cosine``: a half cosine from ``lr`` down to ``min_lr`` at the last step;
+* ``step`` (mmdet's ``policy='step'``, the published detection schedule): ``lr x gamma ** n``, n the number of
+  milestones (``optim.lr_step_epochs``, converted to optimizer steps) at or before the step.
+
+Weight decay: a half cosine from ``weight_decay`` to ``weight_decay_end`` over the whole run (constant when
+they are equal). All are pure functions of the optimizer-step index, so a resumed run needs only the step.
 """
 from __future__ import annotations
 
@@ -49,3 +54,25 @@ class CosineSchedule:
             group["lr"] = lr * group.get("lr_scale", 1.0)
             group["weight_decay"] = wd * group.get("wd_scale", 1.0)
         return lr
+
+
+@dataclass(frozen=True)
+class StepSchedule(CosineSchedule):
+    """The step lr of the module docstring (milestones in optimizer steps); weight decay as CosineSchedule."""
+
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        return self.lr * self.gamma ** sum(step >= m for m in self.milestones)
+
+
+def build_schedule(cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> CosineSchedule:
+    """The schedule ``optim.schedule`` names, over ``total_steps`` optimizer steps."""
+    base = CosineSchedule.from_config(cfg, steps_per_epoch, total_steps)
+    if cfg.schedule == "step":
+        milestones = tuple(int(round(epoch * steps_per_epoch)) for epoch in cfg.lr_step_epochs)
+        return StepSchedule(**vars(base), milestones=milestones, gamma=cfg.lr_step_gamma)
+    return base

@@ -9,7 +9,10 @@ five; the box head 4 convs (BatchNorm) + 1 fc of 1024 (mmdet's ``ConvFCBBoxHead`
 convs. The model's transform normalises the images and pads the batch to a multiple of the coarsest stride
 (64); it resizes them only with ``resize=True`` (short side from ``min_size``, one picked at random per
 batch in training, long side ≤ ``max_size``): the detection loaders (``itpn_ds.data.det_pipeline``) already
-apply the published multi-scale resize.
+apply the published multi-scale resize. ``backbone_autocast`` (``bf16`` / ``fp16``) runs the backbone under
+autocast and hands the heads fp32 levels, so anchors, box decoding, NMS and RoIAlign stay in fp32 (mmdet's
+``force_fp32`` heads; torchvision's CPU NMS has no bf16 kernel, and bf16 box coordinates at 1333 px would be
+quantised to 8 px): train such a model with fp32 weights (``deepspeed.precision=fp32``).
 Differences from the published detector: docs/dense.md.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ ROI_LEVELS = LEVEL_NAMES[:4]                # RoIAlign over strides 4-32 (mmdet'
 ANCHOR_SCALE = 8                            # anchor side = 8 × the level's stride
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 BOX_REPRESENTATION = 1024                   # the box head's fc width
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MULTI_SCALE_SHORT_SIDES = tuple(range(480, 801, 32))  # DETR-style multi-scale training, 800 at test
 
 
@@ -40,10 +44,11 @@ class PyramidBackbone(nn.Module):
     """torchvision's detection-backbone interface over a dense iTPN in the ``detection`` layout.
 
     forward: images (B, 3, H, W), sides multiples of 64 -> OrderedDict ``LEVEL_NAMES`` -> (B, 256, H/s, W/s),
-    s = 4, 8, 16, 32, 64; ``out_channels`` = 256 (the pyramid's ``fpn_dim``).
+    s = 4, 8, 16, 32, 64; ``out_channels`` = 256 (the pyramid's ``fpn_dim``). ``autocast``: run the body under
+    autocast in that dtype (``bf16`` / ``fp16``) and return fp32 levels; None: the body's own dtype.
     """
 
-    def __init__(self, body: nn.Module):
+    def __init__(self, body: nn.Module, autocast: str | None = None):
         super().__init__()
         info = body.feature_info
         channels = {i["num_chs"] for i in info}
@@ -51,12 +56,19 @@ class PyramidBackbone(nn.Module):
             raise ValueError(f"Mask R-CNN needs the detection layout (5 levels of one width); the backbone gives "
                              f"{[(i['num_chs'], i['reduction']) for i in info]} (channels, stride): build it with "
                              "layout='detection'")
+        if autocast is not None and autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"backbone_autocast must be one of {', '.join(AUTOCAST_DTYPES)} or None, got {autocast!r}")
         self.body = body
+        self.autocast = autocast
         self.out_channels = channels.pop()
         self.strides = tuple(i["reduction"] for i in info)
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        return OrderedDict(zip(LEVEL_NAMES, self.body(images)))
+        if self.autocast is None:
+            return OrderedDict(zip(LEVEL_NAMES, self.body(images)))
+        with torch.autocast(images.device.type, dtype=AUTOCAST_DTYPES[self.autocast]):
+            levels = self.body(images)
+        return OrderedDict((name, level.float()) for name, level in zip(LEVEL_NAMES, levels))
 
 
 class PadOnlyTransform(GeneralizedRCNNTransform):
@@ -81,15 +93,16 @@ class ITPNMaskRCNN(DenseTaskModel, MaskRCNN):
 def mask_rcnn(backbone: nn.Module, num_classes: int = 81, min_size: int | Sequence[int] = MULTI_SCALE_SHORT_SIDES,
               max_size: int = 1333, image_mean: Sequence[float] | None = None,
               image_std: Sequence[float] | None = None, resize: bool = False,
-              detector_kwargs: dict | None = None) -> ITPNMaskRCNN:
+              backbone_autocast: str | None = None, detector_kwargs: dict | None = None) -> ITPNMaskRCNN:
     """Mask R-CNN on a dense backbone in the ``detection`` layout.
 
     ``num_classes`` counts the background (81: COCO's 80 + background). ``image_mean`` / ``image_std``:
     torchvision's (ImageNet) by default. ``resize``: let the model's transform resize by ``min_size`` /
-    ``max_size`` (False: the images come resized, ``PadOnlyTransform``). ``detector_kwargs``: any other
+    ``max_size`` (False: the images come resized, ``PadOnlyTransform``). ``backbone_autocast``: ``bf16`` /
+    ``fp16`` to run the backbone under autocast, the heads in fp32 (``PyramidBackbone``). ``detector_kwargs``: any other
     ``MaskRCNN`` argument (RPN / RoI sampling, score threshold, detections per image).
     """
-    adapter = PyramidBackbone(backbone)
+    adapter = PyramidBackbone(backbone, autocast=backbone_autocast)
     width = adapter.out_channels
     anchors = AnchorGenerator(sizes=tuple((ANCHOR_SCALE * s,) for s in adapter.strides),
                               aspect_ratios=(ASPECT_RATIOS,) * len(adapter.strides))
