@@ -29,7 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan-scaling": ("itpn_ds.scaling.command", "memory and throughput plan for a model at a GPU count"),
     "pretrain": ("itpn_ds.engine.commands", "iTPN pre-training on DeepSpeed"),
     "finetune": ("itpn_ds.engine.commands", "fine-tune a classifier on DeepSpeed"),
-    "evaluate": ("itpn_ds.engine.commands", "top-1/top-5 evaluation of a checkpoint"),
+    "segment": ("itpn_ds.engine.commands", "fine-tune UperNet semantic segmentation on DeepSpeed"),
+    "evaluate": ("itpn_ds.engine.commands", "evaluate a checkpoint (top-1/top-5, or mIoU for a segment recipe)"),
     "export": ("itpn_ds.engine.commands", "export a checkpoint to one safetensors file + JSON metadata"),
 }
 

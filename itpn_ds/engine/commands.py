@@ -1,8 +1,9 @@
-"""``itpn-ds pretrain | finetune | evaluate | export``.
+"""``itpn-ds pretrain | finetune | segment | evaluate | export``.
 
     itpn-ds pretrain --config RECIPE --run-dir DIR [key=value ...]
     itpn-ds finetune --config RECIPE --run-dir DIR finetune.init=PRETRAIN_RUN [key=value ...]
-    itpn-ds evaluate --config RECIPE --checkpoint CKPT [key=value ...]
+    itpn-ds segment  --config RECIPE --run-dir DIR segment.init=PRETRAIN_RUN [key=value ...]
+    itpn-ds evaluate --config RECIPE --checkpoint CKPT [key=value ...]   (the recipe's task: finetune or segment)
     itpn-ds export   --checkpoint CKPT --out DIR
 
 Exit codes: 0 done, 2 configuration error, PREEMPTED_EXIT_CODE (85) checkpoint saved after a preemption
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from itpn_ds.config import ConfigError, RunConfig, load_config, save_config, to_dict
-from itpn_ds.engine import components
+from itpn_ds.engine import components, segmentation
 from itpn_ds.engine.checkpoint import (CheckpointError, CheckpointManager, CheckpointRef, needs_universal,
                                       read_checkpoint)
 from itpn_ds.engine.ds_config import build_ds_config, zero_stage
@@ -28,11 +29,12 @@ from itpn_ds.engine.export import (WEIGHTS, consolidated_state_dict, export_chec
                                    model_metadata, write_export)
 from itpn_ds.engine.preemption import PREEMPTED_EXIT_CODE
 from itpn_ds.engine.runtime import build_engine, init_distributed, make_deterministic, seed_everything
-from itpn_ds.engine.schedule import CosineSchedule
+from itpn_ds.engine.schedule import build_schedule
 from itpn_ds.engine.tasks import ClassifyTask, ClipDistillTask, PixelTask, evaluate_classifier
 from itpn_ds.engine.trainer import LoopParts, Preempted, Trainer
 from itpn_ds.errors import require_free_space, require_writable_dir
-from itpn_ds.models.loading import CheckpointMismatchError, LoadReport, load_weights, read_checkpoint_file
+from itpn_ds.models.loading import (CheckpointMismatchError, LoadReport, load_target, load_weights,
+                                    read_checkpoint_file)
 
 log = logging.getLogger("itpn_ds.engine")
 
@@ -57,10 +59,12 @@ def main(args: argparse.Namespace) -> int:
         out = export_checkpoint(args.checkpoint, args.out)
         print(f"exported {args.checkpoint} -> {out}")
         return 0
-    task = "finetune" if args.command in ("finetune", "evaluate") else "pretrain"
-    cfg = load_config(args.config, [f"task={task}", *args.overrides])
     if args.command == "evaluate":
+        cfg = load_config(args.config, args.overrides)
+        if cfg.task == "pretrain":  # a pre-training recipe (or none): evaluate as a classifier
+            cfg = load_config(args.config, ["task=finetune", *args.overrides])
         return evaluate(cfg, Path(args.checkpoint))
+    cfg = load_config(args.config, [f"task={args.command}", *args.overrides])
     return train(cfg, Path(args.run_dir))
 
 
@@ -71,14 +75,18 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     seed_everything(cfg.schedule.seed)
     checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last, runtime.rank, runtime.world_size)
     resume = checkpoints.latest()
+    class_names = _check_segment(cfg) if cfg.task == "segment" else []  # before the resume check: sets num_classes
     check_resumable(cfg, run_dir, resume)
     require_writable_dir(run_dir)
     components.check_trainable_here(cfg, runtime.device)
     components.check_label_range(cfg)
     model = components.build_model(cfg)
+    if cfg.task == "segment":
+        segmentation.check_model(cfg, model, runtime.world_size, runtime.device)
+        model = segmentation.sync_batch_norm(model, cfg, runtime.world_size, runtime.device)
     require_free_space(run_dir, checkpoint_bytes_estimate(model), "a checkpoint of this model")
-    if cfg.task == "finetune" and cfg.finetune.init and resume is None:
-        init_from(model, cfg.finetune.init)
+    if init_source(cfg) and resume is None:
+        init_from(model, init_source(cfg))
     flops = components.forward_flops_per_image(model, cfg)
     ds_config = build_ds_config(cfg, runtime.world_size, num_params=sum(p.numel() for p in model.parameters()))
     stage = zero_stage(ds_config)
@@ -90,6 +98,8 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
                           f"{cfg.data.micro_batch}, {runtime.world_size} ranks): lower it or data.micro_batch")
     engine = build_engine(model.to(runtime.device), cfg, runtime, ds_config,
                           load_universal=resume is not None and needs_universal(resume, runtime.world_size, stage))
+    if cfg.task == "segment":
+        segmentation.norm_buffers_to_param_dtype(engine.module)
     total = steps_per_epoch * cfg.schedule.epochs
     if cfg.schedule.max_steps > 0:
         total = min(total, cfg.schedule.max_steps)
@@ -104,11 +114,17 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
         tracker.log_artifact(run_dir / "config.yaml")
     ema = WeightEma(engine.module, cfg.finetune.ema_decay) if cfg.task == "finetune" and cfg.finetune.ema_decay > 0 else None
     parts = LoopParts(engine=engine, loader=train_loader, task=task,
-                      schedule=CosineSchedule.from_config(cfg.optim, steps_per_epoch, total),
+                      schedule=build_schedule(cfg.optim, steps_per_epoch, total),
                       checkpoints=checkpoints, tracker=tracker, device=runtime.device, total_steps=total,
-                      flops_per_image=flops, ema=ema)
-    if eval_loader is not None:
+                      flops_per_image=flops, ema=ema, eval_every_epochs=cfg.finetune.eval_every_epochs)
+    if cfg.task == "segment":
+        parts.best_metric, parts.eval_every_epochs = segmentation.BEST_METRIC, cfg.segment.eval_every_epochs
+    if eval_loader is not None and cfg.task == "segment":
+        parts.evaluate = lambda: _evaluate_segmenter(engine, eval_loader, cfg, class_names, runtime.device,
+                                                     _input_dtype(engine))
+    elif eval_loader is not None:
         parts.evaluate = lambda: _evaluate_with_ema(engine, eval_loader, runtime.device, ema)
+    if eval_loader is not None:
         parts.on_best = lambda metrics, step: _export_live(engine, cfg, run_dir / "best", metrics, step, runtime.rank)
     trainer = Trainer(cfg, parts, runtime.rank, runtime.world_size)
     if resume is not None:
@@ -159,19 +175,47 @@ def log_exported_model(tracker: Any, run_dir: Path) -> None:
 
 
 def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
-    """Top-1/top-5 of a checkpoint (ours, any stage) or an export directory on ``data.val_shards``."""
+    """Top-1/top-5 (``task: finetune``) or mIoU / mAcc / aAcc and per-class IoU (``task: segment``) of a checkpoint
+    (ours, any stage) or an export directory on ``data.val_shards``."""
     runtime = init_distributed()
     if not cfg.data.val_shards:
         raise ConfigError("evaluate needs data.val_shards")
     components.check_label_range(cfg)
+    class_names = _check_segment(cfg, train=False) if cfg.task == "segment" else []
     model = components.build_model(cfg)
+    if cfg.task == "segment":
+        segmentation.check_model(cfg, model, runtime.world_size, runtime.device)
     init_from(model, str(checkpoint), strict=True)
     model.to(runtime.device)
     _, eval_loader = components.build_loaders(cfg, runtime.rank, runtime.world_size, train=False)
+    if cfg.task == "segment":
+        metrics = _evaluate_segmenter(model, eval_loader, cfg, class_names, runtime.device, None)
+        if runtime.rank == 0:
+            print(" ".join(f"{k} {metrics[k]:.4f}" for k in ("mIoU", "mAcc", "aAcc")))
+            print(segmentation.format_per_class(metrics))
+        return 0
     metrics = evaluate_classifier(model, eval_loader, runtime.device, torch.float32)
     if runtime.rank == 0:
         print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
+
+
+def init_source(cfg: RunConfig) -> str:
+    """The checkpoint a new run of ``cfg.task`` starts from (``finetune.init`` / ``segment.init``), or ""."""
+    return {"finetune": cfg.finetune.init, "segment": cfg.segment.init}.get(cfg.task, "")
+
+
+def _check_segment(cfg: RunConfig, train: bool = True) -> list[str]:
+    """Resolve and check a segment run's class count against its shards; -> the class names."""
+    segmentation.resolve_config(cfg)
+    return segmentation.check_shards(cfg, train)
+
+
+def _evaluate_segmenter(model: Any, loader: Any, cfg: RunConfig, class_names: list[str], device: torch.device,
+                        autocast_dtype: torch.dtype | None) -> dict[str, float]:
+    s = cfg.segment
+    return segmentation.evaluate_segmentation(model, loader, device, autocast_dtype, class_names, s.eval_mode,
+                                              s.eval_crop, s.eval_stride)
 
 
 def init_from(model: torch.nn.Module, source: str, strict: bool = False) -> LoadReport:
@@ -181,11 +225,13 @@ def init_from(model: torch.nn.Module, source: str, strict: bool = False) -> Load
     anything else that does not fit refused. ``strict`` (evaluation): every model weight must come from
     ``source``. Logs the ``LoadReport``; raises ``CheckpointError`` naming ``source``, the keys and the fix.
     """
+    state = read_weights(Path(source))
+    target = load_target(model, state)  # a segmentation model takes a pre-training run into its backbone
     try:
-        report = load_weights(model, read_weights(Path(source)), strict=strict)
+        report = load_weights(target, state, strict=strict)
     except CheckpointMismatchError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
-    log.info("initialised %s from %s: %s", type(model).__name__, source, report.summary())
+    log.info("initialised %s from %s: %s", type(target).__name__, source, report.summary())
     return report
 
 
@@ -200,8 +246,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def build_task(cfg: RunConfig, device: torch.device) -> Any:
-    """The loss of the run's task: classification, pixel reconstruction or CLIP distillation (with the online
-    teacher on ``device`` when ``teacher.mode=online``)."""
+    """The loss of the run's task: segmentation, classification, pixel reconstruction or CLIP distillation (with
+    the online teacher on ``device`` when ``teacher.mode=online``)."""
+    if cfg.task == "segment":
+        return segmentation.SegmentTask(aux_weight=cfg.segment.aux_weight)
     if cfg.task == "finetune":
         return ClassifyTask(label_smoothing=cfg.finetune.label_smoothing, mixup=components.build_mixup(cfg))
     if cfg.pretrain.objective == "pixel":

@@ -63,7 +63,8 @@ class TrainState:
     rollbacks:             how often the run went back to a checkpoint.
     skip_steps:            steps whose batches are consumed without training (found bad before a rollback).
     evaluated_epochs:      epochs whose evaluation ran (fine-tuning).
-    best_top1:             best top-1 seen (fine-tuning), -1 before the first evaluation.
+    best_score:            best value of the task's selection metric seen (``LoopParts.best_metric``: top-1
+                           or mIoU), -1 before the first evaluation.
     """
 
     step: int = 0
@@ -73,7 +74,15 @@ class TrainState:
     rollbacks: int = 0
     skip_steps: list[int] = field(default_factory=list)
     evaluated_epochs: int = 0
-    best_top1: float = -1.0
+    best_score: float = -1.0
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "TrainState":
+        """The counters of a checkpoint's ``meta.json`` (older checkpoints named ``best_score`` ``best_top1``)."""
+        meta = dict(meta)
+        if "best_top1" in meta:
+            meta["best_score"] = meta.pop("best_top1")
+        return cls(**meta)
 
 
 @dataclass
@@ -92,6 +101,8 @@ class LoopParts:
     evaluate: Callable[[], dict[str, float]] | None = None
     on_best: Callable[[dict[str, float], int], None] | None = None
     ema: WeightEma | None = None
+    best_metric: str = "top1"      # the evaluation metric that selects ``on_best`` (higher is better)
+    eval_every_epochs: int = 1
 
 
 class Trainer:
@@ -126,7 +137,7 @@ class Trainer:
     def restore(self, ref: CheckpointRef) -> None:
         """Load engine, counters, loader position and RNG from ``ref`` (all ranks)."""
         rank_state = self.p.checkpoints.load(self.p.engine, ref, int(self.p.engine.zero_optimization_stage()))
-        self.state = TrainState(**ref.meta["trainer"])
+        self.state = TrainState.from_meta(ref.meta["trainer"])
         self.p.loader.load_state_dict(rank_state["loader"])
         if rank_state["rng"] is None:
             self._info("checkpoint %s was written by %d ranks under ZeRO stage %d: loaded through the universal "
@@ -294,15 +305,15 @@ class Trainer:
         if self.p.evaluate is None:
             return
         done = self.state.step * self.cfg.schedule.grad_accum // len(self.p.loader)  # epochs fully consumed
-        every = max(self.cfg.finetune.eval_every_epochs, 1)
+        every = max(self.p.eval_every_epochs, 1)
         if done <= self.state.evaluated_epochs or not (done % every == 0 or final):
             return
         self.state.evaluated_epochs = done
         metrics = self.p.evaluate()
         self._info("eval after epoch %d: %s", done, {k: round(v, 4) for k, v in metrics.items()})
         self.p.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=self.state.step)
-        if metrics["top1"] > self.state.best_top1:
-            self.state.best_top1 = metrics["top1"]
+        if metrics[self.p.best_metric] > self.state.best_score:
+            self.state.best_score = metrics[self.p.best_metric]
             if self.p.on_best is not None:
                 self.p.on_best(metrics, self.state.step)
         self.last_metrics = {**self.last_metrics, **{f"eval/{k}": v for k, v in metrics.items()}}

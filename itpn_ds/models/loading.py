@@ -151,6 +151,14 @@ def load_weights(model: nn.Module, state_dict: Mapping, strict: bool = False) ->
     return report
 
 
+def load_target(model: nn.Module, state_dict: Mapping) -> nn.Module:
+    """The module ``state_dict`` loads into: a dense task model (``DenseTaskModel``) takes a checkpoint of its
+    own kind whole and anything else (pre-training, classifier, another task) into its backbone."""
+    if hasattr(model, "dense_backbone") and model.backbone_prefix + BACKBONE_ANCHOR not in unwrap_state_dict(state_dict):
+        return model.dense_backbone
+    return model
+
+
 def backbone_of_task_checkpoint(sd: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]
                                 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """A task model's checkpoint into a bare backbone: (the backbone's tensors without the task model's

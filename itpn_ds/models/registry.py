@@ -28,7 +28,7 @@ from itpn_ds.models.detection import mask_rcnn
 from itpn_ds.models.fast_clip_distill import FastITPNClipDistill
 from itpn_ds.models.fast_itpn import FastITPN
 from itpn_ds.models.itpn import ITPN
-from itpn_ds.models.loading import BACKBONE_ANCHOR, load_weights, read_checkpoint_file
+from itpn_ds.models.loading import load_target, load_weights, read_checkpoint_file
 from itpn_ds.models.pixel_mae import ITPNPixelMAE
 from itpn_ds.models.segmentation import upernet
 
@@ -182,10 +182,7 @@ def load_file_into(model: nn.Module, name: str, pretrained_cfg_overlay: dict | N
         raise ValueError(f"{name}: pretrained=True needs a local file: "
                          "timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))")
     state = read_checkpoint_file(file)
-    target = model
-    if hasattr(model, "dense_backbone") and model.backbone_prefix + BACKBONE_ANCHOR not in state:
-        target = model.dense_backbone
-    report = load_weights(target, state)
+    report = load_weights(load_target(model, state), state)
     log.info("%s from %s: %s", name, file, report.summary())
 
 
