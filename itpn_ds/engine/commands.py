@@ -227,6 +227,9 @@ def init_from(model: torch.nn.Module, source: str, strict: bool = False) -> Load
     """
     state = read_weights(Path(source))
     target = load_target(model, state)  # a segmentation model takes a pre-training run into its backbone
+    if strict and target is not model:
+        raise CheckpointError(f"{source}: holds no {type(model).__name__} (its heads would stay at their "
+                              f"initialisation); give a run of this task or its export")
     try:
         report = load_weights(target, state, strict=strict)
     except CheckpointMismatchError as exc:
