@@ -68,6 +68,12 @@ def finetune(ws: Ws, *overrides: str, run: Path | None = None) -> list[str]:
             "tracking.enabled=false", "data.micro_batch=4", *overrides]
 
 
+def segment(ws: Ws, *overrides: str, run: Path | None = None) -> list[str]:
+    seg = ws.extra["seg_shards"]
+    return ["segment", "--config", "tiny_segment_cpu", "--run-dir", str(run or ws.run), f"data.shards={seg}",
+            f"data.val_shards={seg}", "tracking.enabled=false", *overrides]
+
+
 def evaluate(ws: Ws, checkpoint: Path, *overrides: str) -> list[str]:
     return ["evaluate", "--config", "tiny_finetune_cpu", "--checkpoint", str(checkpoint),
             f"data.val_shards={ws.shards}", "tracking.enabled=false", *overrides]
@@ -199,6 +205,26 @@ CASES: list[Case] = [
     Case("index that does not match its tar", lambda ws: finetune(ws, f"data.shards={ws.extra['shifted']}",
                                                                  "data.on_corrupt=raise"),
          "the index does not match the tar", watched=lambda ws: ws.extra["shifted"]),
+    Case("unknown lr schedule", lambda ws: pretrain(ws, "optim.schedule=step"), "optim.schedule must be one of cosine, poly"),
+    Case("segment on classification shards", lambda ws: segment(ws, f"data.shards={ws.shards}"),
+         "holds classification shards; the segment task needs segmentation shards"),
+    Case("segment class count differs from the shards", lambda ws: segment(ws, "segment.num_classes=5"),
+         "has 4 classes but segment.num_classes=5: set segment.num_classes=4"),
+    Case("segment model class count stated twice", lambda ws: segment(ws, "model.kwargs.num_classes=7"),
+         "state the class count once, in segment.num_classes"),
+    Case("segment crop not a multiple of the stride", lambda ws: segment(ws, "segment.crop_size=[48,64]"),
+         "segment.crop_size=[48, 64] is not a multiple of the segmentation layout's coarsest stride 32"),
+    Case("segment eval stride beyond its crop", lambda ws: segment(ws, "segment.eval_stride=[96,96]"),
+         "must not exceed segment.eval_crop"),
+    Case("segment one image per CPU rank", lambda ws: segment(ws, "data.micro_batch=1"),
+         "needs at least 2 images per rank"),
+    Case("segment with a classifier", lambda ws: segment(ws, "model.name=itpn_base_3324_patch16_224",
+                                                          "model.kwargs={img_size: 64, embed_dim: 64, depth: 2}"),
+         "task segment needs a segmentation model (upernet_*)"),
+    Case("evaluate a pre-training run as a segmenter",
+         lambda ws: ["evaluate", "--config", "tiny_segment_cpu", "--checkpoint", str(ws.pretrain),
+                     f"data.val_shards={ws.extra['seg_shards']}", "tracking.enabled=false"],
+         "holds no SegmentationModel"),
     Case("labels beyond num_classes", lambda ws: finetune(ws, "finetune.num_classes=2", "model.kwargs.num_classes=2"),
          "set finetune.num_classes=4"),
     # --- run directory
@@ -294,6 +320,13 @@ def inputs(demo_shards, demo_cache, demo_image_folder, tiny_clip_checkpoint, tin
     shutil.copytree(tiny_pretrain_run, ckpt_run)
     tag = (ckpt_run / "checkpoints" / "latest").read_text().strip()
     truncate(ckpt_run / "checkpoints" / tag / "mp_rank_00_model_states.pt")
+    from data_tools.dense_shapes import make_dense_shapes
+
+    shapes = make_dense_shapes(root / "shapes", 4, 1, seed=0, min_side=64, max_side=96)
+    extra["seg_shards"] = root / "seg_shards"
+    assert cli_main(["make-shards", str(shapes.images("training")), str(extra["seg_shards"]), "--kind", "segmentation",
+                     "--annotations", str(shapes.annotations("training")), "--class-names", str(shapes.class_names),
+                     "--reduce-zero-label", "--quiet"]) == 0
     extra["bad_meta"] = meta_run = root / "bad_meta"
     shutil.copytree(tiny_pretrain_run, meta_run)
     truncate(meta_run / "checkpoints" / tag / "meta.json")
