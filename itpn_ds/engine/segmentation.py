@@ -1,10 +1,12 @@
 """The ``segment`` task: UperNet fine-tuning and mIoU evaluation on the engine (docs/dense.md).
 
-* :func:`resolve_config` / :func:`check_inputs`: ``segment.num_classes`` is the one class count (the model's
-  ``num_classes`` follows it; the shards' manifest must agree); crop sizes fit the backbone's stride.
+* :func:`resolve_config`, :func:`check_shards`, :func:`check_model`: ``segment.num_classes`` is the one class
+  count (the model's ``num_classes`` follows it; the shards' manifest must agree); crop sizes fit the backbone's
+  stride.
 * :func:`build_loaders`: ``SegTrainLoader`` with the ``segment`` section's recipe, ``SegEvalLoader`` at
   ``segment.scale``.
-* :func:`sync_batch_norm`: the heads' BatchNorm as SyncBatchNorm on several CUDA ranks (the published SyncBN).
+* :func:`sync_batch_norm`: the heads' BatchNorm as SyncBatchNorm on several CUDA ranks (the published SyncBN);
+  elsewhere :func:`average_running_stats` keeps the running statistics equal on all ranks.
 * :class:`SegmentTask`: cross-entropy of the decode head + ``aux_weight`` x that of the auxiliary head, each the
   mean over every labelled pixel of the step on all ranks (ignored pixels and padding samples count nothing).
 * :func:`evaluate_segmentation`: sliding-window or whole-image inference, logits resized to each label map's
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -93,15 +95,17 @@ def synced_batch_norm(cfg: RunConfig, world_size: int, device: torch.device) -> 
 
 def sync_batch_norm(model: nn.Module, cfg: RunConfig, world_size: int, device: torch.device) -> nn.Module:
     """The heads' BatchNorm as ``SyncBatchNorm`` (statistics over all ranks, the published SyncBN) on several
-    CUDA ranks; plain BatchNorm per rank otherwise (PyTorch's SyncBatchNorm refuses CPU tensors). The
-    parameter and buffer names are the same, so checkpoints move between the two."""
+    CUDA ranks; plain BatchNorm per rank otherwise (PyTorch's SyncBatchNorm refuses CPU tensors), whose running
+    statistics ``SegmentTask`` keeps equal on every rank (:func:`average_running_stats`). The parameter and
+    buffer names are the same, so checkpoints move between the two."""
     count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if synced_batch_norm(cfg, world_size, device):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         log.info("heads' BatchNorm: %d layers synchronised over %d ranks (SyncBatchNorm)", count, world_size)
     elif world_size > 1:
         why = "segment.sync_bn=false" if not cfg.segment.sync_bn else "no SyncBatchNorm kernel on the CPU"
-        log.info("heads' BatchNorm: %d layers with per-rank statistics (%s)", count, why)
+        log.info("heads' BatchNorm: %d layers normalising with per-rank batch statistics, running statistics "
+                 "averaged over the ranks after every forward (%s)", count, why)
     return model
 
 
@@ -140,6 +144,31 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
     return train_loader, eval_loader
 
 
+def average_running_stats(norms: Sequence[nn.Module]) -> None:
+    """Replace the running mean / variance of unsynchronised BatchNorm layers by their mean over the ranks (one
+    all-reduce). After every forward this keeps them equal on all ranks, as a checkpoint (written from rank 0)
+    and an exact resume need: the running mean is then the running average of the ranks' mean batch means, as
+    SyncBatchNorm's; the variance the mean of the ranks' batch variances (SyncBatchNorm: the pooled variance)."""
+    slots = [(m, name) for m in norms for name in ("running_mean", "running_var") if getattr(m, name) is not None]
+    if not slots:
+        return
+    buffers = [getattr(m, name) for m, name in slots]
+    flat = torch.cat([b.float().flatten() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for (module, name), old, value in zip(slots, buffers, flat.split([b.numel() for b in buffers])):
+        # new tensors, not copy_: the forward's autograd graph saved the old ones (CPU BatchNorm's backward reads them)
+        setattr(module, name, value.view_as(old).to(old.dtype))
+
+
+def unsynced_norms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of ``model`` whose statistics are per rank (not SyncBatchNorm), when several ranks run."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return []
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not isinstance(m, nn.SyncBatchNorm) and m.track_running_stats]
+
+
 # -------------------------------------------------------------------------------------------------- loss
 
 def pixel_loss_sums(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -152,11 +181,13 @@ def pixel_loss_sums(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
 @dataclass
 class SegmentTask:
     """UperNet's loss: decode-head CE + ``aux_weight`` x auxiliary-head CE, each the mean over all labelled
-    pixels of the micro-batch on every rank (DeepSpeed's average of gradients then gives that mean)."""
+    pixels of the micro-batch on every rank (DeepSpeed's average of gradients then gives that mean). Plain
+    BatchNorm on several ranks (the CPU) has its running statistics averaged over the ranks after the forward."""
 
     aux_weight: float = 0.4
     ignore_index: int = IGNORE_INDEX
     name: str = "segment"
+    _norms: list[nn.Module] | None = field(default=None, repr=False)
 
     def forward(self, model: nn.Module, batch: Batch) -> MicroResult:
         if batch.label_maps is None:
@@ -164,6 +195,10 @@ class SegmentTask:
         valid = valid_mask(batch.valid, len(batch), batch.images.device)
         labels = batch.label_maps.masked_fill(~valid.bool()[:, None, None], self.ignore_index)  # padding: ignored
         output = model(batch.images)
+        if self._norms is None:
+            self._norms = unsynced_norms(model)
+        with torch.no_grad():
+            average_running_stats(self._norms)
         pixels = global_valid_count((labels != self.ignore_index).float())  # labelled pixels, all ranks
         loss_seg = global_mean(pixel_loss_sums(output.logits, labels, self.ignore_index), valid, pixels)
         parts = {"loss_seg": loss_seg.detach()}
