@@ -30,7 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("itpn_ds.engine.commands", "iTPN pre-training on DeepSpeed"),
     "finetune": ("itpn_ds.engine.commands", "fine-tune a classifier on DeepSpeed"),
     "detect": ("itpn_ds.engine.commands", "fine-tune a Mask R-CNN detector on DeepSpeed (COCO box / mask AP)"),
-    "evaluate": ("itpn_ds.engine.commands", "top-1/top-5 (classifier) or COCO AP (detector) of a checkpoint"),
+    "segment": ("itpn_ds.engine.commands", "fine-tune UperNet semantic segmentation on DeepSpeed"),
+    "evaluate": ("itpn_ds.engine.commands", "evaluate a checkpoint: top-1/top-5, mIoU or COCO AP, by the recipe's task"),
     "export": ("itpn_ds.engine.commands", "export a checkpoint to one safetensors file + JSON metadata"),
 }
 

@@ -26,7 +26,7 @@ from itpn_ds.tracking.config import TrackingConfig
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
-TASKS = ("pretrain", "finetune", "detect")
+TASKS = ("pretrain", "finetune", "segment", "detect")
 OBJECTIVES = ("clip", "pixel")
 TEACHER_MODES = ("cache", "online")
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -35,7 +35,8 @@ ATTENTION_BACKENDS = ("sdpa", "flex")
 COMPILE_MODES = ("off", "on")
 OPTIMIZERS = ("auto", "adamw", "fused_adam", "cpu_adam")
 RESUME_POLICIES = ("auto", "never")
-LR_SCHEDULES = ("cosine", "step")
+LR_SCHEDULES = ("cosine", "poly", "step")
+SEG_EVAL_MODES = ("slide", "whole")
 
 
 class ConfigError(UserError, ValueError):
@@ -155,8 +156,10 @@ class TeacherConfig:
 class OptimConfig:
     """AdamW with per-step schedules of lr and weight decay after a linear lr warmup.
 
-    ``schedule``: ``cosine`` (lr half-cosine to ``min_lr``) or ``step`` (mmdet's: lr x ``lr_step_gamma`` at
-    each of ``lr_step_epochs``, epochs from the start of the run, fractions allowed; ``min_lr`` unused).
+    ``schedule``: ``cosine`` (lr half-cosine to ``min_lr``), ``poly`` (mmseg's: ``(lr - min_lr) (1 - t) **
+    poly_power + min_lr``, t the fraction of the run, multiplied by the warmup ramp during warmup) or ``step``
+    (mmdet's: lr x ``lr_step_gamma`` at each of ``lr_step_epochs``, epochs from the start of the run, fractions
+    allowed; ``min_lr`` unused).
 
     lr is the peak rate for the actual global batch (no implicit scaling). ``layer_decay`` < 1 scales the
     lr of layer i by ``layer_decay ** (num_layers - i)`` (fine-tuning); with ``layer_decay_depth`` N > 0 the
@@ -169,6 +172,7 @@ class OptimConfig:
 
     optimizer: str = "auto"
     schedule: str = "cosine"
+    poly_power: float = 1.0
     lr_step_epochs: list[float] = field(default_factory=list)
     lr_step_gamma: float = 0.1
     lr: float = 1.5e-3
@@ -186,6 +190,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("optim.schedule", self.schedule, LR_SCHEDULES)
+        if not self.poly_power > 0:
+            raise ConfigError(f"optim.poly_power must be > 0, got {self.poly_power}")
         if self.schedule == "step" and not (0 < self.lr_step_gamma <= 1 and all(e > 0 for e in self.lr_step_epochs)):
             raise ConfigError(f"optim.schedule=step needs optim.lr_step_gamma in (0, 1] and optim.lr_step_epochs > 0, "
                               f"got {self.lr_step_gamma} and {self.lr_step_epochs}")
@@ -291,6 +297,56 @@ class FinetuneConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """Semantic segmentation fine-tuning (``task: segment``, ``itpn-ds segment``; docs/dense.md).
+
+    init:            checkpoint to start from, as ``finetune.init`` (a pre-training run: its backbone and
+                     pyramid load, the heads start at init; a segmentation run or export: everything loads).
+    num_classes:     classes of the shards' manifest (ADE20K 150); the model's ``num_classes`` follows it.
+    crop_size:       (h, w) training crop in px; sides multiples of the layout's coarsest stride (32).
+    scale:           (long, short) edge bounds of the keep-ratio rescale, train (times ``ratio_range``) and
+                     evaluation (mmseg ADE20K: 2048, 512).
+    ratio_range, cat_max_ratio, flip_prob, photometric: the rest of the training pipeline (``SegRecipe``).
+    aux_weight:      loss weight of the auxiliary FCN head (published 0.4; 0 leaves it out of the loss).
+    eval_mode:       ``slide`` (windows of ``eval_crop`` every ``eval_stride`` px, logits averaged) or
+                     ``whole`` (the whole rescaled image at once).
+    eval_every_epochs: mIoU on ``data.val_shards`` every this many epochs and at the end; the best is
+                     exported to ``RUN_DIR/best``.
+    sync_bn:         BatchNorm of the heads as SyncBatchNorm over the ranks when there are several and the
+                     device is CUDA (PyTorch's SyncBatchNorm has no CPU kernel: plain BN per rank there).
+    """
+
+    init: str = ""
+    num_classes: int = 150
+    crop_size: tuple[int, int] = (512, 512)
+    scale: tuple[int, int] = (2048, 512)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    photometric: bool = True
+    aux_weight: float = 0.4
+    eval_mode: str = "slide"
+    eval_crop: tuple[int, int] = (512, 512)
+    eval_stride: tuple[int, int] = (341, 341)
+    eval_every_epochs: int = 1
+    sync_bn: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("segment.eval_mode", self.eval_mode, SEG_EVAL_MODES)
+        for key in ("crop_size", "scale", "eval_crop", "eval_stride", "ratio_range"):
+            setattr(self, key, tuple(getattr(self, key)))
+            if len(getattr(self, key)) != 2 or not min(getattr(self, key)) > 0:
+                raise ConfigError(f"segment.{key} must be two positive numbers, got {list(getattr(self, key))}")
+        if self.num_classes < 1:
+            raise ConfigError(f"segment.num_classes must be >= 1, got {self.num_classes}")
+        if self.aux_weight < 0:
+            raise ConfigError(f"segment.aux_weight must be >= 0, got {self.aux_weight}")
+        if any(s > c for s, c in zip(self.eval_stride, self.eval_crop)):
+            raise ConfigError(f"segment.eval_stride {list(self.eval_stride)} must not exceed segment.eval_crop "
+                              f"{list(self.eval_crop)} (windows would leave pixels out)")
+
+
+@dataclass
 class DetectConfig:
     """Detection / instance-segmentation fine-tuning (``task: detect``, ``itpn-ds detect``; docs/dense.md).
 
@@ -376,7 +432,7 @@ class DebugConfig:
 
 @dataclass
 class RunConfig:
-    """Everything one ``itpn-ds pretrain|finetune|detect|evaluate`` run needs."""
+    """Everything one ``itpn-ds pretrain|finetune|segment|detect|evaluate`` run needs."""
 
     task: str = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -387,6 +443,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)

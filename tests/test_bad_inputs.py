@@ -74,6 +74,12 @@ def detect(ws: Ws, *overrides: str) -> list[str]:
             "tracking.enabled=false", *overrides]
 
 
+def segment(ws: Ws, *overrides: str, run: Path | None = None) -> list[str]:
+    seg = ws.extra["seg_shards"]
+    return ["segment", "--config", "tiny_segment_cpu", "--run-dir", str(run or ws.run), f"data.shards={seg}",
+            f"data.val_shards={seg}", "tracking.enabled=false", *overrides]
+
+
 def evaluate(ws: Ws, checkpoint: Path, *overrides: str) -> list[str]:
     return ["evaluate", "--config", "tiny_finetune_cpu", "--checkpoint", str(checkpoint),
             f"data.val_shards={ws.shards}", "tracking.enabled=false", *overrides]
@@ -218,6 +224,25 @@ CASES: list[Case] = [
     Case("evaluate a pre-training run as a detector",
          lambda ws: ["evaluate", "--config", "tiny_detect_cpu", "--checkpoint", str(ws.pretrain),
                      f"data.val_shards={ws.extra['det_shards']}", "tracking.enabled=false"], "holds no ITPNMaskRCNN"),
+    Case("segment on classification shards", lambda ws: segment(ws, f"data.shards={ws.shards}"),
+         "holds classification shards; the segment task needs segmentation shards"),
+    Case("segment class count differs from the shards", lambda ws: segment(ws, "segment.num_classes=5"),
+         "has 4 classes but segment.num_classes=5: set segment.num_classes=4"),
+    Case("segment model class count stated twice", lambda ws: segment(ws, "model.kwargs.num_classes=7"),
+         "state the class count once, in segment.num_classes"),
+    Case("segment crop not a multiple of the stride", lambda ws: segment(ws, "segment.crop_size=[48,64]"),
+         "segment.crop_size=[48, 64] is not a multiple of the segmentation layout's coarsest stride 32"),
+    Case("segment eval stride beyond its crop", lambda ws: segment(ws, "segment.eval_stride=[96,96]"),
+         "must not exceed segment.eval_crop"),
+    Case("segment one image per CPU rank", lambda ws: segment(ws, "data.micro_batch=1"),
+         "needs at least 2 images per rank"),
+    Case("segment with a classifier", lambda ws: segment(ws, "model.name=itpn_base_3324_patch16_224",
+                                                          "model.kwargs={img_size: 64, embed_dim: 64, depth: 2}"),
+         "task segment needs a segmentation model (upernet_*)"),
+    Case("evaluate a pre-training run as a segmenter",
+         lambda ws: ["evaluate", "--config", "tiny_segment_cpu", "--checkpoint", str(ws.pretrain),
+                     f"data.val_shards={ws.extra['seg_shards']}", "tracking.enabled=false"],
+         "holds no SegmentationModel"),
     Case("labels beyond num_classes", lambda ws: finetune(ws, "finetune.num_classes=2", "model.kwargs.num_classes=2"),
          "set finetune.num_classes=4"),
     # --- run directory

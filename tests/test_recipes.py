@@ -61,6 +61,36 @@ FAST_PRETRAIN_PARTS = {384: 8_034_424, 512: 11_451_040, 768: 20_840_176}
 
 
 
+def conv_bn(cin: int, cout: int, kernel: int) -> int:
+    """mmcv's ConvModule without bias + BatchNorm: the conv weight and the norm's weight and bias."""
+    return cin * cout * kernel * kernel + 2 * cout
+
+
+def upernet_heads(in_channels: tuple[int, ...], classes: int = 150, channels: int = 768, aux_channels: int = 256,
+                  aux_in: int = 2, pool_scales: int = 4) -> int:
+    """mmseg's UPerHead + FCNHead (one conv) as the published ADE20K configs build them, counted by hand:
+    pyramid pooling (1x1 per scale, 3x3 bottleneck), 1x1 laterals and 3x3 FPN convs on the three finer levels,
+    the 3x3 fusion of all four, the 1x1 classifiers (with bias)."""
+    *finer, coarsest = in_channels
+    decode = (pool_scales * conv_bn(coarsest, channels, 1) + conv_bn(coarsest + pool_scales * channels, channels, 3)
+              + sum(conv_bn(c, channels, 1) + conv_bn(channels, channels, 3) for c in finer)
+              + conv_bn(len(in_channels) * channels, channels, 3) + channels * classes + classes)
+    aux = conv_bn(in_channels[aux_in], aux_channels, 3) + aux_channels * classes + classes
+    return decode + aux
+
+
+def dense_backbone(name: str, **kwargs) -> int:
+    """Parameters of a pre-training name's segmentation backbone at 512 px, as ``features_only`` builds it
+    (its layout and channels are tested against the published configs in tests/test_dense_models.py)."""
+    import timm
+
+    import itpn_ds.models  # noqa: F401
+
+    with torch.device("meta"):
+        model = timm.create_model(name, features_only=True, layout="segmentation", img_size=512, **kwargs)
+    return sum(p.numel() for p in model.parameters())
+
+
 def fast_clip(classifier: int, dim: int) -> int:
     """A Fast-iTPN CLIP pre-training model from its classifier's published count."""
     return classifier - (dim + 1) * 1000 - 2 * dim + FAST_PRETRAIN_PARTS[dim]
@@ -132,12 +162,20 @@ EXPECTED: dict[str, tuple[str, int]] = {
         "clip_tpn_base_3324_patch16_224") + mask_rcnn_heads()),
     "mask_rcnn_itpn_large_coco_1x": ("detect", lambda: CLIP_TPN_L - pretraining_only_params(
         "clip_tpn_large_2240_patch16_224") + mask_rcnn_heads()),
+    # UperNet: no published count; the backbone as features_only builds it + the heads counted by hand.
+    "upernet_itpn_base_ade20k_512": ("segment", dense_backbone("clip_tpn_base_3324_patch16_224")
+                                     + upernet_heads((384, 512, 768, 768))),
+    "upernet_itpn_large_ade20k_512": ("segment", dense_backbone("clip_tpn_large_2240_patch16_224")
+                                      + upernet_heads((448, 640, 1024, 1024))),
+    "upernet_fast_itpn_base_ade20k_512": ("segment", dense_backbone("fast_clip_tpn_base_3324_patch16_224")
+                                          + upernet_heads((384, 512, 768, 768))),
 }
 # Test-only recipes (CPU tests and the demo): tiny models without a published count; they must still build.
 # Every other recipe is a published one and gets every check below.
 TEST_ONLY: dict[str, str] = {"tiny_finetune_cpu": "finetune", "tiny_pretrain_cpu": "pretrain",
                              "tiny_pretrain_pixel_cpu": "pretrain", "tiny_fast_pretrain_cpu": "pretrain",
-                             "tiny_fast_finetune_cpu": "finetune", "tiny_detect_cpu": "detect"}
+                             "tiny_fast_finetune_cpu": "finetune", "tiny_detect_cpu": "detect",
+                             "tiny_segment_cpu": "segment"}
 
 # iTPN (HiViT) fine-tuning recipes whose published script decays the lr as itpn_clip/utils/lr_decay.py does:
 # recipe -> (the published --layer_decay, the script's layer count = stage-1/2/main blocks + 1).

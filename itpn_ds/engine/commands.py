@@ -1,9 +1,10 @@
-"""``itpn-ds pretrain | finetune | evaluate | export``.
+"""``itpn-ds pretrain | finetune | segment | evaluate | export``.
 
     itpn-ds pretrain --config RECIPE --run-dir DIR [key=value ...]
     itpn-ds finetune --config RECIPE --run-dir DIR finetune.init=PRETRAIN_RUN [key=value ...]
+    itpn-ds segment  --config RECIPE --run-dir DIR segment.init=PRETRAIN_RUN [key=value ...]
     itpn-ds detect   --config RECIPE --run-dir DIR detect.init=PRETRAIN_RUN [key=value ...]
-    itpn-ds evaluate --config RECIPE --checkpoint CKPT [key=value ...]   (the recipe's task: finetune or detect)
+    itpn-ds evaluate --config RECIPE --checkpoint CKPT [key=value ...]   (the recipe's task: finetune, segment or detect)
     itpn-ds export   --checkpoint CKPT --out DIR
 
 Exit codes: 0 done, 2 configuration error, PREEMPTED_EXIT_CODE (85) checkpoint saved after a preemption
@@ -20,8 +21,7 @@ from typing import Any
 import torch
 
 from itpn_ds.config import ConfigError, RunConfig, load_config, save_config, to_dict
-from itpn_ds.engine import components
-from itpn_ds.engine import detection
+from itpn_ds.engine import components, detection, segmentation
 from itpn_ds.engine.checkpoint import (CheckpointError, CheckpointManager, CheckpointRef, needs_universal,
                                       read_checkpoint)
 from itpn_ds.engine.ds_config import build_ds_config, zero_stage
@@ -71,8 +71,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def init_source(cfg: RunConfig) -> str:
-    """The checkpoint a fine-tuning task starts from (``finetune.init`` / ``detect.init``); empty: none."""
-    return {"finetune": cfg.finetune.init, "detect": cfg.detect.init}.get(cfg.task, "")
+    """The checkpoint a fine-tuning task starts from (``finetune.init`` / ``segment.init`` / ``detect.init``);
+    empty: none."""
+    return {"finetune": cfg.finetune.init, "segment": cfg.segment.init, "detect": cfg.detect.init}.get(cfg.task, "")
 
 
 def train(cfg: RunConfig, run_dir: Path) -> int:
@@ -82,6 +83,7 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     seed_everything(cfg.schedule.seed)
     checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last, runtime.rank, runtime.world_size)
     resume = checkpoints.latest()
+    class_names = _check_segment(cfg) if cfg.task == "segment" else []  # before the resume check: sets num_classes
     check_resumable(cfg, run_dir, resume)
     require_writable_dir(run_dir)
     components.check_trainable_here(cfg, runtime.device)
@@ -91,6 +93,9 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     model = components.build_model(cfg)
     if cfg.task == "detect":
         detection.check_detection_model(cfg, model)
+    if cfg.task == "segment":
+        segmentation.check_model(cfg, model, runtime.world_size, runtime.device)
+        model = segmentation.sync_batch_norm(model, cfg, runtime.world_size, runtime.device)
     require_free_space(run_dir, checkpoint_bytes_estimate(model), "a checkpoint of this model")
     if init_source(cfg) and resume is None:
         init_from(model, init_source(cfg))
@@ -106,6 +111,8 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
                           f"{cfg.data.micro_batch}, {runtime.world_size} ranks): lower it or data.micro_batch")
     engine = build_engine(model.to(runtime.device), cfg, runtime, ds_config,
                           load_universal=resume is not None and needs_universal(resume, runtime.world_size, stage))
+    if cfg.task == "segment":
+        segmentation.norm_buffers_to_param_dtype(engine.module)
     total = steps_per_epoch * cfg.schedule.epochs
     if cfg.schedule.max_steps > 0:
         total = min(total, cfg.schedule.max_steps)
@@ -129,8 +136,13 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
         parts.evaluate = lambda: detection.evaluate_detector(engine, eval_loader, runtime.device, ground_truth,
                                                              category_ids)
         parts.best_metric, parts.eval_every_epochs = "bbox_AP", cfg.detect.eval_every_epochs
+    elif eval_loader is not None and cfg.task == "segment":
+        parts.evaluate = lambda: _evaluate_segmenter(engine, eval_loader, cfg, class_names, runtime.device,
+                                                     _input_dtype(engine))
     elif eval_loader is not None:
         parts.evaluate = lambda: _evaluate_with_ema(engine, eval_loader, runtime.device, ema)
+    if cfg.task == "segment":
+        parts.best_metric, parts.eval_every_epochs = segmentation.BEST_METRIC, cfg.segment.eval_every_epochs
     if eval_loader is not None:
         parts.on_best = lambda metrics, step: _export_live(engine, cfg, run_dir / "best", metrics, step, runtime.rank)
     trainer = Trainer(cfg, parts, runtime.rank, runtime.world_size)
@@ -182,20 +194,29 @@ def log_exported_model(tracker: Any, run_dir: Path) -> None:
 
 
 def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
-    """Top-1/top-5 (classifier) or COCO box / mask AP (``task: detect``) of a checkpoint (ours, any stage)
-    or an export directory on ``data.val_shards``."""
+    """Top-1/top-5 (``task: finetune``), mIoU / mAcc / aAcc and per-class IoU (``task: segment``) or COCO box /
+    mask AP (``task: detect``) of a checkpoint (ours, any stage) or an export directory on ``data.val_shards``."""
     runtime = init_distributed()
     if not cfg.data.val_shards:
         raise ConfigError("evaluate needs data.val_shards")
     components.check_label_range(cfg)
+    class_names = _check_segment(cfg, train=False) if cfg.task == "segment" else []
     if cfg.task == "detect":
         detection.check_detection_shards(cfg)
     model = components.build_model(cfg)
     if cfg.task == "detect":
         detection.check_detection_model(cfg, model)
+    if cfg.task == "segment":
+        segmentation.check_model(cfg, model, runtime.world_size, runtime.device)
     init_from(model, str(checkpoint), strict=True)
     model.to(runtime.device)
     _, eval_loader = components.build_loaders(cfg, runtime.rank, runtime.world_size, train=False)
+    if cfg.task == "segment":
+        metrics = _evaluate_segmenter(model, eval_loader, cfg, class_names, runtime.device, None)
+        if runtime.rank == 0:
+            print(" ".join(f"{k} {metrics[k]:.4f}" for k in ("mIoU", "mAcc", "aAcc")))
+            print(segmentation.format_per_class(metrics))
+        return 0
     if cfg.task == "detect":
         ground_truth = detection.coco_ground_truth(cfg.data.val_shards) if runtime.rank == 0 else None
         metrics = detection.evaluate_detector(model, eval_loader, runtime.device, ground_truth,
@@ -207,6 +228,19 @@ def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
     return 0
 
 
+def _check_segment(cfg: RunConfig, train: bool = True) -> list[str]:
+    """Resolve and check a segment run's class count against its shards; -> the class names."""
+    segmentation.resolve_config(cfg)
+    return segmentation.check_shards(cfg, train)
+
+
+def _evaluate_segmenter(model: Any, loader: Any, cfg: RunConfig, class_names: list[str], device: torch.device,
+                        autocast_dtype: torch.dtype | None) -> dict[str, float]:
+    s = cfg.segment
+    return segmentation.evaluate_segmentation(model, loader, device, autocast_dtype, class_names, s.eval_mode,
+                                              s.eval_crop, s.eval_stride)
+
+
 def init_from(model: torch.nn.Module, source: str, strict: bool = False) -> LoadReport:
     """Initialise ``model`` from our checkpoint (any ZeRO stage / world size), an export directory or
     ``.safetensors`` file, or an official ``.pth``, by the one loading rule of ``itpn_ds.models.loading``:
@@ -215,7 +249,7 @@ def init_from(model: torch.nn.Module, source: str, strict: bool = False) -> Load
     ``source``. Logs the ``LoadReport``; raises ``CheckpointError`` naming ``source``, the keys and the fix.
     """
     state = read_weights(Path(source))
-    target = load_target(model, state)  # a detection model takes a pre-training run into its backbone
+    target = load_target(model, state)  # a dense task model takes a pre-training run into its backbone
     if strict and target is not model:
         raise CheckpointError(f"{source}: holds no {type(model).__name__} (its heads would stay at their "
                               f"initialisation); give a run of this task or its export")
@@ -238,8 +272,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def build_task(cfg: RunConfig, device: torch.device) -> Any:
-    """The loss of the run's task: detection, classification, pixel reconstruction or CLIP distillation (with
-    the online teacher on ``device`` when ``teacher.mode=online``)."""
+    """The loss of the run's task: segmentation, detection, classification, pixel reconstruction or CLIP
+    distillation (with the online teacher on ``device`` when ``teacher.mode=online``)."""
+    if cfg.task == "segment":
+        return segmentation.SegmentTask(aux_weight=cfg.segment.aux_weight)
     if cfg.task == "detect":
         return detection.DetectTask()
     if cfg.task == "finetune":

@@ -96,12 +96,13 @@ def _check_objective(cfg: RunConfig, model: nn.Module) -> None:
 
 
 def forward_flops_per_image(model: nn.Module, cfg: RunConfig) -> float:
-    """Forward FLOPs of one image from the architecture (``itpn_ds.models.flops``); 0 when unknown."""
+    """Forward FLOPs of one image (a segment run: one training crop) from the architecture
+    (``itpn_ds.models.flops``); 0 when unknown."""
     try:
         flops = importlib.import_module("itpn_ds.models.flops")
     except ImportError:
         return 0.0
-    return float(flops.forward_flops(model))
+    return float(flops.forward_flops(model, cfg.segment.crop_size if cfg.task == "segment" else None))
 
 
 def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True) -> tuple[Loader | None, Loader | None]:
@@ -110,6 +111,10 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
         from itpn_ds.engine.detection import build_detection_loaders
 
         return build_detection_loaders(cfg, rank, world_size, train)
+    if cfg.task == "segment":
+        from itpn_ds.engine.segmentation import build_loaders as build_segment_loaders
+
+        return build_segment_loaders(cfg, rank, world_size, train)
     data = _import("itpn_ds.data", "data")
     if not cfg.data.shards and train:
         raise ConfigError("data.shards is empty: give the shard directory (itpn-ds make-shards output)")

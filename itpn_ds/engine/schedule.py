@@ -1,10 +1,14 @@
 """Per-step learning-rate and weight-decay schedules.
 
-lr (``optim.schedule``), after a linear warmup from 0 over ``warmup`` steps:
+lr (``optim.schedule``), after a linear warmup over ``warmup`` steps:
 
-* ``cosine``: a half cosine from ``lr`` down to ``min_lr`` at the last step;
+* ``cosine``: linear from 0 to ``lr``, then a half cosine from ``lr`` down to ``min_lr`` at the last step;
+* ``poly`` (mmseg's ``policy='poly'``, the published segmentation schedule): ``(lr - min_lr) (1 - t) ** power +
+  min_lr`` with t = step / total steps over the whole run; during warmup that value times the linear ramp
+  ``(step + 1) / warmup`` (mmcv multiplies its warmup into the regular lr the same way);
 * ``step`` (mmdet's ``policy='step'``, the published detection schedule): ``lr x gamma ** n``, n the number of
-  milestones (``optim.lr_step_epochs``, converted to optimizer steps) at or before the step.
+  milestones (``optim.lr_step_epochs``, converted to optimizer steps) at or before the step, after the linear
+  warmup from 0.
 
 Weight decay: a half cosine from ``weight_decay`` to ``weight_decay_end`` over the whole run (constant when
 they are equal). All are pure functions of the optimizer-step index, so a resumed run needs only the step.
@@ -57,6 +61,18 @@ class CosineSchedule:
 
 
 @dataclass(frozen=True)
+class PolySchedule(CosineSchedule):
+    """The poly lr of the module docstring; weight decay as :class:`CosineSchedule`."""
+
+    power: float = 1.0
+
+    def lr_at(self, step: int) -> float:
+        progress = min(step / self.total_steps, 1.0)
+        lr = (self.lr - self.min_lr) * (1.0 - progress) ** self.power + self.min_lr
+        return lr * (step + 1) / self.warmup_steps if step < self.warmup_steps else lr
+
+
+@dataclass(frozen=True)
 class StepSchedule(CosineSchedule):
     """The step lr of the module docstring (milestones in optimizer steps); weight decay as CosineSchedule."""
 
@@ -72,6 +88,8 @@ class StepSchedule(CosineSchedule):
 def build_schedule(cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> CosineSchedule:
     """The schedule ``optim.schedule`` names, over ``total_steps`` optimizer steps."""
     base = CosineSchedule.from_config(cfg, steps_per_epoch, total_steps)
+    if cfg.schedule == "poly":
+        return PolySchedule(**vars(base), power=cfg.poly_power)
     if cfg.schedule == "step":
         milestones = tuple(int(round(epoch * steps_per_epoch)) for epoch in cfg.lr_step_epochs)
         return StepSchedule(**vars(base), milestones=milestones, gamma=cfg.lr_step_gamma)

@@ -63,8 +63,8 @@ class TrainState:
     rollbacks:             how often the run went back to a checkpoint.
     skip_steps:            steps whose batches are consumed without training (found bad before a rollback).
     evaluated_epochs:      epochs whose evaluation ran (fine-tuning).
-    best_score:            best value of the task's selection metric seen (``LoopParts.best_metric``: top-1
-                           or box AP), -1 before the first evaluation.
+    best_score:            best value of the task's selection metric seen (``LoopParts.best_metric``: top-1,
+                           mIoU or box AP), -1 before the first evaluation.
     """
 
     step: int = 0

@@ -14,11 +14,13 @@ from itpn_ds.models.clip_distill import ClipDistillHeads
 from itpn_ds.models.pixel_mae import ITPNPixelMAE
 
 
-def example_inputs(model: nn.Module, img_size: int | None = None) -> tuple[tuple, dict]:
-    """(args, kwargs) for one image at ``img_size`` (default: the model's), on the model's device."""
+def example_inputs(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> tuple[tuple, dict]:
+    """(args, kwargs) for one image at ``img_size`` px, a side or (h, w) (default: the model's; a dense task
+    model: its backbone's), on the model's device."""
     param = next(model.parameters())
-    size = img_size or model.img_size
-    images = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
+    size = img_size or getattr(model, "img_size", None) or model.dense_backbone.img_size
+    height, width = (size, size) if isinstance(size, int) else size
+    images = torch.zeros(1, 3, height, width, device=param.device, dtype=param.dtype)
     if isinstance(model, ClipDistillHeads):  # iTPN and Fast-iTPN CLIP distillation
         grid = (size // model.patch_size) ** 2
         return (images, torch.zeros(1, grid, dtype=torch.bool, device=param.device)), {}
@@ -30,7 +32,7 @@ def example_inputs(model: nn.Module, img_size: int | None = None) -> tuple[tuple
     return (images,), {}
 
 
-def forward_flops(model: nn.Module, img_size: int | None = None) -> int:
+def forward_flops(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int:
     """Forward FLOPs for one image (pixel model: at its 75 % masking)."""
     args, kwargs = example_inputs(model, img_size)
     was_training = model.training

@@ -1,0 +1,327 @@
+"""The ``segment`` task: UperNet fine-tuning and mIoU evaluation on the engine (docs/dense.md).
+
+* :func:`resolve_config`, :func:`check_shards`, :func:`check_model`: ``segment.num_classes`` is the one class
+  count (the model's ``num_classes`` follows it; the shards' manifest must agree); crop sizes fit the backbone's
+  stride.
+* :func:`build_loaders`: ``SegTrainLoader`` with the ``segment`` section's recipe, ``SegEvalLoader`` at
+  ``segment.scale``.
+* :func:`sync_batch_norm`: the heads' BatchNorm as SyncBatchNorm on several CUDA ranks (the published SyncBN);
+  elsewhere :func:`average_running_stats` keeps the running statistics equal on all ranks.
+* :class:`SegmentTask`: cross-entropy of the decode head + ``aux_weight`` x that of the auxiliary head, each the
+  mean over every labelled pixel of the step on all ranks (ignored pixels and padding samples count nothing).
+* :func:`evaluate_segmentation`: sliding-window or whole-image inference, logits resized to each label map's
+  original size, per-class intersection / union / prediction / label areas summed over all ranks (one
+  all-reduce, as mmseg's ``total_intersect_and_union``) -> aAcc, mIoU, mAcc and per-class IoU / Acc.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from itpn_ds.config import ConfigError, RunConfig
+from itpn_ds.data.batch import Batch, Loader
+from itpn_ds.engine.losses import global_mean, global_valid_count, valid_mask
+from itpn_ds.engine.tasks import MicroResult
+from itpn_ds.models.segmentation import IGNORE_INDEX, SegmentationModel, upsample_logits
+
+log = logging.getLogger("itpn_ds.engine")
+
+BEST_METRIC = "mIoU"
+
+
+# ------------------------------------------------------------------------------------------ configuration
+
+def resolve_config(cfg: RunConfig) -> None:
+    """``model.kwargs.num_classes`` := ``segment.num_classes`` (stated in the saved config and checkpoints);
+    a recipe that states another value is refused."""
+    stated = cfg.model.kwargs.get("num_classes")
+    if stated is not None and stated != cfg.segment.num_classes:
+        raise ConfigError(f"model.kwargs.num_classes={stated} but segment.num_classes={cfg.segment.num_classes}: "
+                          "state the class count once, in segment.num_classes")
+    cfg.model.kwargs["num_classes"] = cfg.segment.num_classes
+
+
+def check_shards(cfg: RunConfig, train: bool = True) -> list[str]:
+    """The class names (by training id) of the segmentation shards the run reads; refuses shards of another
+    kind and a class count other than ``segment.num_classes``, naming the directory."""
+    from itpn_ds.data.annotations import SEGMENTATION
+    from itpn_ds.data.shards import Manifest
+
+    keys = (("shards", "val_shards") if train else ("val_shards",))
+    names: list[str] = []
+    for key in keys:
+        directory = getattr(cfg.data, key)
+        if not directory:
+            continue
+        manifest = Manifest.load(directory)
+        if manifest.kind != SEGMENTATION:
+            raise ConfigError(f"data.{key}={directory} holds {manifest.kind} shards; the segment task needs "
+                              "segmentation shards (itpn-ds make-shards --kind segmentation)")
+        if manifest.num_classes != cfg.segment.num_classes:
+            raise ConfigError(f"data.{key}={directory} has {manifest.num_classes} classes but segment.num_classes="
+                              f"{cfg.segment.num_classes}: set segment.num_classes={manifest.num_classes}")
+        names = sorted(manifest.classes, key=manifest.classes.get)
+    return names
+
+
+def check_model(cfg: RunConfig, model: nn.Module, world_size: int, device: torch.device) -> None:
+    """The model is a segmentation model whose backbone takes the crops; a micro-batch of one image per rank
+    needs synchronised BatchNorm (the pyramid pooling's 1x1 level has one value per channel otherwise)."""
+    if not isinstance(model, SegmentationModel):
+        raise ConfigError(f"task segment needs a segmentation model (upernet_*); model.name={cfg.model.name!r} "
+                          f"builds {type(model).__name__}")
+    stride = model.dense_backbone.coarsest_stride
+    for key in ("crop_size", "eval_crop"):
+        size = getattr(cfg.segment, key)
+        if any(side % stride for side in size):
+            raise ConfigError(f"segment.{key}={list(size)} is not a multiple of the segmentation layout's coarsest "
+                              f"stride {stride}: use e.g. {[max(stride, round(s / stride) * stride) for s in size]}")
+    if cfg.data.micro_batch < 2 and not synced_batch_norm(cfg, world_size, device):
+        raise ConfigError(f"data.micro_batch={cfg.data.micro_batch}: the heads' BatchNorm needs at least 2 images per "
+                          "rank when it is not synchronised over ranks (one CUDA rank or the CPU); use "
+                          "data.micro_batch=2 or more")
+
+
+def synced_batch_norm(cfg: RunConfig, world_size: int, device: torch.device) -> bool:
+    return cfg.segment.sync_bn and world_size > 1 and device.type == "cuda"
+
+
+def sync_batch_norm(model: nn.Module, cfg: RunConfig, world_size: int, device: torch.device) -> nn.Module:
+    """The heads' BatchNorm as ``SyncBatchNorm`` (statistics over all ranks, the published SyncBN) on several
+    CUDA ranks; plain BatchNorm per rank otherwise (PyTorch's SyncBatchNorm refuses CPU tensors), whose running
+    statistics ``SegmentTask`` keeps equal on every rank (:func:`average_running_stats`). The parameter and
+    buffer names are the same, so checkpoints move between the two."""
+    count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if synced_batch_norm(cfg, world_size, device):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        log.info("heads' BatchNorm: %d layers synchronised over %d ranks (SyncBatchNorm)", count, world_size)
+    elif world_size > 1:
+        why = "segment.sync_bn=false" if not cfg.segment.sync_bn else "no SyncBatchNorm kernel on the CPU"
+        log.info("heads' BatchNorm: %d layers normalising with per-rank batch statistics, running statistics "
+                 "averaged over the ranks after every forward (%s)", count, why)
+    return model
+
+
+def norm_buffers_to_param_dtype(model: nn.Module) -> None:
+    """BatchNorm running statistics in the dtype of the BatchNorm's parameters. DeepSpeed casts parameters to
+    bf16 / fp16 but not buffers, and BatchNorm kernels refuse a mix (the CPU's: "expected scalar type
+    BFloat16 but found Float"); the statistics are then kept at that precision, in checkpoints too (an export
+    is fp32 again)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+            for name in ("running_mean", "running_var"):
+                buffer = getattr(module, name)
+                if buffer is not None and buffer.dtype != module.weight.dtype:
+                    setattr(module, name, buffer.to(module.weight.dtype))
+
+
+def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
+                  ) -> tuple[Loader | None, Loader | None]:
+    """(SegTrainLoader, SegEvalLoader) over ``data.shards`` / ``data.val_shards``; either None when not asked."""
+    from itpn_ds.data import build_segmentation_loader
+    from itpn_ds.data.seg_transforms import SegRecipe
+
+    d, s = cfg.data, cfg.segment
+    common = dict(rank=rank, world_size=world_size, micro_batch=d.micro_batch, seed=cfg.schedule.seed,
+                  num_threads=d.num_threads, backend=d.loader, device=d.device, normalize=d.normalize)
+    train_loader = eval_loader = None
+    if train:
+        if not d.shards:
+            raise ConfigError("data.shards is empty: give the segmentation shard directory (itpn-ds make-shards "
+                              "--kind segmentation output)")
+        recipe = SegRecipe(crop_size=s.crop_size, scale=s.scale, ratio_range=s.ratio_range,
+                           cat_max_ratio=s.cat_max_ratio, flip_prob=s.flip_prob, photometric=s.photometric)
+        train_loader = build_segmentation_loader(d.shards, train=True, recipe=recipe, **common)
+    if d.val_shards:
+        eval_loader = build_segmentation_loader(d.val_shards, train=False, scale=s.scale, **common)
+    return train_loader, eval_loader
+
+
+def average_running_stats(norms: Sequence[nn.Module]) -> None:
+    """Replace the running mean / variance of unsynchronised BatchNorm layers by their mean over the ranks (one
+    all-reduce). After every forward this keeps them equal on all ranks, as a checkpoint (written from rank 0)
+    and an exact resume need: the running mean is then the running average of the ranks' mean batch means, as
+    SyncBatchNorm's; the variance the mean of the ranks' batch variances (SyncBatchNorm: the pooled variance)."""
+    slots = [(m, name) for m in norms for name in ("running_mean", "running_var") if getattr(m, name) is not None]
+    if not slots:
+        return
+    buffers = [getattr(m, name) for m, name in slots]
+    flat = torch.cat([b.float().flatten() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for (module, name), old, value in zip(slots, buffers, flat.split([b.numel() for b in buffers])):
+        # new tensors, not copy_: the forward's autograd graph saved the old ones (CPU BatchNorm's backward reads them)
+        setattr(module, name, value.view_as(old).to(old.dtype))
+
+
+def unsynced_norms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of ``model`` whose statistics are per rank (not SyncBatchNorm), when several ranks run."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return []
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not isinstance(m, nn.SyncBatchNorm) and m.track_running_stats]
+
+
+# -------------------------------------------------------------------------------------------------- loss
+
+def pixel_loss_sums(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Cross-entropy summed over each sample's labelled pixels: logits (B, K, h, w) upsampled (bilinear) to the
+    labels (B, H, W) int64 -> (B,) float32."""
+    logits = upsample_logits(logits, labels.shape[-2:]).float()
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none").sum((1, 2))
+
+
+@dataclass
+class SegmentTask:
+    """UperNet's loss: decode-head CE + ``aux_weight`` x auxiliary-head CE, each the mean over all labelled
+    pixels of the micro-batch on every rank (DeepSpeed's average of gradients then gives that mean). Plain
+    BatchNorm on several ranks (the CPU) has its running statistics averaged over the ranks after the forward."""
+
+    aux_weight: float = 0.4
+    ignore_index: int = IGNORE_INDEX
+    name: str = "segment"
+    _norms: list[nn.Module] | None = field(default=None, repr=False)
+
+    def forward(self, model: nn.Module, batch: Batch) -> MicroResult:
+        if batch.label_maps is None:
+            raise ValueError("segmentation batch has no label_maps")
+        valid = valid_mask(batch.valid, len(batch), batch.images.device)
+        labels = batch.label_maps.masked_fill(~valid.bool()[:, None, None], self.ignore_index)  # padding: ignored
+        output = model(batch.images)
+        if self._norms is None:
+            self._norms = unsynced_norms(model)
+        with torch.no_grad():
+            average_running_stats(self._norms)
+        pixels = global_valid_count((labels != self.ignore_index).float())  # labelled pixels, all ranks
+        loss_seg = global_mean(pixel_loss_sums(output.logits, labels, self.ignore_index), valid, pixels)
+        parts = {"loss_seg": loss_seg.detach()}
+        loss = loss_seg
+        if output.aux_logits is not None and self.aux_weight > 0:
+            loss_aux = global_mean(pixel_loss_sums(output.aux_logits, labels, self.ignore_index), valid, pixels)
+            parts["loss_aux"] = loss_aux.detach()
+            loss = loss + self.aux_weight * loss_aux
+        return MicroResult(loss, parts, global_valid_count(valid))
+
+
+# -------------------------------------------------------------------------------------------- inference
+
+def whole_logits(model: nn.Module, images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Images (B, 3, h, w) of any size -> class scores (B, K, h, w) float32: zero-padded at the bottom/right to
+    a multiple of the backbone's coarsest stride, logits upsampled to the padded size, the padding cut off."""
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (0, -w % multiple, 0, -h % multiple))
+    logits = model(padded).logits
+    return upsample_logits(logits, padded.shape[-2:])[..., :h, :w].float()
+
+
+def window_boxes(height: int, width: int, crop: Sequence[int], stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """mmseg's sliding windows (y1, x1, y2, x2) over an image of ``height`` x ``width``: a grid of ``stride``
+    steps, the last window of each row and column moved back to end at the border; each at most ``crop``."""
+    (ch, cw), (sh, sw) = crop, stride
+    rows = max(height - ch + sh - 1, 0) // sh + 1
+    cols = max(width - cw + sw - 1, 0) // sw + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * sh + ch, height), min(c * sw + cw, width)
+            boxes.append((max(y2 - ch, 0), max(x2 - cw, 0), y2, x2))
+    return boxes
+
+
+def slide_logits(model: nn.Module, image: torch.Tensor, crop: Sequence[int], stride: Sequence[int],
+                 multiple: int) -> torch.Tensor:
+    """One image (1, 3, H, W) -> scores (1, K, H, W): the windows of :func:`window_boxes` in one batch (they
+    share one size), their scores summed into place and divided by how many windows cover each pixel."""
+    height, width = image.shape[-2:]
+    boxes = window_boxes(height, width, crop, stride)
+    windows = torch.cat([image[..., y1:y2, x1:x2] for y1, x1, y2, x2 in boxes])
+    scores = whole_logits(model, windows, multiple)
+    total = scores.new_zeros((1, scores.shape[1], height, width))
+    count = scores.new_zeros((1, 1, height, width))
+    for (y1, x1, y2, x2), window in zip(boxes, scores):
+        total[..., y1:y2, x1:x2] += window
+        count[..., y1:y2, x1:x2] += 1
+    return total / count
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def area_counts(prediction: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+                ) -> torch.Tensor:
+    """(4, K) float64: per class the intersection, union, predicted and labelled pixel counts of one image
+    (prediction and label (H, W) int64; ignored pixels left out), as mmseg's ``intersect_and_union``."""
+    keep = label != ignore_index
+    prediction, label = prediction[keep], label[keep]
+    intersect = torch.bincount(label[prediction == label], minlength=num_classes)[:num_classes]
+    area_pred = torch.bincount(prediction, minlength=num_classes)[:num_classes]
+    area_label = torch.bincount(label, minlength=num_classes)[:num_classes]
+    return torch.stack([intersect, area_pred + area_label - intersect, area_pred, area_label]).double()
+
+
+def metric_name(class_name: str) -> str:
+    """A class name usable in a metric key (MLflow: letters, digits, ``_-. /``)."""
+    return re.sub(r"[^A-Za-z0-9_\-. ]", "_", class_name).strip() or "_"
+
+
+def summarize(counts: torch.Tensor, class_names: Sequence[str]) -> dict[str, float]:
+    """(4, K) summed counts -> aAcc, mIoU, mAcc (%, means over the classes present: union or labels > 0, as
+    mmseg's nan-mean), ``IoU/<class>`` and ``Acc/<class>`` of every present class, and ``pixels``."""
+    intersect, union, _, area_label = counts
+    metrics = {"aAcc": 100 * float(intersect.sum() / area_label.sum().clamp(min=1))}
+    iou, acc = intersect / union, intersect / area_label  # nan where absent
+    metrics["mIoU"] = 100 * float(iou.nanmean()) if bool((union > 0).any()) else 0.0
+    metrics["mAcc"] = 100 * float(acc.nanmean()) if bool((area_label > 0).any()) else 0.0
+    for k, name in enumerate(class_names):
+        if union[k] > 0:
+            metrics[f"IoU/{metric_name(name)}"] = 100 * float(iou[k])
+        if area_label[k] > 0:
+            metrics[f"Acc/{metric_name(name)}"] = 100 * float(acc[k])
+    metrics["pixels"] = float(area_label.sum())
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: nn.Module, loader: Any, device: torch.device, autocast_dtype: torch.dtype | None,
+                          class_names: Sequence[str], mode: str = "slide", crop: Sequence[int] = (512, 512),
+                          stride: Sequence[int] = (341, 341)) -> dict[str, float]:
+    """mIoU / mAcc / aAcc (%) and per-class IoU / Acc over a ``SegEvalLoader``, all ranks together.
+
+    Per image: its region ``images[i, :, :h, :w]`` (``image_sizes``) through ``slide`` or ``whole`` inference,
+    the scores resized (bilinear) to the original label size (``label_sizes``), the argmax scored against the
+    label map with 255 ignored. Padding samples are left out; every rank iterates the same batches.
+    """
+    module = getattr(model, "module", model)
+    multiple = module.dense_backbone.coarsest_stride
+    was_training = model.training
+    model.eval()
+    param_dtype = next(module.parameters()).dtype
+    counts = torch.zeros(4, len(class_names), dtype=torch.float64, device=device)
+    for batch in loader:
+        batch = batch.to(device)
+        for i in range(len(batch)):
+            if batch.valid is not None and not bool(batch.valid[i]):
+                continue
+            (h, w), (lh, lw) = batch.image_sizes[i].tolist(), batch.label_sizes[i].tolist()
+            image = batch.images[i:i + 1, :, :h, :w].to(param_dtype)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                scores = (slide_logits(model, image, crop, stride, multiple) if mode == "slide"
+                          else whole_logits(model, image, multiple))
+            prediction = upsample_logits(scores, (lh, lw)).argmax(1)[0]
+            counts += area_counts(prediction, batch.label_maps[i, :lh, :lw], len(class_names))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    model.train(was_training)
+    return summarize(counts.cpu(), class_names)
+
+
+def format_per_class(metrics: dict[str, float]) -> str:
+    """``IoU circle 81.2, rectangle 77.0, ...``: the per-class IoU of ``metrics`` for the log."""
+    per_class = [(k.split("/", 1)[1], v) for k, v in metrics.items() if k.startswith("IoU/")]
+    return "IoU " + ", ".join(f"{name} {value:.1f}" for name, value in per_class) if per_class else "no class present"

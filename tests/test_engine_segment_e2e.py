@@ -1,0 +1,144 @@
+"""Pre-training -> segmentation, the whole chain on the CPU with real components (docs/dense.md, "Segmentation
+fine-tuning"): ``make_dense_shapes`` (48 training / 16 validation images, 96-160 px) sharded as segmentation
+shards (4 classes, background ignored) and, for pre-training, as classification shards of the same training
+images; ``tiny_pretrain_cpu`` pre-trained on them against the online tiny CLIP teacher (1 rank); then
+``tiny_segment_cpu`` UperNet on 2 ZeRO-2 bf16 ranks, once from that run and once from random init with the same
+steps; a SIGKILLed run of the second resumed bitwise; the export read back by ``features_only`` and by
+``itpn-ds evaluate``."""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import itpn_ds.models  # noqa: F401 - registers the names
+from data_tools.dense_shapes import make_dense_shapes
+from itpn_ds.cli import main as cli_main
+from itpn_ds.config import load_config
+from itpn_ds.data.shards import SourceItem, write_shards
+from itpn_ds.engine import components
+from itpn_ds.engine.checkpoint import read_checkpoint
+from itpn_ds.engine.export import consolidated_state_dict
+from itpn_ds.models.loading import load_target, load_weights
+from itpn_ds.models.pyramid import PYRAMID_PREFIXES
+from tests.fixtures.cli import itpn_ds_cli, losses_by_step, run_cli
+
+pytestmark = pytest.mark.dist
+
+PRETRAIN_EPOCHS = 20   # 6 steps of 8 images each
+SEG_EPOCHS = 6         # 6 steps of 2 x 4 images each
+EVAL = re.compile(r"eval after epoch (\d+): (\{.*\})")
+
+
+def segment_args(root: Path, run: str, *extra: str) -> list[str]:
+    return ["segment", "--config", "tiny_segment_cpu", "--run-dir", str(root / run),
+            f"data.shards={root / 'seg_train'}", f"data.val_shards={root / 'seg_val'}", f"schedule.epochs={SEG_EPOCHS}",
+            "segment.eval_every_epochs=3", "checkpoint.every_steps=9", "checkpoint.keep_last=4", *extra]
+
+
+def evals(stdout: str) -> dict[int, dict[str, float]]:
+    return {int(epoch): ast.literal_eval(metrics) for epoch, metrics in EVAL.findall(stdout)}
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_clip_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("segment_e2e")
+    shapes = make_dense_shapes(root / "shapes", 48, 16, seed=0, min_side=96, max_side=160)
+    for split, out in (("training", "seg_train"), ("validation", "seg_val")):
+        assert cli_main(["make-shards", str(shapes.images(split)), str(root / out), "--kind", "segmentation",
+                         "--annotations", str(shapes.annotations(split)), "--class-names", str(shapes.class_names),
+                         "--reduce-zero-label", "--quiet"]) == 0
+    images = sorted(shapes.images("training").glob("*.jpg"))
+    write_shards([SourceItem(str(p), p.stem, 0) for p in images], root / "pt_shards", {"shapes": 0}, "shapes",
+                 progress=False)
+    itpn_ds_cli("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(root / "pretrain"),
+                f"data.shards={root / 'pt_shards'}", "teacher.mode=online", f"teacher.checkpoint={tiny_clip_checkpoint}",
+                "model.kwargs.teacher_dim=32", f"schedule.epochs={PRETRAIN_EPOCHS}", "checkpoint.every_steps=0",
+                "telemetry.log_every=10", "tracking.enabled=false")
+    pretrained = itpn_ds_cli(*segment_args(root, "pretrained", f"segment.init={root / 'pretrain'}",
+                                           "tracking.enabled=false"), ranks=2)
+    scratch = itpn_ds_cli(*segment_args(root, "scratch", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+                                        "tracking.experiment=segment"), ranks=2)
+    return dict(root=root, pretrained=pretrained, scratch=scratch)
+
+
+def test_the_pretrained_pyramid_segments_clearly_better_than_random_init(chain):
+    pre, scratch = evals(chain["pretrained"]), evals(chain["scratch"])
+    assert sorted(pre) == sorted(scratch) == [3, 6]
+    assert "initialised DenseITPN from" in chain["pretrained"]
+    final_pre, final_scratch = pre[6]["mIoU"], scratch[6]["mIoU"]
+    print(f"mIoU after {SEG_EPOCHS} epochs: pre-trained {final_pre:.1f}, random init {final_scratch:.1f}")
+    assert final_scratch > 30  # both learn: chance is about 25 % IoU per class for 4 classes
+    assert final_pre > final_scratch + 5, (final_pre, final_scratch)
+    for name in ("circle", "rectangle", "triangle", "hexagon"):
+        assert f"IoU/{name}" in pre[6]
+
+
+def test_pretraining_checkpoint_loads_with_every_pyramid_key_used(chain):
+    model = components.build_model(load_config("tiny_segment_cpu", ["model.kwargs.num_classes=4"]))
+    state = consolidated_state_dict(read_checkpoint(chain["root"] / "pretrain"))
+    report = load_weights(load_target(model, state), state)
+    pyramid = [k for k in state if k.startswith(PYRAMID_PREFIXES)]
+    assert pyramid and not set(pyramid) & set(report.dropped)
+    assert all(k.startswith(("block_16to8.1.", "block_8to4.1.")) for k in report.fresh), report.fresh  # fpn_depth 2
+
+
+def test_best_mIoU_export_and_mlflow_per_class_curves(chain):
+    from mlflow.tracking import MlflowClient
+
+    best = json.loads((chain["root"] / "scratch" / "best" / "config.json").read_text())
+    assert best["metrics"]["mIoU"] == pytest.approx(max(m["mIoU"] for m in evals(chain["scratch"]).values()))
+    assert best["task"] == "segment" and best["model_kwargs"]["num_classes"] == 4
+    client = MlflowClient(f"sqlite:///{chain['root'] / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("segment").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["segment.eval_mode"] == "slide"
+    assert len(client.get_metric_history(run.info.run_id, "eval/mIoU")) == 2
+    for name in ("circle", "rectangle", "triangle", "hexagon"):
+        assert len(client.get_metric_history(run.info.run_id, f"eval/IoU/{name}")) == 2
+
+
+def test_sigkilled_segment_run_resumes_to_bitwise_identical_weights(chain):
+    root = chain["root"]
+    args = segment_args(root, "killed", "tracking.enabled=false")
+    killed = run_cli(*args, "debug.kill_at_step=[1, 14]", ranks=2)
+    assert killed.returncode != 0 and "SIGKILL" in killed.stdout + killed.stderr
+    assert (root / "killed" / "checkpoints" / "latest").read_text().strip() == "step_00000009"
+    resumed = itpn_ds_cli(*args, ranks=2)
+    assert "resumed from" in resumed
+    want, got = losses_by_step(chain["scratch"]), losses_by_step(resumed)
+    assert sorted(got) == list(range(10, SEG_EPOCHS * 6 + 1))
+    assert all(got[step] == want[step] for step in got)
+    assert evals(resumed)[6]["mIoU"] == evals(chain["scratch"])[6]["mIoU"]
+    ref = consolidated_state_dict(read_checkpoint(root / "scratch"))
+    again = consolidated_state_dict(read_checkpoint(root / "killed"))
+    assert ref.keys() == again.keys()
+    for name in ref:
+        assert torch.equal(ref[name], again[name]), name
+
+
+def test_export_loads_back_as_features_only_and_evaluates_as_trained(chain):
+    root = chain["root"]
+    itpn_ds_cli("export", "--checkpoint", str(root / "pretrained"), "--out", str(root / "export"))
+    meta = json.loads((root / "export" / "config.json").read_text())
+    file = str(root / "export" / "model.safetensors")
+    features = timm.create_model(meta["architecture"], features_only=True, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=file), **meta["model_kwargs"]).eval()
+    full = timm.create_model(meta["architecture"], pretrained=True, pretrained_cfg_overlay=dict(file=file),
+                             **meta["model_kwargs"]).eval()
+    assert features.feature_info.channels() == [48, 64, 96, 96]  # F + D/4, F + D/2, F + D, F + D
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        for ours, theirs in zip(features(images), full.backbone(images)):
+            assert torch.equal(ours, theirs)
+    out = run_cli("evaluate", "--config", "tiny_segment_cpu", "--checkpoint", str(root / "export"),
+                  f"data.val_shards={root / 'seg_val'}", "tracking.enabled=false")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    miou = float(re.search(r"^mIoU ([0-9.]+)", out.stdout, re.MULTILINE).group(1))
+    assert re.search(r"^IoU circle [0-9.]+, rectangle", out.stdout, re.MULTILINE)
+    trained = evals(chain["pretrained"])[SEG_EPOCHS]["mIoU"]  # the engine's evaluation in bf16
+    assert miou == pytest.approx(trained, abs=3.0), (miou, trained)
