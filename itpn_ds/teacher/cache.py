@@ -68,11 +68,15 @@ class TeacherCache:
     color_jitter:     the run's colour-jitter strength (``data.color_jitter``); a cache drawn with another
                       strength is refused, as the cache defines the views (None: skip this check). A cache of
                       format version 1 holds jitter-free views: it is read with a warning whatever this is.
+    verify:           check each row read against its CRC32 (format version 3); False only to measure what
+                      the check costs (benchmarks/teacher_cache.py).
     """
 
     def __init__(self, directory: str | Path, shards: str | Path | None = None,
-                 expected_teacher: Mapping[str, Any] | None = None, color_jitter: float | None = None) -> None:
+                 expected_teacher: Mapping[str, Any] | None = None, color_jitter: float | None = None,
+                 verify: bool = True) -> None:
         self.directory = Path(directory)
+        self.verify = verify
         paths = sorted(self.directory.glob(f"*{SUFFIX}"))
         if not paths:
             raise CacheError(f"{self.directory}: no teacher-cache files (*{SUFFIX}); run `itpn-ds extract-teacher`")
@@ -137,7 +141,8 @@ class TeacherCache:
         out = np.empty((len(keys), t, d), dtype=np.float32)
         for i, (key, view_id) in enumerate(zip(keys, view_ids)):
             batch, row = self._locate(key, int(view_id))
-            batch.check_row(row, f"{self._paths[self._index[key][0]]}: sample {key!r} view {view_id}")
+            if self.verify:
+                batch.check_row(row, f"{self._paths[self._index[key][0]]}: sample {key!r} view {view_id}")
             values = batch.targets[row].reshape(t, d)
             if batch.scales is None:
                 out[i] = values
