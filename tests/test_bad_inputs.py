@@ -24,6 +24,7 @@ import pytest
 from data_tools.dense_shapes import make_dense_shapes
 from itpn_ds.cli import main as cli_main
 from itpn_ds.data.shards import Manifest, ShardReader
+from tests.conftest import RENDEZVOUS_ENV
 from tests.fixtures.cli import free_port, run_cli
 
 pytestmark = pytest.mark.dist
@@ -354,8 +355,8 @@ def inputs(demo_shards, demo_cache, demo_image_folder, tiny_clip_checkpoint, tin
 
 @pytest.fixture
 def ws(inputs, tmp_path, monkeypatch) -> Ws:
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)  # init_distributed exports them; each case starts clean
+    for name in RENDEZVOUS_ENV:
+        monkeypatch.delenv(name, raising=False)  # each case starts clean (conftest puts them back afterwards)
     pretrain_copy = tmp_path / "pretrain_run"
     shutil.copytree(inputs["pretrain"], pretrain_copy)
     return Ws(tmp=tmp_path, shards=inputs["shards"], cache=inputs["cache"], pretrain=pretrain_copy,

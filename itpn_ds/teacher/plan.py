@@ -2,7 +2,7 @@
 
 Byte model per row (one view of one sample): the targets (T*D x 2 bytes fp16, or T*D x 1 + T x 4 bytes of
 scales int8), the key (its UTF-8 bytes + a 4-byte offset), view (2), box (16), flip (1 bit) and the
-colour-jitter factors (3 x 4). Arrow adds a little per record batch and per file;
+colour-jitter factors (3 x 4) and the row's CRC32 (4). Arrow adds a little per record batch and per file;
 ``tests/test_teacher_plan.py`` checks the model against a written file.
 
 Read bandwidth: training reads one view (one row) per image it trains on, so a node consuming ``r``
@@ -53,7 +53,7 @@ def row_bytes(num_tokens: int, dim: int, dtype: str, key_bytes: float) -> float:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     targets = num_tokens * dim * 2 if dtype == "fp16" else num_tokens * dim + 4 * num_tokens
-    return targets + key_bytes + 4 + 2 + 16 + 1 / 8 + 4 * JITTER_FIELDS
+    return targets + key_bytes + 4 + 2 + 16 + 1 / 8 + 4 * JITTER_FIELDS + 4  # the last 4: the row's CRC32
 
 
 def plan_cache(num_images: int, num_views: int, dtype: str, num_tokens: int, dim: int, files: int,
