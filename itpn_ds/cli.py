@@ -74,7 +74,8 @@ def run_reporting_errors(name: str, command_main: Callable[[argparse.Namespace],
             raise
         if debug_enabled():
             traceback.print_exc()
-        print(f"itpn-ds {name}: {message}", file=sys.stderr, flush=True)
+        one_line = " ".join(message.split())  # a wrapped library message (DALI's, pydantic's) stays one line
+        print(f"itpn-ds {name}: {one_line}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT_CODE
 
 

@@ -529,3 +529,17 @@ def test_the_local_launcher_refuses_in_one_line(args, expect, ws):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not ws.run.exists()
+
+
+def test_a_multi_line_message_is_reported_on_one_line(monkeypatch, capsys):
+    """Library messages wrapped into a user error (DALI's, pydantic's) span lines; the report never does."""
+    import itpn_ds.engine.commands as commands
+    from itpn_ds.errors import UserError
+
+    def fail(*args, **kwargs):
+        raise UserError("shard-00000.tar: sample 'k' cannot be decoded: Critical error in pipeline:\n  Error in\n thread 0")
+
+    monkeypatch.setattr(commands, "load_config", fail)
+    assert cli_main(["pretrain", "--run-dir", "/tmp/unused"]) == 2
+    err = capsys.readouterr().err
+    assert err == "itpn-ds pretrain: shard-00000.tar: sample 'k' cannot be decoded: Critical error in pipeline: Error in thread 0\n"
