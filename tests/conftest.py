@@ -18,17 +18,13 @@ RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_POR
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_process_group():
-    """A command run in the test process joins a process group of one and exports the rendezvous variables
-    (``itpn_ds.distributed.export``); after every test the group is left and the variables are put back as
-    they were, so no later test inherits either (a subprocess under srun or torchrun, or its own group)."""
-    import torch.distributed as dist
-
+def no_leaked_rendezvous_env():
+    """A command run in the test process exports the rendezvous variables (``itpn_ds.distributed.export``);
+    they are put back as they were after every test, so no later subprocess (srun, torchrun) inherits them.
+    Its process group of one stays (DeepSpeed caches its groups for the process): tests that need a group
+    of their own check ``dist.is_initialized()`` first."""
     saved = {name: os.environ.get(name) for name in RENDEZVOUS_ENV}
-    had_group = dist.is_available() and dist.is_initialized()
     yield
-    if not had_group and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)

@@ -112,14 +112,17 @@ def test_sync_batchnorm_has_no_cpu_kernel_so_cpu_ranks_keep_plain_batchnorm(mode
     converts only on CUDA; with the CPU and several ranks each rank normalises with its own statistics."""
     cfg = load_config("tiny_segment_cpu")
     bn = nn.SyncBatchNorm(4).train()
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    joined = not dist.is_initialized()  # an in-process CLI run of an earlier test may have left its group
+    if joined:
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
             bn(torch.randn(2, 4, 3, 3))
     finally:
-        dist.destroy_process_group()
+        if joined:
+            dist.destroy_process_group()
     kept = sync_batch_norm(model, cfg, world_size=2, device=torch.device("cpu"))
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in kept.modules())
     converted = sync_batch_norm(timm.create_model("upernet_itpn_base_3324_patch16_512", **TINY), cfg, world_size=2,
