@@ -15,12 +15,13 @@ FlexAttention backends (``attention_backend_ms``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import timm
 import torch
@@ -90,24 +91,28 @@ def benchmarked_models(batch: int) -> dict[str, tuple[Callable[[], nn.Module], C
     }
 
 
-def plain_math_forward(self, x, rpe_index=None):
-    """Attention.forward with the explicit softmax(q·kᵀ + bias)·v instead of SDPA."""
-    B, N, C = x.shape
-    q, k, v = self.qkv_heads(x)
-    out = layers.attention_math(q, k, v, self.position_bias(rpe_index))
-    return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+def plain_math_sdpa(self, q, k, v, rpe_index, token_grid=None):
+    """``Attention.sdpa`` computed as the explicit softmax(q·kᵀ + bias)·v (``layers.attention_math``)."""
+    return layers.attention_math(q, k, v, self.position_bias(rpe_index, token_grid))
+
+
+@contextlib.contextmanager
+def plain_math_attention() -> Iterator[None]:
+    """Within the block every ``layers.Attention`` on the SDPA backend runs ``plain_math_sdpa`` instead."""
+    sdpa = layers.Attention.sdpa
+    layers.Attention.sdpa = plain_math_sdpa
+    try:
+        yield
+    finally:
+        layers.Attention.sdpa = sdpa
 
 
 def plain_math_images_per_second(batch: int, iters: int) -> float:
-    """Eager iTPN-B images/s with plain-math attention (``plain_math_forward``) in place of SDPA."""
+    """Eager iTPN-B images/s with plain-math attention (``plain_math_attention``) in place of SDPA."""
     torch.manual_seed(0)
     itpn = timm.create_model("itpn_base_3324_patch16_224", num_classes=1000)
-    sdpa_forward = layers.Attention.forward
-    layers.Attention.forward = plain_math_forward
-    try:
+    with plain_math_attention():
         return batch / seconds_per_step(itpn, (torch.randn(batch, 3, IMG_SIZE, IMG_SIZE),), iters)[1]
-    finally:
-        layers.Attention.forward = sdpa_forward
 
 
 def main() -> None:
@@ -183,6 +188,8 @@ def attention_backend_ms(iters: int = 20, batch: int = 8, grid: int = 14, dim: i
     for name, value in rows.items():
         print(f"attention ({batch}x{grid * grid} tokens, {heads} heads, dim {dim}) {name:28s} {value:8.2f} ms")
     return rows
+
+
 def print_table(result: dict) -> None:
     print(f"{'model':40s} {'eager img/s':>12s} {'compiled img/s':>15s} {'speed-up':>9s} {'compile s':>10s}")
     for name, row in result["eager_vs_compiled"].items():

@@ -264,6 +264,27 @@ def test_mask_rcnn_trains_and_detects_on_images_of_two_sizes():
         assert det["masks"].shape == (n, 1, *image.shape[-2:])
 
 
+def test_mask_rcnn_detections_do_not_depend_on_the_first_image_it_saw():
+    """The RoIAligns' level scales come from the backbone's strides, not from the first batch: torchvision
+    would infer them from a 70 px high image padded to 128 one octave off and keep them (the standalone
+    ``itpn-ds evaluate`` of a detector scored near 0 AP against its training run's evaluation so)."""
+    few = dict(rpn_post_nms_top_n_test=50, box_detections_per_img=10, box_score_thresh=0.0)
+    torch.manual_seed(0)
+    reference = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, detector_kwargs=few, **HIVIT).eval()
+    primed = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, detector_kwargs=few, **HIVIT).eval()
+    primed.load_state_dict(reference.state_dict())
+    image = detection_batch()[0][0]  # 100 x 140, padded to 128 x 192
+    with torch.no_grad():
+        primed([torch.rand(3, 70, 140)])  # padded to 128 x 192: rounds 32 / 70 to a scale of 1/2 at stride 4
+        expected, got = reference([image])[0], primed([image])[0]
+    for pool in (primed.roi_heads.box_roi_pool, primed.roi_heads.mask_roi_pool):
+        assert pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+        assert (pool.map_levels.k_min, pool.map_levels.k_max) == (2, 5)
+    assert expected["boxes"].shape[0] > 0
+    for key in ("boxes", "scores", "labels", "masks"):
+        torch.testing.assert_close(got[key], expected[key])
+
+
 def test_mask_rcnn_transform_pads_to_the_coarsest_stride_and_resizes_only_when_asked():
     images, targets = detection_batch()
     pad_only = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, **HIVIT).eval()

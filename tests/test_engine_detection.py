@@ -13,7 +13,6 @@ import timm
 import torch
 from pycocotools import mask as mask_utils
 
-from data_tools.dense_shapes import make_dense_shapes
 from itpn_ds.cli import main as cli
 from itpn_ds.config import load_config
 from itpn_ds.data import build_detection_loader
@@ -91,17 +90,12 @@ def test_coco_metrics_of_hand_made_detections_have_the_known_values():
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return make_dense_shapes(tmp_path_factory.mktemp("shapes"), 32, 16, seed=0, min_side=96, max_side=160)
-
-
-@pytest.fixture(scope="module")
-def det_shards(shapes, tmp_path_factory):
+def det_shards(dense_shapes, tmp_path_factory):
     out = {}
     for split, name in (("training", "train"), ("validation", "val")):
         out[name] = tmp_path_factory.mktemp(f"det_{name}")
-        assert cli(["make-shards", str(shapes.images(split)), str(out[name]), "--kind", "detection", "--annotations",
-                    str(shapes.coco(split)), "--quiet"]) == 0
+        assert cli(["make-shards", str(dense_shapes.images(split)), str(out[name]), "--kind", "detection",
+                    "--annotations", str(dense_shapes.coco(split)), "--quiet"]) == 0
     return out
 
 
@@ -185,6 +179,4 @@ def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_
                    f"data.val_shards={det_shards['val']}", "tracking.enabled=false")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     printed = float(re.search(r"bbox_AP ([\d.]+)", proc.stdout).group(1))
-    if printed != pytest.approx(from_pretraining["bbox_AP"], abs=1e-3):  # everything above is checked strictly
-        pytest.xfail(f"known bug, not found yet: itpn-ds evaluate of the best checkpoint gives box AP {printed}, the run "
-                     f"logged {from_pretraining['bbox_AP']:.4f} for the same weights (docs/dense.md, 'Known problem')")
+    assert printed == pytest.approx(from_pretraining["bbox_AP"], abs=1e-3)  # printed to 4 places

@@ -1,7 +1,7 @@
 """Pre-training -> segmentation, the whole chain on the CPU with real components (docs/dense.md, "Segmentation
-fine-tuning"): ``make_dense_shapes`` (48 training / 16 validation images, 96-160 px) sharded as segmentation
-shards (4 classes, background ignored) and, for pre-training, as classification shards of the same training
-images; ``tiny_pretrain_cpu`` pre-trained on them against the online tiny CLIP teacher (1 rank); then
+fine-tuning"): the session's ``shapes_pretraining`` (``make_dense_shapes``, 48 training / 16 validation images,
+96-160 px; ``tiny_pretrain_cpu`` pre-trained on the training images against the online tiny CLIP teacher), the
+same images sharded as segmentation shards (4 classes, background ignored); then
 ``tiny_segment_cpu`` UperNet on 2 ZeRO-2 bf16 ranks, once from that run and once from random init with the same
 steps; a SIGKILLed run of the second resumed bitwise; the export read back by ``features_only`` and by
 ``itpn-ds evaluate``."""
@@ -17,10 +17,8 @@ import timm
 import torch
 
 import itpn_ds.models  # noqa: F401 - registers the names
-from data_tools.dense_shapes import make_dense_shapes
 from itpn_ds.cli import main as cli_main
 from itpn_ds.config import load_config
-from itpn_ds.data.shards import SourceItem, write_shards
 from itpn_ds.engine import components
 from itpn_ds.engine.checkpoint import read_checkpoint
 from itpn_ds.engine.export import consolidated_state_dict
@@ -30,7 +28,6 @@ from tests.fixtures.cli import itpn_ds_cli, losses_by_step, run_cli
 
 pytestmark = pytest.mark.dist
 
-PRETRAIN_EPOCHS = 20   # 6 steps of 8 images each
 SEG_EPOCHS = 6         # 6 steps of 2 x 4 images each
 EVAL = re.compile(r"eval after epoch (\d+): (\{.*\})")
 
@@ -46,25 +43,18 @@ def evals(stdout: str) -> dict[int, dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def chain(tiny_clip_checkpoint, tmp_path_factory):
+def chain(shapes_pretraining, tmp_path_factory):
     root = tmp_path_factory.mktemp("segment_e2e")
-    shapes = make_dense_shapes(root / "shapes", 48, 16, seed=0, min_side=96, max_side=160)
+    shapes = shapes_pretraining.shapes
     for split, out in (("training", "seg_train"), ("validation", "seg_val")):
         assert cli_main(["make-shards", str(shapes.images(split)), str(root / out), "--kind", "segmentation",
                          "--annotations", str(shapes.annotations(split)), "--class-names", str(shapes.class_names),
                          "--reduce-zero-label", "--quiet"]) == 0
-    images = sorted(shapes.images("training").glob("*.jpg"))
-    write_shards([SourceItem(str(p), p.stem, 0) for p in images], root / "pt_shards", {"shapes": 0}, "shapes",
-                 progress=False)
-    itpn_ds_cli("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(root / "pretrain"),
-                f"data.shards={root / 'pt_shards'}", "teacher.mode=online", f"teacher.checkpoint={tiny_clip_checkpoint}",
-                "model.kwargs.teacher_dim=32", f"schedule.epochs={PRETRAIN_EPOCHS}", "checkpoint.every_steps=0",
-                "telemetry.log_every=10", "tracking.enabled=false")
-    pretrained = itpn_ds_cli(*segment_args(root, "pretrained", f"segment.init={root / 'pretrain'}",
+    pretrained = itpn_ds_cli(*segment_args(root, "pretrained", f"segment.init={shapes_pretraining.run_dir}",
                                            "tracking.enabled=false"), ranks=2)
     scratch = itpn_ds_cli(*segment_args(root, "scratch", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
                                         "tracking.experiment=segment"), ranks=2)
-    return dict(root=root, pretrained=pretrained, scratch=scratch)
+    return dict(root=root, pretrain=shapes_pretraining.run_dir, pretrained=pretrained, scratch=scratch)
 
 
 def test_the_pretrained_pyramid_segments_clearly_better_than_random_init(chain):
@@ -81,7 +71,7 @@ def test_the_pretrained_pyramid_segments_clearly_better_than_random_init(chain):
 
 def test_pretraining_checkpoint_loads_with_every_pyramid_key_used(chain):
     model = components.build_model(load_config("tiny_segment_cpu", ["model.kwargs.num_classes=4"]))
-    state = consolidated_state_dict(read_checkpoint(chain["root"] / "pretrain"))
+    state = consolidated_state_dict(read_checkpoint(chain["pretrain"]))
     report = load_weights(load_target(model, state), state)
     pyramid = [k for k in state if k.startswith(PYRAMID_PREFIXES)]
     assert pyramid and not set(pyramid) & set(report.dropped)

@@ -17,6 +17,7 @@ Differences from the published detector: docs/dense.md.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Sequence
 
@@ -28,6 +29,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.poolers import initLevelMapper
 
 from itpn_ds.models.dense import DenseTaskModel
 
@@ -71,6 +73,22 @@ class PyramidBackbone(nn.Module):
         return OrderedDict((name, level.float()) for name, level in zip(LEVEL_NAMES, levels))
 
 
+def roi_align(strides: Sequence[int], output_size: int) -> MultiScaleRoIAlign:
+    """torchvision's ``MultiScaleRoIAlign`` over ``ROI_LEVELS`` (strides ``strides``, powers of 2) with its
+    level scales (1 / stride) and RoI-to-level mapping set from the strides.
+
+    torchvision otherwise infers and keeps them from the first batch it sees, rounding feature height / image
+    height to a power of 2: an image whose padding to the coarsest stride (64) adds more than 41 % of its
+    height (a 70 px high image, padded to 128) sets every scale one octave off for the model's lifetime, so
+    the same weights detect well or not at all depending on the first image after construction.
+    """
+    pool = MultiScaleRoIAlign(list(ROI_LEVELS), output_size=output_size, sampling_ratio=0)
+    pool.scales = [1.0 / s for s in strides]
+    pool.map_levels = initLevelMapper(int(math.log2(strides[0])), int(math.log2(strides[-1])),
+                                      canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
+    return pool
+
+
 class PadOnlyTransform(GeneralizedRCNNTransform):
     """torchvision's detection transform without its resize: normalise, pad to ``size_divisible``, and map
     detections back to the (unchanged) input sizes. For images the data loader has already resized."""
@@ -110,10 +128,10 @@ def mask_rcnn(backbone: nn.Module, num_classes: int = 81, min_size: int | Sequen
     model = ITPNMaskRCNN(
         adapter, None, min_size=min_size, max_size=max_size, image_mean=image_mean, image_std=image_std,
         rpn_anchor_generator=anchors,
-        box_roi_pool=MultiScaleRoIAlign(list(ROI_LEVELS), output_size=7, sampling_ratio=0),
+        box_roi_pool=roi_align(adapter.strides[:len(ROI_LEVELS)], 7),
         box_head=box_head,
         box_predictor=FastRCNNPredictor(BOX_REPRESENTATION, num_classes),
-        mask_roi_pool=MultiScaleRoIAlign(list(ROI_LEVELS), output_size=14, sampling_ratio=0),
+        mask_roi_pool=roi_align(adapter.strides[:len(ROI_LEVELS)], 14),
         mask_head=MaskRCNNHeads(width, [width] * 4, 1),
         mask_predictor=MaskRCNNPredictor(width, width, num_classes),
         size_divisible=adapter.strides[-1],
