@@ -392,7 +392,7 @@ def flops_per_image(scale: Scale) -> float:
     cfg = load_config(RECIPE, [f"model.kwargs.{k}={v}" for k, v in scale.model_kwargs.items()])
     with torch.device("meta"):
         model = components.build_model(cfg)
-    return components.forward_flops_per_image(model, cfg)
+    return components.forward_flops_per_image(model)
 
 
 def add_mfu(record: dict[str, Any], flops: float, peak_tflops: float) -> None:
@@ -468,7 +468,7 @@ def train_without_deepspeed(cfg: Any) -> None:
     bf16 autocast, torch AdamW over the project's parameter groups, gradient clipping as configured; each step
     logged as the trainer logs it (``itpn_ds.engine.telemetry``). No checkpoints."""
     from itpn_ds.engine import components
-    from itpn_ds.engine.commands import build_task
+    from itpn_ds.engine.families import task_family
     from itpn_ds.engine.optim import build_optimizer, param_groups
     from itpn_ds.engine.runtime import seed_everything
     from itpn_ds.engine.schedule import CosineSchedule
@@ -477,9 +477,10 @@ def train_without_deepspeed(cfg: Any) -> None:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     seed_everything(cfg.schedule.seed)
     model = components.build_model(cfg).to(device)
-    flops = components.forward_flops_per_image(model, cfg)
-    loader, _ = components.build_loaders(cfg, rank=0, world_size=1)
-    task = build_task(cfg, device)
+    family = task_family(cfg)
+    flops = family.flops_per_image(model)
+    loader, _ = family.loaders(rank=0, world_size=1, train=True)
+    task = family.loss(device)
     optimizer = build_optimizer(param_groups(model), cfg.optim, "adamw")
     schedule = CosineSchedule.from_config(cfg.optim, len(loader), cfg.schedule.max_steps)
     peak = device_peak_tflops(cfg.telemetry.peak_tflops)

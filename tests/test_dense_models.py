@@ -277,12 +277,12 @@ def test_mask_rcnn_detections_do_not_depend_on_the_first_image_it_saw():
     with torch.no_grad():
         primed([torch.rand(3, 70, 140)])  # padded to 128 x 192: rounds 32 / 70 to a scale of 1/2 at stride 4
         expected, got = reference([image])[0], primed([image])[0]
-    for pool in (primed.roi_heads.box_roi_pool, primed.roi_heads.mask_roi_pool):
-        assert pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
-        assert (pool.map_levels.k_min, pool.map_levels.k_max) == (2, 5)
     assert expected["boxes"].shape[0] > 0
     for key in ("boxes", "scores", "labels", "masks"):
         torch.testing.assert_close(got[key], expected[key])
+    for pool in (primed.roi_heads.box_roi_pool, primed.roi_heads.mask_roi_pool):
+        assert pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+        assert (pool.map_levels.k_min, pool.map_levels.k_max) == (2, 5)
 
 
 def test_mask_rcnn_transform_pads_to_the_coarsest_stride_and_resizes_only_when_asked():

@@ -1,7 +1,7 @@
 """Detection fine-tuning on the engine (docs/dense.md, "Detection fine-tuning"): the step schedule, COCO
 box / mask AP on hand-made detections with known answers and on the loader's own targets mapped back to
-the original images, and the chain pre-training -> Mask R-CNN fine-tuning on 2 ranks -> evaluate -> export
--> timm ``features_only``, next to the same fine-tuning from random init."""
+the original images, and the chain: the session's shapes pre-training -> Mask R-CNN fine-tuning on 2 ranks ->
+evaluate -> export -> timm ``features_only``, next to the same fine-tuning from random init."""
 from __future__ import annotations
 
 import json
@@ -22,6 +22,7 @@ from itpn_ds.engine.schedule import StepSchedule, build_schedule
 from tests.fixtures.cli import itpn_ds_cli, run_cli
 
 EVAL = re.compile(r"eval after epoch (\d+): (\{.*\})")
+DETECT_EPOCHS = 6  # 12 steps of 2 x 2 images each (48 training images)
 
 
 # ------------------------------------------------------------------------------------------- schedule
@@ -128,8 +129,8 @@ def test_the_loaders_targets_mapped_back_to_the_original_images_score_100(det_sh
 
 def detect_args(run_dir, shards, *overrides):
     return ["detect", "--config", "tiny_detect_cpu", "--run-dir", str(run_dir), f"data.shards={shards['train']}",
-            f"data.val_shards={shards['val']}", "tracking.enabled=false", "schedule.epochs=4",
-            "detect.eval_every_epochs=4", "optim.lr_step_epochs=[3]", *overrides]
+            f"data.val_shards={shards['val']}", "tracking.enabled=false", f"schedule.epochs={DETECT_EPOCHS}",
+            "detect.eval_every_epochs=3", *overrides]
 
 
 def final_eval(stdout: str) -> dict[str, float]:
@@ -139,23 +140,25 @@ def final_eval(stdout: str) -> dict[str, float]:
 
 
 @pytest.mark.dist
-def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_shards, tiny_pretrain_run, tmp_path):
+def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_shards, shapes_pretraining, tmp_path):
+    """The pyramid pre-trained on the shapes images (120 steps) detects clearly better than random init after the
+    same 72 fine-tuning steps (docs/dense.md gives both figures)."""
     pretrained, scratch = tmp_path / "pretrained", tmp_path / "scratch"
-    out = itpn_ds_cli(*detect_args(pretrained, det_shards, f"detect.init={tiny_pretrain_run}"), ranks=2)
+    out = itpn_ds_cli(*detect_args(pretrained, det_shards, f"detect.init={shapes_pretraining.run_dir}"), ranks=2)
     report = re.search(r"initialised DenseITPN from \S+: (.*)", out).group(1)
     print("LoadReport:", report[:300])
     assert "dropped" in report and not re.search(r"fresh \d+: [^;]*(fpn_modules|block_16to8|align_dim)", report), report
     from_pretraining = final_eval(out)
     from_scratch = final_eval(itpn_ds_cli(*detect_args(scratch, det_shards), ranks=2))
-    print(f"box AP after 4 epochs: from the tiny pre-training {from_pretraining['bbox_AP']:.1f}, "
-          f"from random init {from_scratch['bbox_AP']:.1f}")
+    print(f"after {DETECT_EPOCHS} epochs: box AP {from_pretraining['bbox_AP']:.1f} / mask AP "
+          f"{from_pretraining['segm_AP']:.1f} from the shapes pre-training, {from_scratch['bbox_AP']:.1f} / "
+          f"{from_scratch['segm_AP']:.1f} from random init")
     for metrics in (from_pretraining, from_scratch):
         assert metrics["images"] == 16.0
         assert all(0.0 <= metrics[f"{t}_{m}"] <= 100.0 for t in ("bbox", "segm") for m in ("AP", "AP50", "AP75"))
-    # trained detectors find shapes; the 2-step tiny pre-training is no better than random init at this length
-    # (docs/dense.md gives the comparison of a longer run)
-    assert from_pretraining["bbox_AP"] > 0 and from_scratch["bbox_AP"] > 0
-    assert from_pretraining != from_scratch
+    assert from_scratch["bbox_AP"] > 3  # both learn to find the shapes
+    assert from_pretraining["bbox_AP"] > from_scratch["bbox_AP"] + 3, (from_pretraining, from_scratch)
+    assert from_pretraining["segm_AP"] > from_scratch["segm_AP"]
 
     export = tmp_path / "export"
     itpn_ds_cli("export", "--checkpoint", str(pretrained), "--out", str(export))

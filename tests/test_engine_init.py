@@ -109,5 +109,5 @@ def test_evaluation_crop_follows_the_model_size_unless_the_recipe_states_it(img_
     stated_crop = [f"data.crop_pct={stated}"] if stated else []
     cfg = load_config("tiny_finetune_cpu", ["task=finetune", f"data.val_shards={demo_shards}",
                                             f"model.kwargs.img_size={img_size}", *stated_crop])
-    _, loader = components.build_loaders(cfg, rank=0, world_size=1, train=False)
+    _, loader = components.build_classification_loaders(cfg, rank=0, world_size=1, train=False)
     assert loader.crop_pct == expected

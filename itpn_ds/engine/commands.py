@@ -21,19 +21,18 @@ from typing import Any
 import torch
 
 from itpn_ds.config import ConfigError, RunConfig, load_config, save_config, to_dict
-from itpn_ds.engine import components, detection, segmentation
+from itpn_ds.engine import components
 from itpn_ds.engine.checkpoint import (CheckpointError, CheckpointManager, CheckpointRef, needs_universal,
                                       read_checkpoint)
 from itpn_ds.engine.ds_config import build_ds_config, zero_stage
 from itpn_ds.engine.ema import WeightEma
+from itpn_ds.engine.families import task_family
 from itpn_ds.engine.export import (WEIGHTS, consolidated_state_dict, export_checkpoint, live_state_dict,
                                    model_metadata, write_export)
 from itpn_ds.engine.preemption import PREEMPTED_EXIT_CODE
 from itpn_ds.engine.runtime import build_engine, init_distributed, make_deterministic, seed_everything
 from itpn_ds.engine.schedule import build_schedule
-from itpn_ds.engine.tasks import ClassifyTask, ClipDistillTask, PixelTask, evaluate_classifier
 from itpn_ds.engine.trainer import LoopParts, Preempted, Trainer
-from itpn_ds.data.shards import Manifest
 from itpn_ds.errors import require_free_space, require_writable_dir
 from itpn_ds.models.loading import (CheckpointMismatchError, LoadReport, load_target, load_weights,
                                     read_checkpoint_file)
@@ -70,40 +69,27 @@ def main(args: argparse.Namespace) -> int:
     return train(cfg, Path(args.run_dir))
 
 
-def init_source(cfg: RunConfig) -> str:
-    """The checkpoint a fine-tuning task starts from (``finetune.init`` / ``segment.init`` / ``detect.init``);
-    empty: none."""
-    return {"finetune": cfg.finetune.init, "segment": cfg.segment.init, "detect": cfg.detect.init}.get(cfg.task, "")
-
-
 def train(cfg: RunConfig, run_dir: Path) -> int:
-    """Pre-train or fine-tune into ``run_dir``, resuming from its latest checkpoint."""
+    """Pre-train or fine-tune into ``run_dir``, resuming from its latest checkpoint; the task's parts come from
+    its family (``itpn_ds.engine.families``)."""
     runtime = init_distributed()
     make_deterministic()
     seed_everything(cfg.schedule.seed)
+    family = task_family(cfg)
     checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last, runtime.rank, runtime.world_size)
     resume = checkpoints.latest()
-    class_names = _check_segment(cfg) if cfg.task == "segment" else []  # before the resume check: sets num_classes
+    family.check(train=True)
     check_resumable(cfg, run_dir, resume)
     require_writable_dir(run_dir)
     components.check_trainable_here(cfg, runtime.device)
-    components.check_label_range(cfg)
-    if cfg.task == "detect":
-        detection.check_detection_shards(cfg)
-    model = components.build_model(cfg)
-    if cfg.task == "detect":
-        detection.check_detection_model(cfg, model)
-    if cfg.task == "segment":
-        segmentation.check_model(cfg, model, runtime.world_size, runtime.device)
-        model = segmentation.sync_batch_norm(model, cfg, runtime.world_size, runtime.device)
+    model = family.prepare_model(components.build_model(cfg), runtime, train=True)
     require_free_space(run_dir, checkpoint_bytes_estimate(model), "a checkpoint of this model")
-    if init_source(cfg) and resume is None:
-        init_from(model, init_source(cfg))
-    # detection images have their own sizes: no per-image FLOPs, so no MFU
-    flops = 0.0 if cfg.task == "detect" else components.forward_flops_per_image(model, cfg)
+    if family.init_source and resume is None:
+        init_from(model, family.init_source)
+    flops = family.flops_per_image(model)
     ds_config = build_ds_config(cfg, runtime.world_size, num_params=sum(p.numel() for p in model.parameters()))
     stage = zero_stage(ds_config)
-    train_loader, eval_loader = components.build_loaders(cfg, runtime.rank, runtime.world_size)
+    train_loader, eval_loader = family.loaders(runtime.rank, runtime.world_size, train=True)
     steps_per_epoch = len(train_loader) // cfg.schedule.grad_accum
     if steps_per_epoch == 0:
         raise ConfigError(f"schedule.grad_accum={cfg.schedule.grad_accum} is more than the {len(train_loader)} "
@@ -111,12 +97,11 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
                           f"{cfg.data.micro_batch}, {runtime.world_size} ranks): lower it or data.micro_batch")
     engine = build_engine(model.to(runtime.device), cfg, runtime, ds_config,
                           load_universal=resume is not None and needs_universal(resume, runtime.world_size, stage))
-    if cfg.task == "segment":
-        segmentation.norm_buffers_to_param_dtype(engine.module)
+    family.after_engine(engine)
     total = steps_per_epoch * cfg.schedule.epochs
     if cfg.schedule.max_steps > 0:
         total = min(total, cfg.schedule.max_steps)
-    task = build_task(cfg, runtime.device)
+    task = family.loss(runtime.device)
     # accepted: from here on the run writes into run_dir
     checkpoints.remove_incomplete()
     if runtime.rank == 0:
@@ -129,21 +114,10 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     parts = LoopParts(engine=engine, loader=train_loader, task=task,
                       schedule=build_schedule(cfg.optim, steps_per_epoch, total),
                       checkpoints=checkpoints, tracker=tracker, device=runtime.device, total_steps=total,
-                      flops_per_image=flops, ema=ema, eval_every_epochs=cfg.finetune.eval_every_epochs)
-    if eval_loader is not None and cfg.task == "detect":
-        ground_truth = detection.coco_ground_truth(cfg.data.val_shards) if runtime.rank == 0 else None
-        category_ids = Manifest.load(cfg.data.val_shards).category_ids
-        parts.evaluate = lambda: detection.evaluate_detector(engine, eval_loader, runtime.device, ground_truth,
-                                                             category_ids)
-        parts.best_metric, parts.eval_every_epochs = "bbox_AP", cfg.detect.eval_every_epochs
-    elif eval_loader is not None and cfg.task == "segment":
-        parts.evaluate = lambda: _evaluate_segmenter(engine, eval_loader, cfg, class_names, runtime.device,
-                                                     _input_dtype(engine))
-    elif eval_loader is not None:
-        parts.evaluate = lambda: _evaluate_with_ema(engine, eval_loader, runtime.device, ema)
-    if cfg.task == "segment":
-        parts.best_metric, parts.eval_every_epochs = segmentation.BEST_METRIC, cfg.segment.eval_every_epochs
+                      flops_per_image=flops, ema=ema, best_metric=family.best_metric,
+                      eval_every_epochs=family.eval_every_epochs)
     if eval_loader is not None:
+        parts.evaluate = family.evaluator(engine, eval_loader, runtime.device, _input_dtype(engine), ema)
         parts.on_best = lambda metrics, step: _export_live(engine, cfg, run_dir / "best", metrics, step, runtime.rank)
     trainer = Trainer(cfg, parts, runtime.rank, runtime.world_size)
     if resume is not None:
@@ -195,50 +169,21 @@ def log_exported_model(tracker: Any, run_dir: Path) -> None:
 
 def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
     """Top-1/top-5 (``task: finetune``), mIoU / mAcc / aAcc and per-class IoU (``task: segment``) or COCO box /
-    mask AP (``task: detect``) of a checkpoint (ours, any stage) or an export directory on ``data.val_shards``."""
+    mask AP (``task: detect``) of a checkpoint (ours, any stage) or an export directory on ``data.val_shards``,
+    in fp32."""
     runtime = init_distributed()
     if not cfg.data.val_shards:
         raise ConfigError("evaluate needs data.val_shards")
-    components.check_label_range(cfg)
-    class_names = _check_segment(cfg, train=False) if cfg.task == "segment" else []
-    if cfg.task == "detect":
-        detection.check_detection_shards(cfg)
-    model = components.build_model(cfg)
-    if cfg.task == "detect":
-        detection.check_detection_model(cfg, model)
-    if cfg.task == "segment":
-        segmentation.check_model(cfg, model, runtime.world_size, runtime.device)
+    family = task_family(cfg)
+    family.check(train=False)
+    model = family.prepare_model(components.build_model(cfg), runtime, train=False)
     init_from(model, str(checkpoint), strict=True)
     model.to(runtime.device)
-    _, eval_loader = components.build_loaders(cfg, runtime.rank, runtime.world_size, train=False)
-    if cfg.task == "segment":
-        metrics = _evaluate_segmenter(model, eval_loader, cfg, class_names, runtime.device, None)
-        if runtime.rank == 0:
-            print(" ".join(f"{k} {metrics[k]:.4f}" for k in ("mIoU", "mAcc", "aAcc")))
-            print(segmentation.format_per_class(metrics))
-        return 0
-    if cfg.task == "detect":
-        ground_truth = detection.coco_ground_truth(cfg.data.val_shards) if runtime.rank == 0 else None
-        metrics = detection.evaluate_detector(model, eval_loader, runtime.device, ground_truth,
-                                              Manifest.load(cfg.data.val_shards).category_ids)
-    else:
-        metrics = evaluate_classifier(model, eval_loader, runtime.device, torch.float32)
+    _, eval_loader = family.loaders(runtime.rank, runtime.world_size, train=False)
+    metrics = family.evaluator(model, eval_loader, runtime.device, None, None)()
     if runtime.rank == 0:
-        print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        print(family.report(metrics))
     return 0
-
-
-def _check_segment(cfg: RunConfig, train: bool = True) -> list[str]:
-    """Resolve and check a segment run's class count against its shards; -> the class names."""
-    segmentation.resolve_config(cfg)
-    return segmentation.check_shards(cfg, train)
-
-
-def _evaluate_segmenter(model: Any, loader: Any, cfg: RunConfig, class_names: list[str], device: torch.device,
-                        autocast_dtype: torch.dtype | None) -> dict[str, float]:
-    s = cfg.segment
-    return segmentation.evaluate_segmentation(model, loader, device, autocast_dtype, class_names, s.eval_mode,
-                                              s.eval_crop, s.eval_stride)
 
 
 def init_from(model: torch.nn.Module, source: str, strict: bool = False) -> LoadReport:
@@ -271,35 +216,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return consolidated_state_dict(read_checkpoint(path))
 
 
-def build_task(cfg: RunConfig, device: torch.device) -> Any:
-    """The loss of the run's task: segmentation, detection, classification, pixel reconstruction or CLIP
-    distillation (with the online teacher on ``device`` when ``teacher.mode=online``)."""
-    if cfg.task == "segment":
-        return segmentation.SegmentTask(aux_weight=cfg.segment.aux_weight)
-    if cfg.task == "detect":
-        return detection.DetectTask()
-    if cfg.task == "finetune":
-        return ClassifyTask(label_smoothing=cfg.finetune.label_smoothing, mixup=components.build_mixup(cfg))
-    if cfg.pretrain.objective == "pixel":
-        return PixelTask()
-    teacher = components.build_online_teacher(cfg, device) if cfg.teacher.mode == "online" else None
-    return ClipDistillTask(beta=cfg.pretrain.smooth_l1_beta, aux_weight=cfg.pretrain.aux_weight, teacher=teacher)
-
-
 def _input_dtype(engine: Any) -> torch.dtype | None:
     """The autocast dtype for evaluation: the engine's parameter dtype when it is not fp32."""
     dtype = next(engine.module.parameters()).dtype
     return None if dtype == torch.float32 else dtype
-
-
-def _evaluate_with_ema(engine: Any, loader: Any, device: torch.device, ema: WeightEma | None) -> dict[str, float]:
-    """Top-1/top-5/loss of the trained weights, plus ``ema_*`` of the averaged weights when there is an EMA."""
-    metrics = evaluate_classifier(engine, loader, device, _input_dtype(engine))
-    if ema is not None:
-        with ema.applied():
-            averaged = evaluate_classifier(engine, loader, device, _input_dtype(engine))
-        metrics.update({f"ema_{k}": v for k, v in averaged.items() if k != "samples"})
-    return metrics
 
 
 def _export_live(engine: Any, cfg: RunConfig, out: Path, metrics: dict[str, float], step: int, rank: int) -> None:

@@ -95,46 +95,56 @@ def _check_objective(cfg: RunConfig, model: nn.Module) -> None:
                           f"model.name={cfg.model.name!r} builds {type(model).__name__}")
 
 
-def forward_flops_per_image(model: nn.Module, cfg: RunConfig) -> float:
-    """Forward FLOPs of one image (a segment run: one training crop) from the architecture
+def forward_flops_per_image(model: nn.Module, image_size: int | tuple[int, int] | None = None) -> float:
+    """Forward FLOPs of one image (of ``image_size``, (H, W); None: the model's own) from the architecture
     (``itpn_ds.models.flops``); 0 when unknown."""
     try:
         flops = importlib.import_module("itpn_ds.models.flops")
     except ImportError:
         return 0.0
-    return float(flops.forward_flops(model, cfg.segment.crop_size if cfg.task == "segment" else None))
+    return float(flops.forward_flops(model, image_size))
 
 
-def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True) -> tuple[Loader | None, Loader | None]:
-    """(train loader, eval loader) for the task; either is None when not configured."""
-    if cfg.task == "detect":
-        from itpn_ds.engine.detection import build_detection_loaders
-
-        return build_detection_loaders(cfg, rank, world_size, train)
-    if cfg.task == "segment":
-        from itpn_ds.engine.segmentation import build_loaders as build_segment_loaders
-
-        return build_segment_loaders(cfg, rank, world_size, train)
-    data = _import("itpn_ds.data", "data")
-    if not cfg.data.shards and train:
-        raise ConfigError("data.shards is empty: give the shard directory (itpn-ds make-shards output)")
+def _loader_options(cfg: RunConfig, rank: int, world_size: int) -> dict[str, Any]:
+    """The keywords every image-level loader of ``itpn_ds.data`` takes, from ``data.*``."""
     d = cfg.data
-    common = dict(rank=rank, world_size=world_size, micro_batch=d.micro_batch, seed=cfg.schedule.seed,
-                  num_threads=d.num_threads, backend=d.loader, device=d.device, decode=d.decode, on_corrupt=d.on_corrupt,
-                  img_size=cfg.model.kwargs.get("img_size", 224), normalize=d.normalize)
+    return dict(rank=rank, world_size=world_size, micro_batch=d.micro_batch, seed=cfg.schedule.seed,
+                num_threads=d.num_threads, backend=d.loader, device=d.device, decode=d.decode, on_corrupt=d.on_corrupt,
+                img_size=cfg.model.kwargs.get("img_size", 224), normalize=d.normalize)
+
+
+def _require_train_shards(cfg: RunConfig) -> None:
+    if not cfg.data.shards:
+        raise ConfigError("data.shards is empty: give the shard directory (itpn-ds make-shards output)")
+
+
+def build_pretrain_loader(cfg: RunConfig, rank: int, world_size: int) -> Loader:
+    """The pre-training loader over ``data.shards``: views from the teacher cache or drawn here, masks, and the
+    teacher's view with the online teacher (``itpn_ds.data.build_pretrain_loader``)."""
+    data = _import("itpn_ds.data", "data")
+    _require_train_shards(cfg)
+    pixel = cfg.pretrain.objective == "pixel"
+    online = cfg.teacher.mode == "online" and not pixel
+    return data.build_pretrain_loader(cfg.data.shards, views=_view_source(cfg), num_masked=cfg.data.num_masked,
+                                      patch_size=cfg.model.kwargs.get("patch_size", 16),
+                                      teacher_resolution=cfg.teacher.resolution if online else 0,
+                                      mask_ratio=cfg.pretrain.mask_ratio if pixel else None,
+                                      **_loader_options(cfg, rank, world_size))
+
+
+def build_classification_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
+                                 ) -> tuple[Loader | None, Loader | None]:
+    """(RandAugment / random-erasing train loader over ``data.shards``, center-crop eval loader over
+    ``data.val_shards``); either None when not asked or not configured."""
+    data = _import("itpn_ds.data", "data")
+    d, common = cfg.data, _loader_options(cfg, rank, world_size)
     train_loader = eval_loader = None
-    if train and cfg.task == "pretrain":
-        pixel = cfg.pretrain.objective == "pixel"
-        train_loader = data.build_pretrain_loader(d.shards, views=_view_source(cfg), num_masked=d.num_masked,
-                                                  patch_size=cfg.model.kwargs.get("patch_size", 16),
-                                                  teacher_resolution=cfg.teacher.resolution
-                                                  if cfg.teacher.mode == "online" and not pixel else 0,
-                                                  mask_ratio=cfg.pretrain.mask_ratio if pixel else None, **common)
-    elif train:
+    if train:
+        _require_train_shards(cfg)
         train_loader = data.build_finetune_loader(d.shards, rand_augment_ops=d.rand_augment_ops,
                                                   rand_augment_magnitude=d.rand_augment_magnitude, reprob=d.reprob,
                                                   **common)
-    if cfg.task == "finetune" and d.val_shards:
+    if d.val_shards:
         eval_loader = data.build_eval_loader(d.val_shards, crop_pct=eval_crop_pct(d.crop_pct, common["img_size"]),
                                              **common)
     return train_loader, eval_loader
@@ -142,8 +152,6 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
 
 def check_label_range(cfg: RunConfig) -> None:
     """Fine-tuning: every label of the train / val shards must be below ``finetune.num_classes``."""
-    if cfg.task != "finetune":
-        return
     from itpn_ds.data.shards import Manifest
 
     for key in ("shards", "val_shards"):
