@@ -217,6 +217,12 @@ CASES: list[Case] = [
          "holds classification shards; task=detect needs detection shards"),
     Case("segmentation shards for detection", lambda ws: detect(ws, f"data.val_shards={ws.extra['seg_shards']}"),
          "holds segmentation shards; task=detect needs detection shards"),
+    Case("fine-tune on detection shards", lambda ws: finetune(ws, f"data.shards={ws.extra['det_shards']}"),
+         "holds detection shards; task=finetune needs classification shards (itpn-ds make-shards IMAGES OUT)"),
+    Case("evaluate a classifier on segmentation shards",
+         lambda ws: ["evaluate", "--config", "tiny_finetune_cpu", "--checkpoint", str(ws.pretrain),
+                     f"data.val_shards={ws.extra['seg_shards']}", "tracking.enabled=false"],
+         "holds segmentation shards; task=finetune needs classification shards"),
     Case("detector classes off the shards", lambda ws: detect(ws, "model.kwargs.num_classes=81"),
          "has 4 categories but model mask_rcnn_itpn_base_3324 has num_classes=81 (the background included): set "
          "model.kwargs.num_classes=5"),
@@ -226,7 +232,8 @@ CASES: list[Case] = [
          lambda ws: ["evaluate", "--config", "tiny_detect_cpu", "--checkpoint", str(ws.pretrain),
                      f"data.val_shards={ws.extra['det_shards']}", "tracking.enabled=false"], "holds no ITPNMaskRCNN"),
     Case("segment on classification shards", lambda ws: segment(ws, f"data.shards={ws.shards}"),
-         "holds classification shards; the segment task needs segmentation shards"),
+         "holds classification shards; task=segment needs segmentation shards (itpn-ds make-shards IMAGES OUT "
+         "--kind segmentation"),
     Case("segment class count differs from the shards", lambda ws: segment(ws, "segment.num_classes=5"),
          "has 4 classes but segment.num_classes=5: set segment.num_classes=4"),
     Case("segment model class count stated twice", lambda ws: segment(ws, "model.kwargs.num_classes=7"),

@@ -42,17 +42,10 @@ MASK_THRESHOLD = 0.5              # torchvision's / mmdet's mask binarisation of
 # ------------------------------------------------------------------------------------------- checks
 
 def check_detection_shards(cfg: RunConfig) -> None:
-    """``data.shards`` / ``data.val_shards`` must be detection shards with the same categories."""
-    category_ids = {}
-    for key in ("shards", "val_shards"):
-        directory = getattr(cfg.data, key)
-        if not directory:
-            continue
-        manifest = Manifest.load(directory)
-        if manifest.kind != "detection":
-            raise ConfigError(f"data.{key}={directory} holds {manifest.kind} shards; task=detect needs detection "
-                              "shards (itpn-ds make-shards IMAGES OUT --kind detection --annotations instances.json)")
-        category_ids[key] = manifest.category_ids
+    """``data.shards`` / ``data.val_shards`` (detection shards, ``families.check_shard_kind``) must have the same
+    categories."""
+    category_ids = {key: Manifest.load(getattr(cfg.data, key)).category_ids
+                    for key in ("shards", "val_shards") if getattr(cfg.data, key)}
     if len(category_ids) == 2 and category_ids["shards"] != category_ids["val_shards"]:
         raise ConfigError(f"data.shards={cfg.data.shards} and data.val_shards={cfg.data.val_shards} have other "
                           f"categories ({category_ids['shards']} vs {category_ids['val_shards']}): shard both from "

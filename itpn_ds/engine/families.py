@@ -25,7 +25,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from itpn_ds.config import RunConfig
+from itpn_ds.config import ConfigError, RunConfig
+from itpn_ds.data.annotations import CLASSIFICATION, DETECTION, SEGMENTATION
 from itpn_ds.data.batch import Loader
 from itpn_ds.data.shards import Manifest
 from itpn_ds.engine import components, detection, segmentation
@@ -38,10 +39,11 @@ Loaders = tuple[Loader | None, Loader | None]
 
 
 class TaskFamily(ABC):
-    """A task's hooks (module docstring); by default no checks, no evaluation, the model as built. Every
-    family names its loaders and its loss."""
+    """A task's hooks (module docstring); by default only the shards' kind is checked (``shard_kind``; None:
+    any), no evaluation, the model as built. Every family names its loaders and its loss."""
 
     best_metric = ""
+    shard_kind: str | None = None
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -56,7 +58,8 @@ class TaskFamily(ABC):
         return 1
 
     def check(self, train: bool) -> None:
-        pass
+        if self.shard_kind is not None:
+            check_shard_kind(self.cfg, self.shard_kind, ("shards", "val_shards") if train else ("val_shards",))
 
     def prepare_model(self, model: nn.Module, runtime: Runtime, train: bool) -> nn.Module:
         return model
@@ -100,6 +103,7 @@ class ClassifyFamily(TaskFamily):
     """Image classification: cross-entropy with mixup / cutmix, top-1 / top-5 of the weights and their EMA."""
 
     best_metric = "top1"
+    shard_kind = CLASSIFICATION
 
     @property
     def init_source(self) -> str:
@@ -110,6 +114,7 @@ class ClassifyFamily(TaskFamily):
         return self.cfg.finetune.eval_every_epochs
 
     def check(self, train: bool) -> None:
+        super().check(train)
         components.check_label_range(self.cfg)
 
     def loaders(self, rank: int, world_size: int, train: bool) -> Loaders:
@@ -135,6 +140,7 @@ class SegmentFamily(TaskFamily):
     """Semantic segmentation (UperNet + FCN): mIoU / mAcc / aAcc and per-class IoU (``engine/segmentation.py``)."""
 
     best_metric = segmentation.BEST_METRIC
+    shard_kind = SEGMENTATION
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
@@ -149,6 +155,7 @@ class SegmentFamily(TaskFamily):
         return self.cfg.segment.eval_every_epochs
 
     def check(self, train: bool) -> None:
+        super().check(train)
         segmentation.resolve_config(self.cfg)  # sets model.kwargs.num_classes, so before the resume check
         self.class_names = segmentation.check_shards(self.cfg, train)
 
@@ -183,6 +190,7 @@ class DetectFamily(TaskFamily):
     """Detection and instance segmentation (Mask R-CNN): COCO box / mask AP (``engine/detection.py``)."""
 
     best_metric = "bbox_AP"
+    shard_kind = DETECTION
 
     @property
     def init_source(self) -> str:
@@ -193,6 +201,7 @@ class DetectFamily(TaskFamily):
         return self.cfg.detect.eval_every_epochs
 
     def check(self, train: bool) -> None:
+        super().check(train)
         detection.check_detection_shards(self.cfg)
 
     def prepare_model(self, model: nn.Module, runtime: Runtime, train: bool) -> nn.Module:
@@ -215,6 +224,22 @@ class DetectFamily(TaskFamily):
         ground_truth = detection.coco_ground_truth(shards) if _rank() == 0 else None
         category_ids = Manifest.load(shards).category_ids
         return lambda: detection.evaluate_detector(model, loader, device, ground_truth, category_ids)
+
+
+MAKE_SHARDS = {CLASSIFICATION: "itpn-ds make-shards IMAGES OUT",
+               SEGMENTATION: "itpn-ds make-shards IMAGES OUT --kind segmentation --annotations LABEL_MAPS "
+                             "--class-names FILE",
+               DETECTION: "itpn-ds make-shards IMAGES OUT --kind detection --annotations instances.json"}
+
+
+def check_shard_kind(cfg: RunConfig, kind: str, keys: tuple[str, ...]) -> None:
+    """Each of ``data.<key>`` that is set must hold shards of ``kind``; refused naming the key, the directory,
+    its kind and the make-shards command for the right one."""
+    for key in keys:
+        directory = getattr(cfg.data, key)
+        if directory and (found := Manifest.load(directory).kind) != kind:
+            raise ConfigError(f"data.{key}={directory} holds {found} shards; task={cfg.task} needs {kind} shards "
+                              f"({MAKE_SHARDS[kind]})")
 
 
 FAMILIES: dict[str, type[TaskFamily]] = {"pretrain": PretrainFamily, "finetune": ClassifyFamily,

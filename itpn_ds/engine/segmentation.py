@@ -49,9 +49,9 @@ def resolve_config(cfg: RunConfig) -> None:
 
 
 def check_shards(cfg: RunConfig, train: bool = True) -> list[str]:
-    """The class names (by training id) of the segmentation shards the run reads; refuses shards of another
-    kind and a class count other than ``segment.num_classes``, naming the directory."""
-    from itpn_ds.data.annotations import SEGMENTATION
+    """The class names (by training id) of the segmentation shards the run reads (their kind is checked by
+    ``families.check_shard_kind``); refuses a class count other than ``segment.num_classes``, naming the
+    directory."""
     from itpn_ds.data.shards import Manifest
 
     keys = (("shards", "val_shards") if train else ("val_shards",))
@@ -61,9 +61,6 @@ def check_shards(cfg: RunConfig, train: bool = True) -> list[str]:
         if not directory:
             continue
         manifest = Manifest.load(directory)
-        if manifest.kind != SEGMENTATION:
-            raise ConfigError(f"data.{key}={directory} holds {manifest.kind} shards; the segment task needs "
-                              "segmentation shards (itpn-ds make-shards --kind segmentation)")
         if manifest.num_classes != cfg.segment.num_classes:
             raise ConfigError(f"data.{key}={directory} has {manifest.num_classes} classes but segment.num_classes="
                               f"{cfg.segment.num_classes}: set segment.num_classes={manifest.num_classes}")
