@@ -166,15 +166,20 @@ def test_forward_flops_cover_backbone_pyramid_and_heads():
     assert forward_flops(classifier) + 2 * block < forward_flops(pretrain) < 1.6 * 24 * block
 
 
+def built_for_pretraining(cfg):
+    """The model as a pre-training run gets it: built, then checked against the objective."""
+    model = components.build_model(cfg)
+    components.check_objective(cfg, model)
+    return model
+
+
 def test_engine_builds_the_model_for_the_clip_objective_only():
-    model = components.build_model(load_config("tiny_fast_pretrain_cpu", []))
-    assert isinstance(model, FastITPNClipDistill)
+    assert isinstance(built_for_pretraining(load_config("tiny_fast_pretrain_cpu", [])), FastITPNClipDistill)
     with pytest.raises(ConfigError, match=r"pretrain.objective=pixel needs an ITPNPixelMAE model"):
-        components.build_model(load_config("tiny_fast_pretrain_cpu", ["pretrain.objective=pixel"]))
-    classifier = load_config("tiny_fast_finetune_cpu", ["task=pretrain"])
+        built_for_pretraining(load_config("tiny_fast_pretrain_cpu", ["pretrain.objective=pixel"]))
     family = r"needs a CLIP-distillation model \(clip_tpn_\*, fast_clip_tpn_\*\).*builds FastITPN"
     with pytest.raises(ConfigError, match=family):
-        components.build_model(classifier)
+        built_for_pretraining(load_config("tiny_fast_finetune_cpu", ["task=pretrain"]))
     assert isinstance(components.build_model(load_config("tiny_fast_finetune_cpu", [])), FastITPN)
 
 

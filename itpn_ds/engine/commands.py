@@ -25,7 +25,6 @@ from itpn_ds.engine import components
 from itpn_ds.engine.checkpoint import (CheckpointError, CheckpointManager, CheckpointRef, needs_universal,
                                       read_checkpoint)
 from itpn_ds.engine.ds_config import build_ds_config, zero_stage
-from itpn_ds.engine.ema import WeightEma
 from itpn_ds.engine.families import task_family
 from itpn_ds.engine.export import (WEIGHTS, consolidated_state_dict, export_checkpoint, live_state_dict,
                                    model_metadata, write_export)
@@ -110,7 +109,7 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     tracker.log_params({**_flat(to_dict(cfg)), **_flat(ds_config, "ds_config.")})  # run config + resolved DeepSpeed JSON
     if runtime.rank == 0:
         tracker.log_artifact(run_dir / "config.yaml")
-    ema = WeightEma(engine.module, cfg.finetune.ema_decay) if cfg.task == "finetune" and cfg.finetune.ema_decay > 0 else None
+    ema = family.weight_ema(engine.module)
     parts = LoopParts(engine=engine, loader=train_loader, task=task,
                       schedule=build_schedule(cfg.optim, steps_per_epoch, total),
                       checkpoints=checkpoints, tracker=tracker, device=runtime.device, total_steps=total,

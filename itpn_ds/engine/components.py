@@ -39,7 +39,6 @@ def build_model(cfg: RunConfig) -> nn.Module:
         model = timm.create_model(cfg.model.name, drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"model.name={cfg.model.name!r} with model.kwargs={cfg.model.kwargs}: {exc}") from exc
-    _check_objective(cfg, model)
     policy = cfg.model.grad_checkpointing
     if policy != "off":
         every_k = 1 if policy == "every" else cfg.model.checkpoint_every_k
@@ -80,10 +79,8 @@ def _check_model_kwargs(cfg: RunConfig) -> None:
                           f"known keywords: {', '.join(sorted(known))}")
 
 
-def _check_objective(cfg: RunConfig, model: nn.Module) -> None:
-    """Pre-training objectives need their model family: CLIP distillation heads or a pixel decoder."""
-    if cfg.task != "pretrain":
-        return
+def check_objective(cfg: RunConfig, model: nn.Module) -> None:
+    """The pre-training objective needs its model family: CLIP distillation heads or a pixel decoder."""
     from itpn_ds.models.clip_distill import ClipDistillHeads
     from itpn_ds.models.pixel_mae import ITPNPixelMAE
 

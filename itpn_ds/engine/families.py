@@ -8,6 +8,7 @@
 2. ``prepare_model(model, runtime, train)``: model checks, and the model the engine wraps (SyncBatchNorm);
 3. ``loaders(rank, world_size, train)``: (train loader, eval loader);
 4. ``after_engine(engine)``: what the DeepSpeed-wrapped model needs (BatchNorm buffers in the weights' dtype);
+   ``weight_ema(module)``: the weight EMA a classifier keeps;
 5. ``loss(device)``: the per-micro-batch ``Task`` (``itpn_ds.engine.tasks``);
 6. ``evaluator(model, loader, device, autocast_dtype, ema)``: a call returning the evaluation metrics, all ranks
    together; ``best_metric`` (higher is better) picks ``RUN_DIR/best``, ``eval_every_epochs`` how often;
@@ -74,6 +75,10 @@ class TaskFamily(ABC):
     def after_engine(self, engine: Any) -> None:
         pass
 
+    def weight_ema(self, module: nn.Module) -> WeightEma | None:
+        """The EMA of the trained weights the run keeps (evaluated and exported beside them); None: none."""
+        return None
+
     @abstractmethod
     def loss(self, device: torch.device) -> Task: ...
 
@@ -87,6 +92,10 @@ class TaskFamily(ABC):
 
 class PretrainFamily(TaskFamily):
     """CLIP distillation (cached or online teacher) or pixel reconstruction; nothing to evaluate."""
+
+    def prepare_model(self, model: nn.Module, runtime: Runtime, train: bool) -> nn.Module:
+        components.check_objective(self.cfg, model)
+        return model
 
     def loaders(self, rank: int, world_size: int, train: bool) -> Loaders:
         return (components.build_pretrain_loader(self.cfg, rank, world_size) if train else None), None
@@ -123,6 +132,10 @@ class ClassifyFamily(TaskFamily):
     def loss(self, device: torch.device) -> Task:
         ft = self.cfg.finetune
         return ClassifyTask(label_smoothing=ft.label_smoothing, mixup=components.build_mixup(self.cfg))
+
+    def weight_ema(self, module: nn.Module) -> WeightEma | None:
+        decay = self.cfg.finetune.ema_decay
+        return WeightEma(module, decay) if decay > 0 else None
 
     def evaluator(self, model: Any, loader: Loader, device: torch.device, autocast_dtype: torch.dtype | None,
                   ema: WeightEma | None) -> Evaluator:
