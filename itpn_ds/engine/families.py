@@ -45,18 +45,19 @@ class TaskFamily(ABC):
 
     best_metric = ""
     shard_kind: str | None = None
+    section: str | None = None  # the config section with the task's ``init`` and ``eval_every_epochs``
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
 
     @property
     def init_source(self) -> str:
-        """The checkpoint the run starts from (``finetune.init``, ...); empty: none."""
-        return ""
+        """The checkpoint the run starts from (``finetune.init``, ``segment.init``, ...); empty: none."""
+        return getattr(self.cfg, self.section).init if self.section else ""
 
     @property
     def eval_every_epochs(self) -> int:
-        return 1
+        return getattr(self.cfg, self.section).eval_every_epochs if self.section else 1
 
     def check(self, train: bool) -> None:
         if self.shard_kind is not None:
@@ -113,14 +114,7 @@ class ClassifyFamily(TaskFamily):
 
     best_metric = "top1"
     shard_kind = CLASSIFICATION
-
-    @property
-    def init_source(self) -> str:
-        return self.cfg.finetune.init
-
-    @property
-    def eval_every_epochs(self) -> int:
-        return self.cfg.finetune.eval_every_epochs
+    section = "finetune"
 
     def check(self, train: bool) -> None:
         super().check(train)
@@ -154,18 +148,11 @@ class SegmentFamily(TaskFamily):
 
     best_metric = segmentation.BEST_METRIC
     shard_kind = SEGMENTATION
+    section = "segment"
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         self.class_names: list[str] = []
-
-    @property
-    def init_source(self) -> str:
-        return self.cfg.segment.init
-
-    @property
-    def eval_every_epochs(self) -> int:
-        return self.cfg.segment.eval_every_epochs
 
     def check(self, train: bool) -> None:
         super().check(train)
@@ -204,14 +191,7 @@ class DetectFamily(TaskFamily):
 
     best_metric = "bbox_AP"
     shard_kind = DETECTION
-
-    @property
-    def init_source(self) -> str:
-        return self.cfg.detect.init
-
-    @property
-    def eval_every_epochs(self) -> int:
-        return self.cfg.detect.eval_every_epochs
+    section = "detect"
 
     def check(self, train: bool) -> None:
         super().check(train)
