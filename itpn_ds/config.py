@@ -358,6 +358,9 @@ class DetectConfig:
     eval_short_side, eval_max_long_side: evaluation resize (published 800, 1333).
     eval_every_epochs: COCO box / mask AP on ``data.val_shards`` every this many epochs and at the end; the
                        best box AP is exported to ``RUN_DIR/best``.
+    sync_bn:           the box head's BatchNorm as SyncBatchNorm over the ranks when there are several and the
+                       device is CUDA (the published SyncBN); elsewhere plain BN per rank, its running
+                       statistics averaged over the ranks after every forward.
     The model's ``num_classes`` (``model.kwargs.num_classes``, counting the background) must be the shards'
     categories + 1.
     """
@@ -369,6 +372,7 @@ class DetectConfig:
     eval_short_side: int = 800
     eval_max_long_side: int = 1333
     eval_every_epochs: int = 1
+    sync_bn: bool = True
 
     def __post_init__(self) -> None:
         sides = [*self.short_sides, self.max_long_side, self.eval_short_side, self.eval_max_long_side]

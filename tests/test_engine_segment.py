@@ -14,8 +14,8 @@ import itpn_ds.models  # noqa: F401 - registers the names
 from itpn_ds.config import load_config
 from itpn_ds.data.batch import Batch
 from itpn_ds.engine.schedule import PolySchedule, build_schedule
-from itpn_ds.engine.segmentation import (SegmentTask, area_counts, slide_logits, summarize, sync_batch_norm,
-                                         whole_logits, window_boxes)
+from itpn_ds.engine.batch_norm import sync_batch_norm
+from itpn_ds.engine.segmentation import SegmentTask, area_counts, slide_logits, summarize, whole_logits, window_boxes
 from tests.fixtures.cli import free_port
 
 TINY = dict(img_size=64, embed_dim=64, mlp_depth1=1, mlp_depth2=1, depth=4, num_heads=2, fpn_dim=32, init_values=0.1,
@@ -123,10 +123,10 @@ def test_sync_batchnorm_has_no_cpu_kernel_so_cpu_ranks_keep_plain_batchnorm(mode
     finally:
         if joined:
             dist.destroy_process_group()
-    kept = sync_batch_norm(model, cfg, world_size=2, device=torch.device("cpu"))
+    kept = sync_batch_norm(model, cfg.segment.sync_bn, world_size=2, device=torch.device("cpu"), option="segment.sync_bn")
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in kept.modules())
-    converted = sync_batch_norm(timm.create_model("upernet_itpn_base_3324_patch16_512", **TINY), cfg, world_size=2,
-                                device=torch.device("cuda"))
+    converted = sync_batch_norm(timm.create_model("upernet_itpn_base_3324_patch16_512", **TINY), cfg.segment.sync_bn,
+                                world_size=2, device=torch.device("cuda"), option="segment.sync_bn")
     norms = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert norms and all(isinstance(m, nn.SyncBatchNorm) for m in norms)
     assert set(converted.state_dict()) == set(model.state_dict())  # checkpoints move between the two

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from torch import nn
 from itpn_ds.config import ConfigError, RunConfig
 from itpn_ds.data.det_pipeline import DetectionBatch, DetRecipe
 from itpn_ds.data.shards import Manifest, ShardReader
+from itpn_ds.engine.batch_norm import RankAveragedStats
 from itpn_ds.engine.losses import global_valid_count
 from itpn_ds.engine.tasks import MicroResult
 
@@ -95,9 +96,12 @@ def build_detection_loaders(cfg: RunConfig, rank: int, world_size: int, train: b
 
 @dataclass
 class DetectTask:
-    """Sum of the Mask R-CNN losses of a ``DetectionBatch`` (module docstring); parts: the five losses."""
+    """Sum of the Mask R-CNN losses of a ``DetectionBatch`` (module docstring); parts: the five losses. The box
+    head's plain BatchNorm on several ranks (the CPU) has its running statistics averaged over the ranks after
+    the forward (``engine/batch_norm.py``)."""
 
     name: str = "detect"
+    _stats: RankAveragedStats = field(default_factory=RankAveragedStats, repr=False)
 
     def forward(self, model: nn.Module, batch: DetectionBatch) -> MicroResult:
         valid = batch.valid.bool().tolist()
@@ -105,6 +109,7 @@ class DetectTask:
         # A rank whose micro-batch is all padding still runs a forward (DeepSpeed's hooks and collectives), weight 0.
         keep = [i for i, ok in enumerate(valid) if ok] or [0]
         losses = model([batch.images[i] for i in keep], [batch.targets[i] for i in keep])
+        self._stats(model)
         count = global_valid_count(torch.tensor(local, device=batch.images[0].device))
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         loss = sum(losses.values()) * (local * world / count.clamp(min=1))

@@ -5,7 +5,8 @@
 
 1. ``check(train)``: the configuration against the shards, before anything is built or written (a
    segmentation run also takes its class count and names from here);
-2. ``prepare_model(model, runtime, train)``: model checks, and the model the engine wraps (SyncBatchNorm);
+2. ``prepare_model(model, runtime, train)``: model checks, and the model the engine wraps (the dense heads'
+   SyncBatchNorm, ``engine/batch_norm.py``);
 3. ``loaders(rank, world_size, train)``: (train loader, eval loader);
 4. ``after_engine(engine)``: what the DeepSpeed-wrapped model needs (BatchNorm buffers in the weights' dtype);
    ``weight_ema(module)``: the weight EMA a classifier keeps;
@@ -30,7 +31,7 @@ from itpn_ds.config import ConfigError, RunConfig
 from itpn_ds.data.annotations import CLASSIFICATION, DETECTION, SEGMENTATION
 from itpn_ds.data.batch import Loader
 from itpn_ds.data.shards import Manifest
-from itpn_ds.engine import components, detection, segmentation
+from itpn_ds.engine import batch_norm, components, detection, segmentation
 from itpn_ds.engine.ema import WeightEma
 from itpn_ds.engine.runtime import Runtime
 from itpn_ds.engine.tasks import ClassifyTask, ClipDistillTask, PixelTask, Task, evaluate_classifier
@@ -161,7 +162,10 @@ class SegmentFamily(TaskFamily):
 
     def prepare_model(self, model: nn.Module, runtime: Runtime, train: bool) -> nn.Module:
         segmentation.check_model(self.cfg, model, runtime.world_size, runtime.device)
-        return segmentation.sync_batch_norm(model, self.cfg, runtime.world_size, runtime.device) if train else model
+        if not train:
+            return model
+        return batch_norm.sync_batch_norm(model, self.cfg.segment.sync_bn, runtime.world_size, runtime.device,
+                                          "segment.sync_bn")
 
     def flops_per_image(self, model: nn.Module) -> float:
         return components.forward_flops_per_image(model, self.cfg.segment.crop_size)
@@ -170,7 +174,7 @@ class SegmentFamily(TaskFamily):
         return segmentation.build_loaders(self.cfg, rank, world_size, train)
 
     def after_engine(self, engine: Any) -> None:
-        segmentation.norm_buffers_to_param_dtype(engine.module)
+        batch_norm.norm_buffers_to_param_dtype(engine.module)
 
     def loss(self, device: torch.device) -> Task:
         return segmentation.SegmentTask(aux_weight=self.cfg.segment.aux_weight)
@@ -199,7 +203,10 @@ class DetectFamily(TaskFamily):
 
     def prepare_model(self, model: nn.Module, runtime: Runtime, train: bool) -> nn.Module:
         detection.check_detection_model(self.cfg, model)
-        return model
+        if not train:
+            return model
+        return batch_norm.sync_batch_norm(model, self.cfg.detect.sync_bn, runtime.world_size, runtime.device,
+                                          "detect.sync_bn")
 
     def flops_per_image(self, model: nn.Module) -> float:
         return 0.0  # images of their own sizes: no per-image FLOPs, so no MFU

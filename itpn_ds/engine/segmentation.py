@@ -5,8 +5,8 @@
   stride.
 * :func:`build_loaders`: ``SegTrainLoader`` with the ``segment`` section's recipe, ``SegEvalLoader`` at
   ``segment.scale``.
-* :func:`sync_batch_norm`: the heads' BatchNorm as SyncBatchNorm on several CUDA ranks (the published SyncBN);
-  elsewhere :func:`average_running_stats` keeps the running statistics equal on all ranks.
+* the heads' BatchNorm: SyncBatchNorm on several CUDA ranks, running statistics averaged over the ranks
+  elsewhere (``itpn_ds.engine.batch_norm``).
 * :class:`SegmentTask`: cross-entropy of the decode head + ``aux_weight`` x that of the auxiliary head, each the
   mean over every labelled pixel of the step on all ranks (ignored pixels and padding samples count nothing).
 * :func:`evaluate_segmentation`: sliding-window or whole-image inference, logits resized to each label map's
@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -27,11 +26,10 @@ from torch import nn
 
 from itpn_ds.config import ConfigError, RunConfig
 from itpn_ds.data.batch import Batch, Loader
+from itpn_ds.engine.batch_norm import RankAveragedStats, synchronised
 from itpn_ds.engine.losses import global_mean, global_valid_count, valid_mask
 from itpn_ds.engine.tasks import MicroResult
 from itpn_ds.models.segmentation import IGNORE_INDEX, SegmentationModel, upsample_logits
-
-log = logging.getLogger("itpn_ds.engine")
 
 BEST_METRIC = "mIoU"
 
@@ -80,43 +78,10 @@ def check_model(cfg: RunConfig, model: nn.Module, world_size: int, device: torch
         if any(side % stride for side in size):
             raise ConfigError(f"segment.{key}={list(size)} is not a multiple of the segmentation layout's coarsest "
                               f"stride {stride}: use e.g. {[max(stride, round(s / stride) * stride) for s in size]}")
-    if cfg.data.micro_batch < 2 and not synced_batch_norm(cfg, world_size, device):
+    if cfg.data.micro_batch < 2 and not synchronised(cfg.segment.sync_bn, world_size, device):
         raise ConfigError(f"data.micro_batch={cfg.data.micro_batch}: the heads' BatchNorm needs at least 2 images per "
                           "rank when it is not synchronised over ranks (one CUDA rank or the CPU); use "
                           "data.micro_batch=2 or more")
-
-
-def synced_batch_norm(cfg: RunConfig, world_size: int, device: torch.device) -> bool:
-    return cfg.segment.sync_bn and world_size > 1 and device.type == "cuda"
-
-
-def sync_batch_norm(model: nn.Module, cfg: RunConfig, world_size: int, device: torch.device) -> nn.Module:
-    """The heads' BatchNorm as ``SyncBatchNorm`` (statistics over all ranks, the published SyncBN) on several
-    CUDA ranks; plain BatchNorm per rank otherwise (PyTorch's SyncBatchNorm refuses CPU tensors), whose running
-    statistics ``SegmentTask`` keeps equal on every rank (:func:`average_running_stats`). The parameter and
-    buffer names are the same, so checkpoints move between the two."""
-    count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if synced_batch_norm(cfg, world_size, device):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        log.info("heads' BatchNorm: %d layers synchronised over %d ranks (SyncBatchNorm)", count, world_size)
-    elif world_size > 1:
-        why = "segment.sync_bn=false" if not cfg.segment.sync_bn else "no SyncBatchNorm kernel on the CPU"
-        log.info("heads' BatchNorm: %d layers normalising with per-rank batch statistics, running statistics "
-                 "averaged over the ranks after every forward (%s)", count, why)
-    return model
-
-
-def norm_buffers_to_param_dtype(model: nn.Module) -> None:
-    """BatchNorm running statistics in the dtype of the BatchNorm's parameters. DeepSpeed casts parameters to
-    bf16 / fp16 but not buffers, and BatchNorm kernels refuse a mix (the CPU's: "expected scalar type
-    BFloat16 but found Float"); the statistics are then kept at that precision, in checkpoints too (an export
-    is fp32 again)."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
-            for name in ("running_mean", "running_var"):
-                buffer = getattr(module, name)
-                if buffer is not None and buffer.dtype != module.weight.dtype:
-                    setattr(module, name, buffer.to(module.weight.dtype))
 
 
 def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
@@ -141,31 +106,6 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
     return train_loader, eval_loader
 
 
-def average_running_stats(norms: Sequence[nn.Module]) -> None:
-    """Replace the running mean / variance of unsynchronised BatchNorm layers by their mean over the ranks (one
-    all-reduce). After every forward this keeps them equal on all ranks, as a checkpoint (written from rank 0)
-    and an exact resume need: the running mean is then the running average of the ranks' mean batch means, as
-    SyncBatchNorm's; the variance the mean of the ranks' batch variances (SyncBatchNorm: the pooled variance)."""
-    slots = [(m, name) for m in norms for name in ("running_mean", "running_var") if getattr(m, name) is not None]
-    if not slots:
-        return
-    buffers = [getattr(m, name) for m, name in slots]
-    flat = torch.cat([b.float().flatten() for b in buffers])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for (module, name), old, value in zip(slots, buffers, flat.split([b.numel() for b in buffers])):
-        # new tensors, not copy_: the forward's autograd graph saved the old ones (CPU BatchNorm's backward reads them)
-        setattr(module, name, value.view_as(old).to(old.dtype))
-
-
-def unsynced_norms(model: nn.Module) -> list[nn.Module]:
-    """The BatchNorm layers of ``model`` whose statistics are per rank (not SyncBatchNorm), when several ranks run."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return []
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and not isinstance(m, nn.SyncBatchNorm) and m.track_running_stats]
-
-
 # -------------------------------------------------------------------------------------------------- loss
 
 def pixel_loss_sums(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -184,7 +124,7 @@ class SegmentTask:
     aux_weight: float = 0.4
     ignore_index: int = IGNORE_INDEX
     name: str = "segment"
-    _norms: list[nn.Module] | None = field(default=None, repr=False)
+    _stats: RankAveragedStats = field(default_factory=RankAveragedStats, repr=False)
 
     def forward(self, model: nn.Module, batch: Batch) -> MicroResult:
         if batch.label_maps is None:
@@ -192,10 +132,7 @@ class SegmentTask:
         valid = valid_mask(batch.valid, len(batch), batch.images.device)
         labels = batch.label_maps.masked_fill(~valid.bool()[:, None, None], self.ignore_index)  # padding: ignored
         output = model(batch.images)
-        if self._norms is None:
-            self._norms = unsynced_norms(model)
-        with torch.no_grad():
-            average_running_stats(self._norms)
+        self._stats(model)
         pixels = global_valid_count((labels != self.ignore_index).float())  # labelled pixels, all ranks
         loss_seg = global_mean(pixel_loss_sums(output.logits, labels, self.ignore_index), valid, pixels)
         parts = {"loss_seg": loss_seg.detach()}
