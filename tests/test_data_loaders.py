@@ -163,10 +163,10 @@ def test_sampled_views_follow_the_crop_scale():
 @pytest.mark.parametrize("mode", ["roi", "full"])
 def test_data_decode_reaches_the_loaders_decoder(demo_shards, mode):
     from itpn_ds.config import load_config
-    from itpn_ds.engine.components import build_loaders
+    from itpn_ds.engine.components import build_pretrain_loader
 
     cfg = load_config("tiny_pretrain_cpu", [f"data.shards={demo_shards}", "teacher.mode=online",
                                             f"data.decode={mode}", "data.device=cpu"])
-    loader, _ = build_loaders(cfg, rank=0, world_size=1)
+    loader = build_pretrain_loader(cfg, rank=0, world_size=1)
     assert loader.decoder.decode_mode == mode
     assert next(iter(loader)).images.shape == (8, 3, 64, 64)

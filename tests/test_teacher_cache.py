@@ -231,13 +231,13 @@ def test_cli_names_a_corrupt_sample_and_a_missing_checkpoint(demo_shards, tiny_c
 def test_run_refuses_a_cache_drawn_with_another_crop_scale(demo_shards, demo_cache):
     """The cache defines the views: a run whose data.crop_scale differs from the cache's boxes stops."""
     from itpn_ds.config import ConfigError, load_config
-    from itpn_ds.engine.components import build_loaders
+    from itpn_ds.engine.components import build_pretrain_loader
 
     overrides = ["task=pretrain", f"data.shards={demo_shards}", f"teacher.cache={demo_cache}",
                  f"teacher.resolution={TINY_RESOLUTION}", f"data.color_jitter={DEMO_CACHE_JITTER}",
                  "data.crop_scale=[0.2, 1.0]", "data.device=cpu"]
     with pytest.raises(ConfigError, match=r"crop scale \(0.08, 1.0\) but data.crop_scale is \(0.2, 1.0\)"):
-        build_loaders(load_config("tiny_pretrain_cpu", overrides), rank=0, world_size=1)
+        build_pretrain_loader(load_config("tiny_pretrain_cpu", overrides), rank=0, world_size=1)
 
 
 def test_a_flipped_byte_in_a_cached_target_is_found_when_read(demo_cache, tmp_path):
