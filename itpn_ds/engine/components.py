@@ -147,18 +147,13 @@ def build_classification_loaders(cfg: RunConfig, rank: int, world_size: int, tra
     return train_loader, eval_loader
 
 
-def check_label_range(cfg: RunConfig) -> None:
-    """Fine-tuning: every label of the train / val shards must be below ``finetune.num_classes``."""
-    from itpn_ds.data.shards import Manifest
-
-    for key in ("shards", "val_shards"):
-        directory = getattr(cfg.data, key)
-        if not directory:
-            continue
-        manifest = Manifest.load(directory)
+def check_label_range(cfg: RunConfig, manifests: dict[str, Any]) -> None:
+    """Fine-tuning: every label of the shards ``manifests`` (``data.<key>`` -> ``Manifest``) must be below
+    ``finetune.num_classes``."""
+    for key, manifest in manifests.items():
         needed = max(manifest.num_classes, max(manifest.labels, default=-1) + 1)
         if needed > cfg.finetune.num_classes:
-            raise ConfigError(f"data.{key}={directory} has {needed} classes (labels 0..{needed - 1}) but "
+            raise ConfigError(f"data.{key}={getattr(cfg.data, key)} has {needed} classes (labels 0..{needed - 1}) but "
                               f"finetune.num_classes={cfg.finetune.num_classes}: set finetune.num_classes={needed}")
 
 

@@ -42,33 +42,30 @@ MASK_THRESHOLD = 0.5              # torchvision's / mmdet's mask binarisation of
 
 # ------------------------------------------------------------------------------------------- checks
 
-def check_detection_shards(cfg: RunConfig) -> None:
-    """``data.shards`` / ``data.val_shards`` (detection shards, ``families.check_shard_kind``) must have the same
-    categories."""
-    category_ids = {key: Manifest.load(getattr(cfg.data, key)).category_ids
-                    for key in ("shards", "val_shards") if getattr(cfg.data, key)}
+def check_detection_shards(cfg: RunConfig, manifests: dict[str, Manifest]) -> None:
+    """The detection shards ``manifests`` (``data.<key>`` -> ``Manifest``; their kind is checked by
+    ``families.check_shard_kind``) must have the same categories."""
+    category_ids = {key: manifest.category_ids for key, manifest in manifests.items()}
     if len(category_ids) == 2 and category_ids["shards"] != category_ids["val_shards"]:
         raise ConfigError(f"data.shards={cfg.data.shards} and data.val_shards={cfg.data.val_shards} have other "
                           f"categories ({category_ids['shards']} vs {category_ids['val_shards']}): shard both from "
                           "annotation files with the same category list")
 
 
-def check_detection_model(cfg: RunConfig, model: nn.Module) -> None:
-    """The model's classes (background included) must be the shards' categories + 1, and the run's
-    precision one whose boxes torchvision can handle."""
+def check_detection_model(cfg: RunConfig, model: nn.Module, manifests: dict[str, Manifest]) -> None:
+    """The model's classes (background included) must be the categories + 1 of the shards ``manifests``, and
+    the run's precision one whose boxes torchvision can handle."""
     if cfg.deepspeed.precision != "fp32":
         raise ConfigError(f"task=detect with deepspeed.precision={cfg.deepspeed.precision}: the whole Mask R-CNN would "
                           "be cast, but its anchors, box decoding and NMS need fp32 (torchvision has no bf16 NMS); use "
                           "deepspeed.precision=fp32 with model.kwargs.backbone_autocast=bf16 (backbone in bf16, "
                           "heads in fp32)")
     classes = model.roi_heads.box_predictor.cls_score.out_features
-    for key in ("shards", "val_shards"):
-        directory = getattr(cfg.data, key)
-        if directory and Manifest.load(directory).num_classes + 1 != classes:
-            categories = Manifest.load(directory).num_classes
-            raise ConfigError(f"data.{key}={directory} has {categories} categories but model {cfg.model.name} has "
-                              f"num_classes={classes} (the background included): set "
-                              f"model.kwargs.num_classes={categories + 1}")
+    for key, manifest in manifests.items():
+        if manifest.num_classes + 1 != classes:
+            raise ConfigError(f"data.{key}={getattr(cfg.data, key)} has {manifest.num_classes} categories but model "
+                              f"{cfg.model.name} has num_classes={classes} (the background included): set "
+                              f"model.kwargs.num_classes={manifest.num_classes + 1}")
 
 
 # ------------------------------------------------------------------------------------------ loaders

@@ -50,6 +50,16 @@ class TaskFamily(ABC):
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self._manifests: dict[str, Manifest] = {}
+
+    def manifests(self, train: bool) -> dict[str, Manifest]:
+        """The manifests of ``data.shards`` (with ``train``) and ``data.val_shards``, those set, by key; each read
+        once per run, however many checks look at it."""
+        keys = ("shards", "val_shards") if train else ("val_shards",)
+        for key in keys:
+            if getattr(self.cfg.data, key) and key not in self._manifests:
+                self._manifests[key] = Manifest.load(getattr(self.cfg.data, key))
+        return {key: self._manifests[key] for key in keys if key in self._manifests}
 
     @property
     def init_source(self) -> str:
@@ -62,7 +72,7 @@ class TaskFamily(ABC):
 
     def check(self, train: bool) -> None:
         if self.shard_kind is not None:
-            check_shard_kind(self.cfg, self.shard_kind, ("shards", "val_shards") if train else ("val_shards",))
+            check_shard_kind(self.cfg, self.shard_kind, self.manifests(train))
 
     def prepare_model(self, model: nn.Module, runtime: Runtime, train: bool) -> nn.Module:
         return model
@@ -119,7 +129,7 @@ class ClassifyFamily(TaskFamily):
 
     def check(self, train: bool) -> None:
         super().check(train)
-        components.check_label_range(self.cfg)
+        components.check_label_range(self.cfg, self.manifests(train=True))  # the training labels even in evaluate
 
     def loaders(self, rank: int, world_size: int, train: bool) -> Loaders:
         return components.build_classification_loaders(self.cfg, rank, world_size, train)
@@ -144,7 +154,22 @@ class ClassifyFamily(TaskFamily):
         return evaluate
 
 
-class SegmentFamily(TaskFamily):
+class DenseFamily(TaskFamily):
+    """A dense task: its model checked by ``check_model``; in training its heads' BatchNorm as SyncBatchNorm over
+    CUDA ranks when ``<section>.sync_bn`` (``engine/batch_norm.py``)."""
+
+    @abstractmethod
+    def check_model(self, model: nn.Module, runtime: Runtime) -> None: ...
+
+    def prepare_model(self, model: nn.Module, runtime: Runtime, train: bool) -> nn.Module:
+        self.check_model(model, runtime)
+        if not train:
+            return model
+        return batch_norm.sync_batch_norm(model, getattr(self.cfg, self.section).sync_bn, runtime.world_size,
+                                          runtime.device, f"{self.section}.sync_bn")
+
+
+class SegmentFamily(DenseFamily):
     """Semantic segmentation (UperNet + FCN): mIoU / mAcc / aAcc and per-class IoU (``engine/segmentation.py``)."""
 
     best_metric = segmentation.BEST_METRIC
@@ -158,14 +183,10 @@ class SegmentFamily(TaskFamily):
     def check(self, train: bool) -> None:
         super().check(train)
         segmentation.resolve_config(self.cfg)  # sets model.kwargs.num_classes, so before the resume check
-        self.class_names = segmentation.check_shards(self.cfg, train)
+        self.class_names = segmentation.check_shards(self.cfg, self.manifests(train))
 
-    def prepare_model(self, model: nn.Module, runtime: Runtime, train: bool) -> nn.Module:
+    def check_model(self, model: nn.Module, runtime: Runtime) -> None:
         segmentation.check_model(self.cfg, model, runtime.world_size, runtime.device)
-        if not train:
-            return model
-        return batch_norm.sync_batch_norm(model, self.cfg.segment.sync_bn, runtime.world_size, runtime.device,
-                                          "segment.sync_bn")
 
     def flops_per_image(self, model: nn.Module) -> float:
         return components.forward_flops_per_image(model, self.cfg.segment.crop_size)
@@ -190,7 +211,7 @@ class SegmentFamily(TaskFamily):
                 + segmentation.format_per_class(metrics))
 
 
-class DetectFamily(TaskFamily):
+class DetectFamily(DenseFamily):
     """Detection and instance segmentation (Mask R-CNN): COCO box / mask AP (``engine/detection.py``)."""
 
     best_metric = "bbox_AP"
@@ -199,14 +220,10 @@ class DetectFamily(TaskFamily):
 
     def check(self, train: bool) -> None:
         super().check(train)
-        detection.check_detection_shards(self.cfg)
+        detection.check_detection_shards(self.cfg, self.manifests(train=True))
 
-    def prepare_model(self, model: nn.Module, runtime: Runtime, train: bool) -> nn.Module:
-        detection.check_detection_model(self.cfg, model)
-        if not train:
-            return model
-        return batch_norm.sync_batch_norm(model, self.cfg.detect.sync_bn, runtime.world_size, runtime.device,
-                                          "detect.sync_bn")
+    def check_model(self, model: nn.Module, runtime: Runtime) -> None:
+        detection.check_detection_model(self.cfg, model, self.manifests(train=True))
 
     def flops_per_image(self, model: nn.Module) -> float:
         return 0.0  # images of their own sizes: no per-image FLOPs, so no MFU
@@ -222,7 +239,7 @@ class DetectFamily(TaskFamily):
         shards = self.cfg.data.val_shards
         # only rank 0 scores, so only rank 0 reads the ground truth
         ground_truth = detection.coco_ground_truth(shards) if _rank() == 0 else None
-        category_ids = Manifest.load(shards).category_ids
+        category_ids = self.manifests(train=False)["val_shards"].category_ids
         return lambda: detection.evaluate_detector(model, loader, device, ground_truth, category_ids)
 
 
@@ -232,14 +249,13 @@ MAKE_SHARDS = {CLASSIFICATION: "itpn-ds make-shards IMAGES OUT",
                DETECTION: "itpn-ds make-shards IMAGES OUT --kind detection --annotations instances.json"}
 
 
-def check_shard_kind(cfg: RunConfig, kind: str, keys: tuple[str, ...]) -> None:
-    """Each of ``data.<key>`` that is set must hold shards of ``kind``; refused naming the key, the directory,
-    its kind and the make-shards command for the right one."""
-    for key in keys:
-        directory = getattr(cfg.data, key)
-        if directory and (found := Manifest.load(directory).kind) != kind:
-            raise ConfigError(f"data.{key}={directory} holds {found} shards; task={cfg.task} needs {kind} shards "
-                              f"({MAKE_SHARDS[kind]})")
+def check_shard_kind(cfg: RunConfig, kind: str, manifests: dict[str, Manifest]) -> None:
+    """The shards ``manifests`` (``data.<key>`` -> ``Manifest``) must be of ``kind``; refused naming the key, the
+    directory, its kind and the make-shards command for the right one."""
+    for key, manifest in manifests.items():
+        if manifest.kind != kind:
+            raise ConfigError(f"data.{key}={getattr(cfg.data, key)} holds {manifest.kind} shards; task={cfg.task} "
+                              f"needs {kind} shards ({MAKE_SHARDS[kind]})")
 
 
 FAMILIES: dict[str, type[TaskFamily]] = {"pretrain": PretrainFamily, "finetune": ClassifyFamily,

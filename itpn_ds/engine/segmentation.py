@@ -26,6 +26,7 @@ from torch import nn
 
 from itpn_ds.config import ConfigError, RunConfig
 from itpn_ds.data.batch import Batch, Loader
+from itpn_ds.data.shards import Manifest
 from itpn_ds.engine.batch_norm import RankAveragedStats, synchronised
 from itpn_ds.engine.losses import global_mean, global_valid_count, valid_mask
 from itpn_ds.engine.tasks import MicroResult
@@ -46,22 +47,16 @@ def resolve_config(cfg: RunConfig) -> None:
     cfg.model.kwargs["num_classes"] = cfg.segment.num_classes
 
 
-def check_shards(cfg: RunConfig, train: bool = True) -> list[str]:
-    """The class names (by training id) of the segmentation shards the run reads (their kind is checked by
-    ``families.check_shard_kind``); refuses a class count other than ``segment.num_classes``, naming the
-    directory."""
-    from itpn_ds.data.shards import Manifest
-
-    keys = (("shards", "val_shards") if train else ("val_shards",))
+def check_shards(cfg: RunConfig, manifests: dict[str, Manifest]) -> list[str]:
+    """The class names (by training id) of the segmentation shards ``manifests`` (``data.<key>`` -> ``Manifest``;
+    their kind is checked by ``families.check_shard_kind``); refuses a class count other than
+    ``segment.num_classes``, naming the directory."""
     names: list[str] = []
-    for key in keys:
-        directory = getattr(cfg.data, key)
-        if not directory:
-            continue
-        manifest = Manifest.load(directory)
+    for key, manifest in manifests.items():
         if manifest.num_classes != cfg.segment.num_classes:
-            raise ConfigError(f"data.{key}={directory} has {manifest.num_classes} classes but segment.num_classes="
-                              f"{cfg.segment.num_classes}: set segment.num_classes={manifest.num_classes}")
+            raise ConfigError(f"data.{key}={getattr(cfg.data, key)} has {manifest.num_classes} classes but "
+                              f"segment.num_classes={cfg.segment.num_classes}: set "
+                              f"segment.num_classes={manifest.num_classes}")
         names = sorted(manifest.classes, key=manifest.classes.get)
     return names
 
