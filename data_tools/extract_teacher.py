@@ -6,9 +6,9 @@ shards; finished files are skipped, so re-running resumes (docs/teacher_cache.md
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from itpn_ds.errors import print_error_line
 from itpn_ds.teacher.cache_format import DTYPES
 
 
@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
                             progress=not args.no_progress, loader=args.loader)
         written = extract_cache(cfg)
     except (ShardError, CacheError, TeacherLoadError, ValueError) as exc:
-        print(f"itpn-ds extract-teacher: {exc}", file=sys.stderr)
+        print_error_line(f"itpn-ds extract-teacher: {exc}")
         return 2
     print(f"extract-teacher: wrote {len(written)} cache file(s) into {cfg.out}")
     return 0

@@ -17,7 +17,7 @@ import sys
 import traceback
 from typing import Callable
 
-from itpn_ds.errors import DEBUG_ENV, USER_ERROR_EXIT_CODE, debug_enabled, user_message
+from itpn_ds.errors import DEBUG_ENV, USER_ERROR_EXIT_CODE, debug_enabled, print_error_line, user_message
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -75,7 +75,7 @@ def run_reporting_errors(name: str, command_main: Callable[[argparse.Namespace],
         if debug_enabled():
             traceback.print_exc()
         one_line = " ".join(message.split())  # a wrapped library message (DALI's, pydantic's) stays one line
-        print(f"itpn-ds {name}: {one_line}", file=sys.stderr, flush=True)
+        print_error_line(f"itpn-ds {name}: {one_line}")
         return USER_ERROR_EXIT_CODE
 
 

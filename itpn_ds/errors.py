@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 from pathlib import Path
 
 USER_ERROR_EXIT_CODE = 2
@@ -26,6 +27,18 @@ class UserError(Exception):
 
 class DiskSpaceError(UserError, OSError):
     """Not enough free space for what a run is about to write."""
+
+
+def print_error_line(line: str) -> None:
+    """Write ``line`` and its newline to stderr in one ``write``.
+
+    Every rank of a torchrun or srun job writes into the same stderr pipe, and the launchers set
+    ``PYTHONUNBUFFERED=1``: ``print`` would then issue the text and the newline as two system calls, and two
+    ranks failing together could join their lines into one. A single write of under ``PIPE_BUF`` (4 KiB)
+    bytes reaches the pipe whole.
+    """
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def debug_enabled() -> bool:

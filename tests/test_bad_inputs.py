@@ -550,3 +550,30 @@ def test_a_multi_line_message_is_reported_on_one_line(monkeypatch, capsys):
     assert cli_main(["pretrain", "--run-dir", "/tmp/unused"]) == 2
     err = capsys.readouterr().err
     assert err == "itpn-ds pretrain: shard-00000.tar: sample 'k' cannot be decoded: Critical error in pipeline: Error in thread 0\n"
+
+
+def test_the_report_reaches_stderr_in_one_write(monkeypatch):
+    """Ranks share one stderr pipe and the launchers set PYTHONUNBUFFERED=1: a report written as text, then
+    newline (``print``), let two ranks failing together join their lines into one (seen under torchrun)."""
+    import io
+
+    import itpn_ds.engine.commands as commands
+    from itpn_ds.errors import UserError
+
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[str] = []
+
+        def write(self, text):
+            self.calls.append(text)
+            return super().write(text)
+
+    def fail(*args, **kwargs):
+        raise UserError("run/: holds checkpoints of another run: choose a new --run-dir")
+
+    stderr = Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setattr(commands, "load_config", fail)
+    assert cli_main(["pretrain", "--run-dir", "/tmp/unused"]) == 2
+    assert stderr.calls == ["itpn-ds pretrain: run/: holds checkpoints of another run: choose a new --run-dir\n"]
