@@ -355,6 +355,10 @@ class DetectConfig:
     short_sides:       training: the shorter side (px) is drawn from these per image and epoch (published
                        480, 512, ..., 800), the longer capped at ``max_long_side`` (1333), keep ratio.
     flip_prob:         training horizontal-flip probability.
+    crop_prob:         probability of the published DETR-style crop branch (mmdet's ``AutoAugment`` between its
+                       two policies: 0.5): resize to a shorter side drawn from ``crop_short_sides`` (400, 500,
+                       600), cut a crop whose height and width are drawn from ``crop_size`` [min, max] px (384-600,
+                       each at most the image's), then the multi-scale resize above; 0 keeps only that resize.
     eval_short_side, eval_max_long_side: evaluation resize (published 800, 1333).
     eval_every_epochs: COCO box / mask AP on ``data.val_shards`` every this many epochs and at the end; the
                        best box AP is exported to ``RUN_DIR/best``.
@@ -369,6 +373,9 @@ class DetectConfig:
     short_sides: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     max_long_side: int = 1333
     flip_prob: float = 0.5
+    crop_prob: float = 0.5
+    crop_short_sides: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_size: list[int] = field(default_factory=lambda: [384, 600])
     eval_short_side: int = 800
     eval_max_long_side: int = 1333
     eval_every_epochs: int = 1
@@ -382,6 +389,12 @@ class DetectConfig:
                               f"{self.eval_max_long_side}")
         if not 0 <= self.flip_prob <= 1:
             raise ConfigError(f"detect.flip_prob must be in [0, 1], got {self.flip_prob}")
+        if not 0 <= self.crop_prob <= 1:
+            raise ConfigError(f"detect.crop_prob must be in [0, 1], got {self.crop_prob}")
+        if not self.crop_short_sides or min(self.crop_short_sides) < 1:
+            raise ConfigError(f"detect.crop_short_sides must be positive sizes in px, got {self.crop_short_sides}")
+        if len(self.crop_size) != 2 or not 1 <= self.crop_size[0] <= self.crop_size[1]:
+            raise ConfigError(f"detect.crop_size must be [min, max] px with 1 <= min <= max, got {self.crop_size}")
 
 
 @dataclass

@@ -226,6 +226,8 @@ CASES: list[Case] = [
     Case("detector classes off the shards", lambda ws: detect(ws, "model.kwargs.num_classes=81"),
          "has 4 categories but model mask_rcnn_itpn_base_3324 has num_classes=81 (the background included): set "
          "model.kwargs.num_classes=5"),
+    Case("detection crop size range reversed", lambda ws: detect(ws, "detect.crop_size=[120, 77]"),
+         "detect.crop_size must be [min, max] px with 1 <= min <= max, got [120, 77]"),
     Case("detector cast to bf16", lambda ws: detect(ws, "deepspeed.precision=bf16"),
          "task=detect with deepspeed.precision=bf16"),
     Case("evaluate a pre-training run as a detector",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from data_tools.verify_shards import verify
 from itpn_ds.cli import main as cli
 from itpn_ds.data import build_detection_loader, build_segmentation_loader
 from itpn_ds.data.annotations import SEGMENTATION, DenseSpec, instance_masks, label_lut, mask_box
-from itpn_ds.data.det_pipeline import DetRecipe
+from itpn_ds.data.det_pipeline import DetRecipe, SampleGeometry, resized_size, transform_sample
 from itpn_ds.data.seg_pipeline import SegImageDecoder
 from itpn_ds.data.seg_transforms import (Photometric, SegPlan, SegRecipe, category_ratio_ok, crop_labels,
                                          photometric_numpy, rescale_size, train_plan)
@@ -306,7 +307,7 @@ def test_seg_loader_refuses_other_shard_kinds(det_shards):
 # ----------------------------------------------------------------------------------- detection loader
 
 def test_detection_loader_boxes_follow_masks_through_resize_and_flip(det_shards):
-    recipe = DetRecipe(short_sides=(96, 128, 160), max_long_side=200)
+    recipe = DetRecipe(short_sides=(96, 128, 160), max_long_side=200, crop_prob=0.0)
     loader = build_detection_loader(det_shards, micro_batch=4, recipe=recipe, seed=0)
     flips = 0
     for epoch in range(2):
@@ -322,11 +323,85 @@ def test_detection_loader_boxes_follow_masks_through_resize_and_flip(det_shards)
                     x, y, bw, bh = mask_box(mask.numpy())
                     # nearest sampling: edges within half a pixel, plus one when downscaling skips a thin tip
                     assert np.allclose(box.numpy(), [x, y, x + bw, y + bh], atol=0.5 + (scale < 1) + 1e-3)
-                flips += loader.sample_transform(key, *target["orig_size"].flip(0).tolist())[1]
+                flips += loader.sample_geometry(key, *target["orig_size"].flip(0).tolist()).flip
     assert flips >= 3
     evaluation = build_detection_loader(det_shards, train=False, micro_batch=3, short_side=128, max_long_side=1333)
     batch = next(iter(evaluation))
     assert all(min(i.shape[1:]) == 128 for i in batch.images)
+
+
+def test_a_crop_keeps_its_region_clips_the_boxes_it_cuts_and_drops_the_instances_outside():
+    """A 100 x 80 black image with two white rectangles; the crop (20, 30)-(70, 70) resampled 2x to 100 x 80:
+    the first rectangle (10, 20, 30 x 40) is cut to (20, 30)-(40, 60), i.e. (0, 0, 40, 60) after the crop and
+    the resize; the second (80, 0, 10 x 10) lies outside and is dropped with its label and mask."""
+    pixels = np.zeros((80, 100, 3), dtype=np.uint8)
+    pixels[20:60, 10:40] = 255
+    pixels[0:10, 80:90] = 255
+    record = {"image_id": 7, "instances": [
+        {"bbox": [10, 20, 30, 40], "label": 1, "iscrowd": 0, "segmentation": [[10, 20, 40, 20, 40, 60, 10, 60]]},
+        {"bbox": [80, 0, 10, 10], "label": 2, "iscrowd": 0, "segmentation": [[80, 0, 90, 0, 90, 10, 80, 10]]}]}
+    geometry = SampleGeometry((20.0, 30.0, 70.0, 70.0), (100, 80), cropped=True)
+    image, target = transform_sample(Image.fromarray(pixels), record, geometry, keep_crowd=False)
+    assert image.shape == (3, 80, 100) and target["size"].tolist() == [80, 100]
+    assert target["boxes"].tolist() == [[0.0, 0.0, 40.0, 60.0]] and target["labels"].tolist() == [1]
+    mask = target["masks"][0].numpy()
+    assert mask.shape == (80, 100) and mask.sum() == 40 * 60 and mask[:60, :40].all()
+    white = image.mean(0).numpy()
+    assert (white[:59, :39] > 0.99).all() and (white[:, 42:] < 0.01).all() and (white[62:] < 0.01).all()
+    flipped = transform_sample(Image.fromarray(pixels), record, replace(geometry, flip=True), keep_crowd=False)[1]
+    assert flipped["boxes"].tolist() == [[60.0, 0.0, 100.0, 60.0]] and flipped["masks"][0, :60, 60:].all()
+    # an uncropped geometry keeps every instance and equals the plain resize
+    whole = transform_sample(Image.fromarray(pixels), record, SampleGeometry.whole(100, 80, (50, 40)), False)[1]
+    assert whole["boxes"].tolist() == [[5.0, 10.0, 20.0, 30.0], [40.0, 0.0, 45.0, 5.0]]
+
+
+def crop_fits(crop, width, height, first_size, crop_size) -> bool:
+    """Whether ``crop`` (in the original's px) is a whole-pixel crop of the image resized to ``first_size``
+    whose height and width lie in ``crop_size`` (each capped by the resized image's side)."""
+    (x0, y0, x1, y1), (w1, h1), (low, high) = crop, first_size, crop_size
+    edges = np.array([x0 * w1 / width, y0 * h1 / height, x1 * w1 / width, y1 * h1 / height])
+    if not np.allclose(edges, edges.round(), atol=1e-6):
+        return False
+    cw, ch = round(edges[2] - edges[0]), round(edges[3] - edges[1])
+    return min(w1, low) <= cw <= min(w1, high) and min(h1, low) <= ch <= min(h1, high)
+
+
+def test_the_crop_branch_draws_like_the_published_recipe_and_its_targets_stay_inside_the_boxes(det_shards):
+    """crop_prob 0.5 over 2 epochs of the 12 shapes images: about half the samples cropped; each crop's
+    height and width in the first resize's pixels within ``crop_size`` (or the whole side where that is
+    smaller), the crop resized to a drawn short side; masks inside their (clipped) boxes; the draws replay."""
+    recipe = DetRecipe(short_sides=(96, 128, 160), max_long_side=267, crop_prob=0.5, crop_short_sides=(80, 100, 120),
+                       crop_size=(77, 120))
+    loader = build_detection_loader(det_shards, micro_batch=4, recipe=recipe, seed=0)
+    cropped = seen = empty = 0
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            for image, target, key in zip(batch.images, batch.targets, batch.keys):
+                seen += 1
+                h0, w0 = target["orig_size"].tolist()
+                geometry = loader.sample_geometry(key, w0, h0)
+                assert geometry == loader.sample_geometry(key, w0, h0)  # keyed by (seed, key, epoch): replays
+                h, w = image.shape[1:]
+                assert (w, h) == geometry.size and (min(h, w) in recipe.short_sides or max(h, w) == 267)
+                assert target["masks"].shape == (len(target["boxes"]), h, w)
+                empty += len(target["boxes"]) == 0
+                if geometry.cropped:
+                    cropped += 1
+                    x0, y0, x1, y1 = geometry.crop
+                    assert 0 <= x0 < x1 <= w0 and 0 <= y0 < y1 <= h0
+                    assert any(crop_fits(geometry.crop, w0, h0, resized_size(w0, h0, side, 267), recipe.crop_size)
+                               for side in recipe.crop_short_sides), (geometry, w0, h0)
+                for box, mask in zip(target["boxes"].numpy(), target["masks"].numpy()):
+                    assert box[2] > box[0] and box[3] > box[1]
+                    ys, xs = np.nonzero(mask)
+                    if len(xs):
+                        assert xs.min() >= box[0] - 1.5 and xs.max() + 1 <= box[2] + 1.5
+                        assert ys.min() >= box[1] - 1.5 and ys.max() + 1 <= box[3] + 1.5
+    assert seen == 24 and 6 <= cropped <= 18, (cropped, seen)
+    plain = build_detection_loader(det_shards, micro_batch=4, recipe=replace(recipe, crop_prob=0.0), seed=0)
+    key = plain.manifest.keys[0]
+    assert not plain.sample_geometry(key, 120, 100).cropped
 
 
 # ---------------------------------------------------------------------------------------- bad input

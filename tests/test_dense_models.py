@@ -264,6 +264,22 @@ def test_mask_rcnn_trains_and_detects_on_images_of_two_sizes():
         assert det["masks"].shape == (n, 1, *image.shape[-2:])
 
 
+def test_mask_rcnn_trains_on_a_batch_with_an_image_left_without_instances():
+    """The loader's crop branch may cut every instance away (mmdet's ``allow_negative_crop``): such an image
+    is a background-only sample, and its empty target still trains (a finite loss that reaches the backbone)."""
+    torch.manual_seed(0)
+    few = dict(rpn_post_nms_top_n_train=100, box_batch_size_per_image=32)
+    model = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, detector_kwargs=few, **HIVIT).train()
+    images, targets = detection_batch()
+    images.append(torch.rand(3, 64, 128))
+    targets.append(dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64),
+                        masks=torch.zeros(0, 64, 128, dtype=torch.uint8)))
+    total = sum(model(images, targets).values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert model.get_parameter("backbone.body.blocks.0.mlp.fc1.weight").grad.abs().sum() > 0
+
+
 def test_mask_rcnn_detections_do_not_depend_on_the_first_image_it_saw():
     """The RoIAligns' level scales come from the backbone's strides, not from the first batch: torchvision
     would infer them from a 70 px high image padded to 128 one octave off and keep them (the standalone

@@ -158,7 +158,7 @@ def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_
         assert all(0.0 <= metrics[f"{t}_{m}"] <= 100.0 for t in ("bbox", "segm") for m in ("AP", "AP50", "AP75"))
     assert from_scratch["bbox_AP"] > 3  # both learn to find the shapes
     assert from_pretraining["bbox_AP"] > from_scratch["bbox_AP"] + 3, (from_pretraining, from_scratch)
-    assert from_pretraining["segm_AP"] > from_scratch["segm_AP"]
+    assert from_pretraining["segm_AP"] > from_scratch["segm_AP"]  # at this seed (not at seed 1: docs/dense.md)
 
     export = tmp_path / "export"
     itpn_ds_cli("export", "--checkpoint", str(pretrained), "--out", str(export))

@@ -325,3 +325,5 @@ def test_detection_recipe_has_the_published_optimizer_and_schedule(recipe):
     d = cfg.detect
     assert (d.short_sides, d.max_long_side, d.eval_short_side, d.eval_max_long_side) == \
         (list(range(480, 801, 32)), 1333, 800, 1333)
+    # the DETR-style branch of the configs' AutoAugment: one of its two policies, resize 400/500/600, crop 384-600
+    assert (d.flip_prob, d.crop_prob, d.crop_short_sides, d.crop_size) == (0.5, 0.5, [400, 500, 600], [384, 600])

@@ -4,11 +4,18 @@ Torch (PIL) only: each sample's instances are a variable-length record with mask
 COCO RLE/polygons on the host anyway, so a DALI graph would only take over the JPEG decode and resize;
 the loaders decode, resize and flip on a thread pool of ``num_threads``.
 
-Training (:class:`DetTrainLoader`, mmdet/detectron2's multi-scale recipe): the shorter side drawn from
+Training (:class:`DetTrainLoader`, the published configs' DETR-style recipe): the shorter side drawn from
 ``recipe.short_sides`` (480, 512, ..., 800), the longer side capped at ``recipe.max_long_side`` (1333),
-keep ratio; horizontal flip with p 0.5; both drawn from (seed, key, epoch), so a resumed run replays them.
-Crowd instances are dropped. Evaluation (:class:`DetEvalLoader`): shorter side 800 (long <= 1333), no
-flip, crowd instances kept (``iscrowd`` 1), fixed order.
+keep ratio; horizontal flip with p 0.5. With probability ``recipe.crop_prob`` (published 0.5, mmdet's
+``AutoAugment`` choosing between its two policies) the image is first resized to a shorter side of
+``recipe.crop_short_sides`` (400, 500, 600), a random ``crop_size`` range (384-600 px, height and width
+drawn apart, at most the image's) is cut from it at a random offset, and that crop is what gets the
+multi-scale resize. Boxes cut by the crop are clipped to it and those left without area dropped with their
+masks and labels (mmdet's ``RandomCrop``, ``allow_negative_crop``: a crop may keep no instance at all). All
+draws come from (seed, key, epoch), so a resumed run replays them. The two resizes of the crop branch are
+composed into one resample of the crop's region of the original image (:class:`SampleGeometry`), where
+mmdet resamples twice. Crowd instances are dropped. Evaluation (:class:`DetEvalLoader`): shorter side 800
+(long <= 1333), no flip, crowd instances kept (``iscrowd`` 1), fixed order.
 
 Both yield :class:`DetectionBatch`: ``images`` a list of (3, H_i, W_i) float32 RGB in [0, 1] (torchvision's
 detection models normalize and batch them themselves; configure their transform not to resize again)
@@ -41,11 +48,33 @@ from itpn_ds.data.views import key_hash
 @dataclass(frozen=True)
 class DetRecipe:
     """short_sides: the shorter sides training draws from; max_long_side: cap of the longer side;
-    flip_prob: horizontal flip probability."""
+    flip_prob: horizontal flip probability; crop_prob: probability of the crop branch, which resizes to a
+    shorter side of ``crop_short_sides`` (longer <= ``max_long_side``) and cuts a crop whose height and width
+    are drawn from ``crop_size`` (min, max) px (each at most the resized image's) before the multi-scale resize."""
 
     short_sides: tuple[int, ...] = tuple(range(480, 801, 32))
     max_long_side: int = 1333
     flip_prob: float = 0.5
+    crop_prob: float = 0.5
+    crop_short_sides: tuple[int, ...] = (400, 500, 600)
+    crop_size: tuple[int, int] = (384, 600)
+
+
+@dataclass(frozen=True)
+class SampleGeometry:
+    """Where one sample's pixels come from: the region ``crop`` (x0, y0, x1, y1) of the original image in its
+    pixels (fractional where a crop was cut from a resized image; the whole image otherwise), resampled to
+    ``size`` (w, h) px, then flipped horizontally when ``flip``; ``cropped``: instances cut away by the crop
+    are dropped."""
+
+    crop: tuple[float, float, float, float]
+    size: tuple[int, int]
+    flip: bool = False
+    cropped: bool = False
+
+    @classmethod
+    def whole(cls, width: int, height: int, size: tuple[int, int], flip: bool = False) -> "SampleGeometry":
+        return cls((0.0, 0.0, float(width), float(height)), size, flip)
 
 
 @dataclass
@@ -72,20 +101,46 @@ def resized_size(width: int, height: int, short_side: int, max_long_side: int) -
     return max(1, round(width * factor)), max(1, round(height * factor))
 
 
-def transform_sample(image: Image.Image, record: dict, size: tuple[int, int], flip: bool,
+def crop_geometry(width: int, height: int, recipe: DetRecipe, short_side: int, flip: bool,
+                  rng: np.random.Generator) -> SampleGeometry:
+    """The crop branch of one sample (``DetRecipe``): resize to a drawn ``crop_short_sides`` entry, cut a crop
+    of drawn height and width at a drawn offset (mmdet's ``RandomCrop``, ``absolute_range``), resize that crop
+    to ``short_side``; the result as one region of the original image."""
+    first = int(recipe.crop_short_sides[int(rng.integers(len(recipe.crop_short_sides)))])
+    w1, h1 = resized_size(width, height, first, recipe.max_long_side)
+    low, high = recipe.crop_size
+    crop_h = int(rng.integers(min(h1, low), min(h1, high) + 1))
+    crop_w = int(rng.integers(min(w1, low), min(w1, high) + 1))
+    y = int(rng.integers(0, h1 - crop_h + 1))
+    x = int(rng.integers(0, w1 - crop_w + 1))
+    # in the original's px (products before the division: the far edge of a crop at the border is exactly
+    # the image's, as PIL requires)
+    region = (x * width / w1, y * height / h1, (x + crop_w) * width / w1, (y + crop_h) * height / h1)
+    return SampleGeometry(region, resized_size(crop_w, crop_h, short_side, recipe.max_long_side), flip, cropped=True)
+
+
+def transform_sample(image: Image.Image, record: dict, geometry: SampleGeometry,
                      keep_crowd: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One decoded image and its instance record -> (3, h, w) float image in [0, 1] and its target,
-    resized to ``size`` (w, h) and optionally flipped."""
+    """One decoded image and its instance record -> (3, h, w) float image in [0, 1] and its target: the
+    ``geometry.crop`` region resampled to ``geometry.size`` (w, h) (image bilinear, masks nearest, boxes
+    clipped to the region and scaled), optionally flipped."""
     instances = [a for a in record["instances"] if keep_crowd or not a["iscrowd"]]
     width, height = image.size
-    masks = instance_masks(instances, height, width)
-    rows, cols = nearest_index(height, size[1]), nearest_index(width, size[0])
-    masks = masks[:, rows[:, None], cols[None, :]]
+    (x0, y0, x1, y1), size = geometry.crop, geometry.size
     boxes = np.array([a["bbox"] for a in instances], dtype=np.float64).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]
-    boxes *= np.array([size[0] / width, size[1] / height] * 2)
-    pixels = np.asarray(image.resize(size, Image.Resampling.BILINEAR))
-    if flip:
+    if geometry.cropped:
+        boxes = np.clip(boxes - [x0, y0, x0, y0], 0.0, [x1 - x0, y1 - y0] * 2)
+        kept = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, instances = boxes[kept], [a for a, k in zip(instances, kept) if k]
+    boxes *= np.array([size[0] / (x1 - x0), size[1] / (y1 - y0)] * 2)
+    masks = instance_masks(instances, height, width)
+    rows = nearest_index(height, size[1], start=y0, extent=y1 - y0)
+    cols = nearest_index(width, size[0], start=x0, extent=x1 - x0)
+    masks = masks[:, rows[:, None], cols[None, :]]
+    box = None if not geometry.cropped else geometry.crop
+    pixels = np.asarray(image.resize(size, Image.Resampling.BILINEAR, box=box))
+    if geometry.flip:
         pixels, masks = pixels[:, ::-1], masks[:, :, ::-1]
         boxes[:, [0, 2]] = size[0] - boxes[:, [2, 0]]
     target = {"boxes": torch.from_numpy(boxes.astype(np.float32)),
@@ -109,8 +164,8 @@ class _DetectionLoader(EpochLoader):
                              "written by `make-shards --kind detection`")
         self._pool = ThreadPoolExecutor(max_workers=max(1, num_threads), thread_name_prefix="detection")
 
-    def sample_transform(self, key: str, width: int, height: int) -> tuple[tuple[int, int], bool]:
-        """(resized (w, h), flip) of one sample in the current epoch."""
+    def sample_geometry(self, key: str, width: int, height: int) -> SampleGeometry:
+        """Where the pixels of one sample in the current epoch come from."""
         raise NotImplementedError
 
     def _one(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -120,8 +175,7 @@ class _DetectionLoader(EpochLoader):
         except Exception as exc:  # PIL raises many types
             raise CorruptSampleError(f"sample {key!r} cannot be decoded: {exc}") from exc
         record = json.loads(self.reader.annotation(index))
-        size, flip = self.sample_transform(key, *image.size)
-        return transform_sample(image, record, size, flip, self.keep_crowd)
+        return transform_sample(image, record, self.sample_geometry(key, *image.size), self.keep_crowd)
 
     def _load(self, indices: np.ndarray, valid: np.ndarray) -> DetectionBatch:
         images, targets = zip(*self._pool.map(self._one, [int(i) for i in indices]))
@@ -136,11 +190,14 @@ class DetTrainLoader(_DetectionLoader):
         super().__init__(shards, micro_batch, **kwargs)
         self.recipe = recipe
 
-    def sample_transform(self, key: str, width: int, height: int) -> tuple[tuple[int, int], bool]:
+    def sample_geometry(self, key: str, width: int, height: int) -> SampleGeometry:
+        recipe = self.recipe
         rng = np.random.default_rng(key_hash("detection", self.seed, key, self.epoch))
-        short = int(self.recipe.short_sides[int(rng.integers(len(self.recipe.short_sides)))])
-        flip = bool(rng.random() < self.recipe.flip_prob)
-        return resized_size(width, height, short, self.recipe.max_long_side), flip
+        short = int(recipe.short_sides[int(rng.integers(len(recipe.short_sides)))])
+        flip = bool(rng.random() < recipe.flip_prob)
+        if recipe.crop_prob > 0 and rng.random() < recipe.crop_prob:
+            return crop_geometry(width, height, recipe, short, flip, rng)
+        return SampleGeometry.whole(width, height, resized_size(width, height, short, recipe.max_long_side), flip)
 
 
 class DetEvalLoader(FixedPass, _DetectionLoader):
@@ -153,6 +210,6 @@ class DetEvalLoader(FixedPass, _DetectionLoader):
         super().__init__(shards, micro_batch, **kwargs)
         self.short_side, self.max_long_side = short_side, max_long_side
 
-    def sample_transform(self, key: str, width: int, height: int) -> tuple[tuple[int, int], bool]:
-        return resized_size(width, height, self.short_side, self.max_long_side), False
+    def sample_geometry(self, key: str, width: int, height: int) -> SampleGeometry:
+        return SampleGeometry.whole(width, height, resized_size(width, height, self.short_side, self.max_long_side))
 

@@ -106,9 +106,11 @@ def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, 
     return int(width * factor + 0.5), int(height * factor + 0.5)
 
 
-def nearest_index(source: int, target: int) -> np.ndarray:
-    """(target,) source index of each output pixel of a nearest resize, pixel-centre convention."""
-    return np.minimum(((np.arange(target) + 0.5) * (source / target)).astype(np.int64), source - 1)
+def nearest_index(source: int, target: int, start: float = 0.0, extent: float | None = None) -> np.ndarray:
+    """(target,) source index of each output pixel of a nearest resize of the source span [start, start +
+    extent) (default: all ``source`` pixels) to ``target`` pixels, pixel-centre convention."""
+    extent = source if extent is None else extent
+    return np.clip((start + (np.arange(target) + 0.5) * (extent / target)).astype(np.int64), 0, source - 1)
 
 
 def crop_labels(labels: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
