@@ -138,8 +138,7 @@ def transform_sample(image: Image.Image, record: dict, geometry: SampleGeometry,
     rows = nearest_index(height, size[1], start=y0, extent=y1 - y0)
     cols = nearest_index(width, size[0], start=x0, extent=x1 - x0)
     masks = masks[:, rows[:, None], cols[None, :]]
-    box = None if not geometry.cropped else geometry.crop
-    pixels = np.asarray(image.resize(size, Image.Resampling.BILINEAR, box=box))
+    pixels = np.asarray(image.resize(size, Image.Resampling.BILINEAR, box=geometry.crop))  # whole: as box=None
     if geometry.flip:
         pixels, masks = pixels[:, ::-1], masks[:, :, ::-1]
         boxes[:, [0, 2]] = size[0] - boxes[:, [2, 0]]

@@ -81,8 +81,9 @@ def build_detection_loaders(cfg: RunConfig, rank: int, world_size: int, train: b
                   num_threads=d.num_threads)
     train_loader = eval_loader = None
     if train:
-        recipe = DetRecipe(tuple(det.short_sides), det.max_long_side, det.flip_prob, det.crop_prob,
-                           tuple(det.crop_short_sides), tuple(det.crop_size))
+        recipe = DetRecipe(short_sides=tuple(det.short_sides), max_long_side=det.max_long_side,
+                           flip_prob=det.flip_prob, crop_prob=det.crop_prob,
+                           crop_short_sides=tuple(det.crop_short_sides), crop_size=tuple(det.crop_size))
         train_loader = build_detection_loader(d.shards, train=True, recipe=recipe, **common)
     if d.val_shards:
         eval_loader = build_detection_loader(d.val_shards, train=False, short_side=det.eval_short_side,
