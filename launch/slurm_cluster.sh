@@ -19,7 +19,8 @@ export SLURM_CONF=$CONF
 
 die() { echo "slurm_cluster: $*" >&2; exit 1; }
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-controller_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
+# The pid file first: `scontrol ping` retries for about a minute when no slurmctld is listening.
+controller_up() { alive "$PREFIX/run/slurmctld.pid" && scontrol ping 2>/dev/null | grep -q 'is UP'; }
 
 node_names() {
   if [ "$NNODES" -gt 1 ]; then seq -f "c%g" 1 "$NNODES"; else hostname -s; fi
@@ -72,8 +73,9 @@ SlurmUser=root
 SlurmctldPort=6817
 SlurmdPort=6818
 AuthType=auth/munge
-# Credential lifetime; also how long a requeued job waits before it runs again (SLURM's default 120 s).
-AuthInfo=cred_expire=${SLURM_CRED_EXPIRE:-20}
+# Credential lifetime; also how long a requeued job waits before it runs again (SLURM's default 120 s;
+# 5 s is the least slurmctld accepts: below it, it warns and takes the default).
+AuthInfo=cred_expire=${SLURM_CRED_EXPIRE:-5}
 StateSaveLocation=$PREFIX/state
 SlurmdSpoolDir=$PREFIX/spool/slurmd-%n
 SlurmctldPidFile=$PREFIX/run/slurmctld.pid
@@ -86,6 +88,10 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 SelectType=select/cons_tres
+# A test cluster of a few jobs: schedule at once. SLURM's defaults hold a submitted batch job 3 s
+# (batch_sched_delay) and look again at pending jobs, such as a requeued one whose credential has just
+# expired, every 60 s (main loop) or 30 s (backfill).
+SchedulerParameters=batch_sched_delay=0,sched_interval=1,bf_interval=1
 SelectTypeParameters=CR_Core
 ReturnToService=2
 MailProg=/bin/true
