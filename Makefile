@@ -1,15 +1,23 @@
 # Two commands: `make demo` and `make test`. Both create .venv when missing.
+# `make test-fast` is the inner loop (docs/testing.md says which tier holds what).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+OPS    := $(VENV)/.ds_ops_built
 export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
+# Compiled code that belongs to this venv's torch lives in the venv, built or compiled once, kept between runs:
+# DeepSpeed's JIT ops (torch_extensions) and Inductor's kernels and graphs (inductor_cache).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+export TORCHINDUCTOR_CACHE_DIR ?= $(abspath $(VENV))/inductor_cache
+# The fast tier: no multi-process runs, no SLURM, no MLflow server, no Inductor compilation.
+FAST_TIER := not dist and not slurm and not mlflow_server and not compile
 
-.PHONY: venv demo test bench clean-demo
+.PHONY: venv demo test test-fast bench clean-demo
 
-venv: $(STAMP)
+venv: $(OPS)
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,13 +28,23 @@ $(STAMP): setup.py
 	$(PIP) install -q -e '.[test,demo]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# DeepSpeed JIT-builds its CPU ops on first use (the shared-memory all-reduce at every engine start, CPU Adam
+# for ZeRO-Offload; about 80 s on 2 cores): built here, once per venv, so no run and no test pays for them.
+$(OPS): $(STAMP)
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; \
+	[a().create_op_builder(n).load() for n in ('ShareMemCommBuilder', 'CPUAdamBuilder')]"
+	touch $(OPS)
+
+demo: $(OPS)
 	$(PY) -m itpn_ds.demo $(if $(TEACHER),--teacher-checkpoint $(TEACHER),) --out demo_out
 
-test: $(STAMP)
+test: $(OPS)
 	$(PY) -m pytest
 
-bench: $(STAMP)
+test-fast: $(OPS)
+	$(PY) -m pytest -m "$(FAST_TIER)"
+
+bench: $(OPS)
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 
 clean-demo:

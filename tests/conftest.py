@@ -1,10 +1,16 @@
 """Suite-wide settings. Fixtures shared between areas live in tests/fixtures/<area>.py, registered below."""
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# As the Makefile sets them: DeepSpeed's JIT ops (built when the venv is made) and Inductor's caches live in the
+# venv, so a pytest started by hand finds them too and no test builds an op or recompiles a kernel it has had.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(sys.prefix) / "inductor_cache"))
 
 pytest_plugins = [
     "tests.fixtures.images",

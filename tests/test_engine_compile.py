@@ -23,6 +23,7 @@ from itpn_ds.models.pixel_mae import random_masking
 from tests.fixtures.cli import losses_by_step, zero3_config_partitioning_all
 from tests.test_engine_zero import pretrain, succeeded
 
+pytestmark = pytest.mark.compile
 STEPS = 4
 CHECKPOINT_EVERY = 2
 KILL_BEFORE = 4  # rank 1 SIGKILLs itself before this step: the run holds the checkpoint of step 2
