@@ -31,7 +31,8 @@ class ClassMapError(UserError, ValueError):
     """Two class maps that do not agree by name, or a stored map that cannot be read; names both sides."""
 
 
-def _listed(names: list[str]) -> str:
+def short_list(names: list[str]) -> str:
+    """``'a', 'b', ... (+N more)``: class names short enough for one line."""
     shown = ", ".join(repr(n) for n in names[:SHOWN])
     return shown if len(names) <= SHOWN else f"{shown}, ... (+{len(names) - SHOWN} more)"
 
@@ -111,7 +112,7 @@ class Alignment:
 
     def describe(self, split_name: str, trained_name: str) -> str:
         """The one log line of a split that is not numbered exactly as training."""
-        lacks = f" (it lacks {_listed(list(self.missing))})" if self.missing else ""
+        lacks = f" (it lacks {short_list(list(self.missing))})" if self.missing else ""
         return (f"{split_name} holds {len(self.index)} of the {len(self.index) + len(self.missing)} classes of "
                 f"{trained_name}{lacks}: its labels are mapped to training's ids by name, and the metrics count "
                 "only its own classes' images")
@@ -123,7 +124,7 @@ def align(trained: ClassMap, split: ClassMap, split_name: str, trained_name: str
     unknown = [name for name in split.names if name not in trained.ids]
     if unknown:
         raise ClassMapError(f"{split_name} has {len(unknown)} class(es) that {trained_name} was not trained on "
-                            f"({_listed(unknown)}; training's: {_listed(trained.names)}): give shards of training's "
+                            f"({short_list(unknown)}; training's: {short_list(trained.names)}): give shards of training's "
                             "classes (make-shards --classes-from TRAIN_SHARDS numbers a split as training)")
     index = {split.ids[name]: trained.ids[name] for name in split.names}
     missing = tuple(name for name in trained.names if name not in split.ids)
