@@ -104,7 +104,7 @@ class TaskFamily(ABC):
             _log(logging.WARNING, "%s stores no class map (made before class maps were stored): %s is evaluated by "
                  "label id, which is right only if its shards number the classes as training's did (make-shards "
                  "--classes-from TRAIN_SHARDS)", self.classes_source, name)
-            self.classes = split
+            self.set_trained_classes(split, name)
         alignment = align(self.classes, split, name, self.classes_source)
         if alignment.missing or alignment.renumbers:
             _log(logging.INFO, "%s", alignment.describe(name, self.classes_source))
