@@ -73,7 +73,7 @@ class ClassMap:
     @property
     def names(self) -> list[str]:
         """Class names in label-id order."""
-        return list(self.ids)
+        return sorted(self.ids, key=self.ids.__getitem__)
 
     def category_of(self, name: str) -> int:
         """Detection: the annotation file's category id of class ``name`` (its labels start at 1)."""
