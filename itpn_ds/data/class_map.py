@@ -112,10 +112,12 @@ class Alignment:
 
     def describe(self, split_name: str, trained_name: str) -> str:
         """The one log line of a split that is not numbered exactly as training."""
-        lacks = f" (it lacks {short_list(list(self.missing))})" if self.missing else ""
+        mapped = "its labels are mapped to training's ids by name" if self.renumbers else "its labels are training's ids"
+        if not self.missing:
+            return f"{split_name} numbers the classes of {trained_name} otherwise: {mapped}"
         return (f"{split_name} holds {len(self.index)} of the {len(self.index) + len(self.missing)} classes of "
-                f"{trained_name}{lacks}: its labels are mapped to training's ids by name, and the metrics count "
-                "only its own classes' images")
+                f"{trained_name} (it lacks {short_list(list(self.missing))}): {mapped}, and the metrics count only "
+                "its own classes")
 
 
 def align(trained: ClassMap, split: ClassMap, split_name: str, trained_name: str) -> Alignment:
