@@ -137,6 +137,9 @@ def ds_json(ws: Ws, text: str) -> Path:
     return write(ws.tmp / "ds.json", text)
 
 
+STAGE_IN_WORDS = json.dumps({"zero_optimization": {"stage": "three"}})
+
+
 def pretrain_run_copy(ws: Ws) -> Path:
     return ws.pretrain
 
@@ -160,7 +163,8 @@ def classifier_export(out: Path, answer: int, classes: dict[str, int] | None) ->
     state["head.weight"] = torch.zeros_like(state["head.weight"])
     state["head.bias"] = torch.nn.functional.one_hot(torch.tensor(answer), state["head.bias"].numel()).float() * 10
     stored = {"classes": classes} if classes is not None else {}
-    return write_export(state, model_metadata(cfg.model.name, cfg.model.kwargs, "finetune", None, 0, out, **stored), out)
+    metadata = model_metadata(cfg.model.name, cfg.model.kwargs, "finetune", None, 0, out, **stored)
+    return write_export(state, metadata, out)
 
 
 def class_map_inputs(root: Path, images: Path, shards: Path, shapes) -> dict[str, Path]:
@@ -312,7 +316,7 @@ CASES: list[Case] = [
                      f"data.val_shards={ws.extra['seg_shards']}", "tracking.enabled=false"],
          "holds no SegmentationModel"),
     Case("DeepSpeed JSON stage not a number",
-         lambda ws: pretrain(ws, f"deepspeed.config={ds_json(ws, json.dumps({'zero_optimization': {'stage': 'three'}}))}"),
+         lambda ws: pretrain(ws, f"deepspeed.config={ds_json(ws, STAGE_IN_WORDS)}"),
          "zero_optimization.stage is 'three'; give 0, 1, 2 or 3"),
     # --- class maps: compared by name before any work
     Case("evaluate on a class training never had",
@@ -536,7 +540,8 @@ def test_a_latest_pointer_naming_a_missing_checkpoint_is_said_in_one_warning(ws,
     with caplog.at_level("WARNING"):
         assert CheckpointManager(ws.pretrain, keep_last=2, rank=0, world_size=1).latest().path == newest
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warning == f"{pointer} names step_99999999, which is not on disk: using {newest}, the newest checkpoint that verifies"
+    assert warning == (f"{pointer} names step_99999999, which is not on disk: using {newest}, the newest checkpoint "
+                       "that verifies")
 
 
 # ------------------------------------------------------------------------------------------ class maps
@@ -555,7 +560,8 @@ def test_weights_without_a_class_map_are_scored_by_index_with_a_warning(ws, caps
     """An export made before class maps were stored: evaluated by label id as before (here wrongly: 0 %), with a
     warning that names the risk."""
     with caplog.at_level("WARNING", logger="itpn_ds.engine"):
-        assert cli_main(evaluate(ws, ws.extra["always_rocket_unmapped"], f"data.val_shards={ws.extra['subset_shards']}")) == 0
+        argv = evaluate(ws, ws.extra["always_rocket_unmapped"], f"data.val_shards={ws.extra['subset_shards']}")
+        assert cli_main(argv) == 0
     assert top1(capsys.readouterr().out) == 0.0
     assert "stores no class map" in caplog.text and "evaluated by label id" in caplog.text
 

@@ -112,7 +112,8 @@ class Alignment:
 
     def describe(self, split_name: str, trained_name: str) -> str:
         """The one log line of a split that is not numbered exactly as training."""
-        mapped = "its labels are mapped to training's ids by name" if self.renumbers else "its labels are training's ids"
+        mapped = ("its labels are mapped to training's ids by name" if self.renumbers
+                  else "its labels are training's ids")
         if not self.missing:
             return f"{split_name} numbers the classes of {trained_name} otherwise: {mapped}"
         return (f"{split_name} holds {len(self.index)} of the {len(self.index) + len(self.missing)} classes of "
@@ -126,8 +127,8 @@ def align(trained: ClassMap, split: ClassMap, split_name: str, trained_name: str
     unknown = [name for name in split.names if name not in trained.ids]
     if unknown:
         raise ClassMapError(f"{split_name} has {len(unknown)} class(es) that {trained_name} was not trained on "
-                            f"({short_list(unknown)}; training's: {short_list(trained.names)}): give shards of training's "
-                            "classes (make-shards --classes-from TRAIN_SHARDS numbers a split as training)")
+                            f"({short_list(unknown)}; training's: {short_list(trained.names)}): give shards of "
+                            "training's classes (make-shards --classes-from TRAIN_SHARDS numbers a split as training)")
     index = {split.ids[name]: trained.ids[name] for name in split.names}
     missing = tuple(name for name in trained.names if name not in split.ids)
     return Alignment(index, missing)
