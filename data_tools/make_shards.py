@@ -5,6 +5,10 @@ detection`` takes an image directory with ``--annotations`` a COCO instances JSO
 (``itpn_ds.data.dense_sources``). Annotations that do not fit their image (size, label values, boxes,
 missing images) are bad samples like undecodable images.
 
+``--classes-from SHARDS_OR_FILE`` numbers a classification split as an existing shard set (its manifest) or a
+class-names file does, so a validation split gets training's label ids whatever classes it holds; an input
+whose class is not in that list is a bad input (listed and counted), never a new class.
+
 Re-running with the same arguments keeps the shards an earlier run finished. Files that cannot be
 decoded are listed in ``bad_files.tsv`` and counted in the manifest; the command exits 1 when their
 fraction exceeds ``--max-bad-fraction``.
@@ -12,13 +16,15 @@ fraction exceeds ``--max-bad-fraction``.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from itpn_ds.data.annotations import CLASSIFICATION, DETECTION, KINDS, SEGMENTATION, DenseSpec
+from itpn_ds.data.class_map import read_class_list
 from itpn_ds.data.dense_sources import coco_items, read_class_names, segmentation_items
 from itpn_ds.data.preprocess import PreprocessOptions
 from itpn_ds.data.shards import ShardError, SourceItem, write_shards
-from itpn_ds.data.sources import image_folder_items, shuffled, table_items
+from itpn_ds.data.sources import image_folder_items, renumber, shuffled, table_items
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -30,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                                                          ".png); detection: COCO instances JSON")
     parser.add_argument("--class-names", type=Path, help="segmentation: class names, one per line, training-id "
                                                          "order (with --reduce-zero-label the first names raw label 1)")
+    parser.add_argument("--classes-from", type=Path, metavar="SHARDS_OR_FILE",
+                        help="classification: number the classes as this shard directory or class-names file "
+                             "(one per line) does; inputs of other classes are bad inputs")
     parser.add_argument("--reduce-zero-label", action="store_true",
                         help="segmentation: raw label 0 is ignored and raw v is class v - 1 (ADE20K)")
     parser.add_argument("--shard-size", type=float, default=1024.0,
@@ -45,11 +54,32 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
-def list_inputs(args: argparse.Namespace) -> tuple[list[SourceItem], dict[str, int], DenseSpec | None]:
-    """Items, class map and dense spec (None: classification) from the command line."""
+@dataclass
+class Inputs:
+    """What the command line lists: the items, the class map they are labelled by, the dense kind's spec (None:
+    classification) and the (path, reason) of inputs refused before writing."""
+
+    items: list[SourceItem]
+    classes: dict[str, int]
+    spec: DenseSpec | None = None
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+def list_inputs(args: argparse.Namespace) -> Inputs:
+    """The inputs of the command line's source and kind."""
+    if args.classes_from is not None and args.kind != CLASSIFICATION:
+        raise ShardError(f"--classes-from is for classification shards; --kind {args.kind} takes its classes from "
+                         "--class-names (segmentation) or the annotation file (detection)")
     if args.kind == CLASSIFICATION:
         items, classes = table_items(args.source) if args.source.is_file() else image_folder_items(args.source)
-        return items, classes, None
+        if args.classes_from is None:
+            return Inputs(items, classes)
+        target = read_class_list(args.classes_from)
+        kept, rejected = renumber(items, classes, target, str(args.classes_from))
+        if not kept:
+            raise ShardError(f"{args.source}: none of its classes ({', '.join(sorted(classes)[:5])}, ...) is in the "
+                             f"class list of --classes-from {args.classes_from}: give the split of that data set")
+        return Inputs(kept, target, rejected=rejected)
     if args.annotations is None:
         raise ShardError(f"--kind {args.kind} needs --annotations (label-map directory or COCO JSON)")
     if args.kind == SEGMENTATION:
@@ -57,17 +87,17 @@ def list_inputs(args: argparse.Namespace) -> tuple[list[SourceItem], dict[str, i
             raise ShardError("--kind segmentation needs --class-names FILE")
         names = read_class_names(args.class_names)
         spec = DenseSpec(SEGMENTATION, len(names), args.reduce_zero_label)
-        return segmentation_items(args.source, args.annotations), {n: i for i, n in enumerate(names)}, spec
+        return Inputs(segmentation_items(args.source, args.annotations), {n: i for i, n in enumerate(names)}, spec)
     items, classes, category_ids = coco_items(args.annotations, args.source)
-    return items, classes, DenseSpec(DETECTION, len(classes), category_ids=tuple(category_ids))
+    return Inputs(items, classes, DenseSpec(DETECTION, len(classes), category_ids=tuple(category_ids)))
 
 
 def main(args: argparse.Namespace) -> int:
-    items, classes, spec = list_inputs(args)
+    inputs = list_inputs(args)
     options = PreprocessOptions(args.max_short_side, args.quality, args.reencode_all)
-    manifest = write_shards(shuffled(items, args.seed), args.out, classes, str(args.source), options,
+    manifest = write_shards(shuffled(inputs.items, args.seed), args.out, inputs.classes, str(args.source), options,
                             target_shard_bytes=int(args.shard_size * (1 << 20)), num_workers=args.workers,
-                            progress=not args.quiet, spec=spec)
+                            progress=not args.quiet, spec=inputs.spec, rejected=inputs.rejected)
     total = len(manifest) + manifest.num_bad
     print(f"{len(manifest)} samples in {len(manifest.shards)} shards, {manifest.num_classes} classes ({manifest.kind}), "
           f"{manifest.num_bad} bad ({args.out / manifest.bad_report}) -> {args.out}")

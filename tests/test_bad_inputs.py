@@ -137,12 +137,74 @@ def ds_json(ws: Ws, text: str) -> Path:
     return write(ws.tmp / "ds.json", text)
 
 
+STAGE_IN_WORDS = json.dumps({"zero_optimization": {"stage": "three"}})
+
+
 def pretrain_run_copy(ws: Ws) -> Path:
     return ws.pretrain
 
 
 def checkpoint_dir(ws: Ws) -> Path:
     return ws.pretrain / "checkpoints" / (ws.pretrain / "checkpoints" / "latest").read_text().strip()
+
+
+def classifier_export(out: Path, answer: int, classes: dict[str, int] | None) -> Path:
+    """An export of the tiny fine-tuning recipe's classifier that answers class id ``answer`` for every image
+    (its head's weights 0, its bias one-hot), storing the class map ``classes`` (None: none, as older exports)."""
+    import torch
+
+    from itpn_ds.config import load_config
+    from itpn_ds.engine.components import build_model
+    from itpn_ds.engine.export import model_metadata, write_export
+
+    cfg = load_config("tiny_finetune_cpu", [])
+    model = build_model(cfg)
+    state = model.state_dict()
+    state["head.weight"] = torch.zeros_like(state["head.weight"])
+    state["head.bias"] = torch.nn.functional.one_hot(torch.tensor(answer), state["head.bias"].numel()).float() * 10
+    stored = {"classes": classes} if classes is not None else {}
+    metadata = model_metadata(cfg.model.name, cfg.model.kwargs, "finetune", None, 0, out, **stored)
+    return write_export(state, metadata, out)
+
+
+def class_map_inputs(root: Path, images: Path, shards: Path, shapes) -> dict[str, Path]:
+    """The class-map cases' inputs: classification shards of the demo folder with one class folder renamed, of
+    its last 2 classes only (as a folder and as a path,label table), classifiers that always answer 'rocket'
+    (training id 3) with and without a stored map and one storing other names, and dense validation shards with
+    one class renamed 'blob'."""
+    out: dict[str, Path] = {}
+    renamed = root / "renamed_images"
+    shutil.copytree(images, renamed)
+    (renamed / "rocket").rename(renamed / "rocket_renamed")
+    subset = root / "subset_images"
+    shutil.copytree(images, subset)
+    for name in ("astronaut", "chelsea"):
+        shutil.rmtree(subset / name)
+    out["subset_table"] = table = write(root / "subset.csv", "path,label\n" + "".join(
+        f"{path},{path.parent.name}\n" for path in sorted(subset.rglob("*.jpg"))))
+    for name, source in (("renamed_shards", renamed), ("subset_shards", subset), ("subset_table_shards", table)):
+        out[name] = root / name
+        assert cli_main(["make-shards", str(source), str(out[name]), "--quiet"]) == 0
+    classes = Manifest.load(shards).classes
+    out["always_rocket"] = classifier_export(root / "always_rocket", classes["rocket"], classes)
+    out["always_rocket_unmapped"] = classifier_export(root / "always_rocket_unmapped", classes["rocket"], None)
+    out["other_classes"] = classifier_export(root / "other_classes", 3, {f"other_{i}": i for i in range(4)})
+    names = write(root / "seg_names.txt", shapes.class_names.read_text().replace("circle", "blob", 1))
+    out["seg_renamed"] = root / "seg_renamed"
+    assert cli_main(["make-shards", str(shapes.images("training")), str(out["seg_renamed"]), "--kind", "segmentation",
+                     "--annotations", str(shapes.annotations("training")), "--class-names", str(names),
+                     "--reduce-zero-label", "--quiet"]) == 0
+    coco = json.loads(shapes.coco("training").read_text())
+    coco["categories"][0]["name"] = "blob"
+    out["det_renamed"] = root / "det_renamed"
+    assert cli_main(["make-shards", str(shapes.images("training")), str(out["det_renamed"]), "--kind", "detection",
+                     "--annotations", str(write(root / "renamed.json", json.dumps(coco))), "--quiet"]) == 0
+    return out
+
+
+def top1(stdout: str) -> float:
+    """The top-1 (%) that ``itpn-ds evaluate`` printed."""
+    return float(stdout.split("top1 ", 1)[1].split()[0])
 
 
 # ------------------------------------------------------------------------------------------ the cases
@@ -253,6 +315,29 @@ CASES: list[Case] = [
          lambda ws: ["evaluate", "--config", "tiny_segment_cpu", "--checkpoint", str(ws.pretrain),
                      f"data.val_shards={ws.extra['seg_shards']}", "tracking.enabled=false"],
          "holds no SegmentationModel"),
+    Case("DeepSpeed JSON stage not a number",
+         lambda ws: pretrain(ws, f"deepspeed.config={ds_json(ws, STAGE_IN_WORDS)}"),
+         "zero_optimization.stage is 'three'; give 0, 1, 2 or 3"),
+    # --- class maps: compared by name before any work
+    Case("evaluate on a class training never had",
+         lambda ws: evaluate(ws, ws.extra["always_rocket"], f"data.val_shards={ws.extra['renamed_shards']}"),
+         "has 1 class(es) that"),
+    Case("fine-tune with a validation class training lacks",
+         lambda ws: finetune(ws, f"data.val_shards={ws.extra['renamed_shards']}"),
+         "was not trained on ('rocket_renamed'"),
+    Case("segment with a validation class training lacks",
+         lambda ws: segment(ws, f"data.val_shards={ws.extra['seg_renamed']}"), "was not trained on ('blob'"),
+    Case("detect with a validation category training lacks",
+         lambda ws: detect(ws, f"data.val_shards={ws.extra['det_renamed']}"), "was not trained on ('blob'"),
+    Case("make-shards numbered as a missing list",
+         lambda ws: ["make-shards", str(ws.images), str(ws.run), "--classes-from", str(ws.tmp / "nolist")],
+         "no such shard directory or class-names file"),
+    Case("make-shards numbered as detection shards",
+         lambda ws: ["make-shards", str(ws.images), str(ws.run), "--classes-from", str(ws.extra["det_shards"])],
+         "holds detection shards; give classification shards or a class-names file"),
+    Case("make-shards numbered as another set for segmentation",
+         lambda ws: ["make-shards", str(ws.images), str(ws.run), "--kind", "segmentation", "--annotations",
+                     str(ws.images), "--classes-from", str(ws.shards)], "--classes-from is for classification shards"),
     Case("labels beyond num_classes", lambda ws: finetune(ws, "finetune.num_classes=2", "model.kwargs.num_classes=2"),
          "set finetune.num_classes=4"),
     # --- run directory
@@ -358,6 +443,7 @@ def inputs(demo_shards, demo_cache, demo_image_folder, tiny_clip_checkpoint, tin
     extra["bad_meta"] = meta_run = root / "bad_meta"
     shutil.copytree(tiny_pretrain_run, meta_run)
     truncate(meta_run / "checkpoints" / tag / "meta.json")
+    extra.update(class_map_inputs(root, demo_image_folder, demo_shards, shapes))
     return dict(shards=demo_shards, cache=demo_cache, images=demo_image_folder, clip=tiny_clip_checkpoint,
                 pretrain=tiny_pretrain_run, extra=extra)
 
@@ -441,6 +527,86 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(ws, caplog):
     truncate(root / "step_00000001" / "rank00000.pt")
     with pytest.raises(CheckpointError, match="no checkpoint verifies"):
         manager.latest()
+
+
+def test_a_latest_pointer_naming_a_missing_checkpoint_is_said_in_one_warning(ws, caplog):
+    """``checkpoints/latest`` names a checkpoint that is not on disk (deleted, a partial copy): the run resumes from
+    the newest one that is, and one warning line says which, instead of switching silently."""
+    from itpn_ds.engine.checkpoint import CheckpointManager
+
+    newest = checkpoint_dir(ws)
+    pointer = ws.pretrain / "checkpoints" / "latest"
+    pointer.write_text("step_99999999\n")
+    with caplog.at_level("WARNING"):
+        assert CheckpointManager(ws.pretrain, keep_last=2, rank=0, world_size=1).latest().path == newest
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning == (f"{pointer} names step_99999999, which is not on disk: using {newest}, the newest checkpoint "
+                       "that verifies")
+
+
+# ------------------------------------------------------------------------------------------ class maps
+
+@pytest.mark.parametrize("split", ["subset_shards", "subset_table_shards"], ids=["folder", "table"])
+def test_a_split_of_fewer_classes_is_scored_by_name(split, ws, capsys, caplog):
+    """The demo classifier forced to answer 'rocket' (training id 3) on a split of the last 2 classes, numbered
+    0..1 by make-shards: by name 10 of its 20 images are right; by index it would be 0 %."""
+    with caplog.at_level("INFO", logger="itpn_ds.engine"):
+        assert cli_main(evaluate(ws, ws.extra["always_rocket"], f"data.val_shards={ws.extra[split]}")) == 0
+    assert top1(capsys.readouterr().out) == pytest.approx(50.0)
+    assert "holds 2 of the 4 classes of" in caplog.text and "it lacks 'astronaut', 'chelsea'" in caplog.text
+
+
+def test_weights_without_a_class_map_are_scored_by_index_with_a_warning(ws, capsys, caplog):
+    """An export made before class maps were stored: evaluated by label id as before (here wrongly: 0 %), with a
+    warning that names the risk."""
+    with caplog.at_level("WARNING", logger="itpn_ds.engine"):
+        argv = evaluate(ws, ws.extra["always_rocket_unmapped"], f"data.val_shards={ws.extra['subset_shards']}")
+        assert cli_main(argv) == 0
+    assert top1(capsys.readouterr().out) == 0.0
+    assert "stores no class map" in caplog.text and "evaluated by label id" in caplog.text
+
+
+def test_make_shards_numbers_a_split_as_training_and_counts_other_classes_as_bad(ws, capsys):
+    """``--classes-from TRAIN_SHARDS``: the split's labels are training's ids (the evaluation needs no mapping
+    and scores as by name), and a row of a class training does not have is a counted bad input."""
+    rows = ws.extra["subset_table"].read_text()
+    first_image = rows.splitlines()[1].split(",")[0]
+    table = write(ws.tmp / "val.csv", rows + f"{first_image},zebra\n")
+    out = ws.tmp / "val_shards"
+    argv = ["make-shards", str(table), str(out), "--classes-from", str(ws.shards), "--quiet"]
+    assert cli_main([*argv, "--max-bad-fraction", "0.1"]) == 0
+    manifest = Manifest.load(out)
+    assert manifest.classes == Manifest.load(ws.shards).classes and sorted(set(manifest.labels)) == [2, 3]
+    assert manifest.num_bad == 1 and "class 'zebra' is not in the class list of" in (out / "bad_files.tsv").read_text()
+    assert cli_main(argv) == 2  # the default --max-bad-fraction: 1 of 21 is too many
+    assert "1 of 21 inputs are bad" in capsys.readouterr().err
+    assert cli_main(evaluate(ws, ws.extra["always_rocket"], f"data.val_shards={out}")) == 0
+    assert top1(capsys.readouterr().out) == pytest.approx(50.0)
+
+
+def test_the_class_map_travels_with_the_weights_and_other_classes_renew_the_head(ws, caplog):
+    """Fine-tuning from a classifier of 4 other classes (the same head shape): its head starts again, said in a
+    warning; the map trained is stored in meta.json, the export's config.json and the MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{ws.tmp / 'mlflow.db'}"
+    argv = finetune(ws, f"finetune.init={ws.extra['other_classes']}", "data.val_shards=", "schedule.max_steps=1",
+                    "tracking.enabled=true", f"tracking.uri={uri}", "tracking.experiment=classes")
+    with caplog.at_level("INFO", logger="itpn_ds.engine"):
+        assert cli_main(argv) == 0
+    assert "was trained on other classes (4: 'other_0'" in caplog.text and "head is re-initialised" in caplog.text
+    classes = Manifest.load(ws.shards).classes
+    meta = json.loads((ws.run / "checkpoints" / (ws.run / "checkpoints" / "latest").read_text().strip()
+                       / "meta.json").read_text())
+    export = json.loads((ws.run / "export" / "config.json").read_text())
+    assert meta["classes"] == export["classes"] == classes
+    from safetensors.torch import load_file
+
+    assert load_file(str(ws.run / "export" / "model.safetensors"))["head.bias"].abs().max() < 1  # not the init's 10
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("classes").experiment_id])
+    assert run.data.params["classes.count"] == "4"
+    assert "classes.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 # ------------------------------------------------------------------------------------------ whole processes

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from itpn_ds.data.class_map import read_class_list
 from itpn_ds.data.preprocess import BadImage, PreprocessOptions, prepare_image
 from itpn_ds.data.shards import Manifest, ShardError, ShardReader, write_shards
-from itpn_ds.data.sources import image_folder_items, table_items
+from itpn_ds.data.sources import image_folder_items, renumber, table_items
 
 
 def test_demo_shards_hold_every_image_once_with_its_label_and_size(demo_image_folder, demo_shards):
@@ -106,6 +107,19 @@ def test_table_input_with_integer_labels(demo_image_folder, tmp_path):
     table.write_text("path\tlabel\n" + "".join(f"{p}\t{i * 5}\n" for i, p in enumerate(images)))
     items, classes = table_items(table)
     assert [i.label for i in items] == [0, 5, 10] and classes == {"0": 0, "5": 5, "10": 10}
+
+
+def test_a_split_numbered_as_a_class_names_file_keeps_its_ids_and_rejects_other_classes(demo_image_folder, tmp_path):
+    """``make-shards --classes-from FILE``: ids in the file's line order, whatever the folder's own order; the
+    images of a class the file lacks are rejected with the reason, not numbered."""
+    names = tmp_path / "names.txt"
+    names.write_text("rocket\ncoffee\nzebra\n")
+    items, classes = image_folder_items(demo_image_folder)
+    kept, rejected = renumber(items, classes, read_class_list(names), str(names))
+    assert {(item.path.split("/")[-2], item.label) for item in kept} == {("rocket", 0), ("coffee", 1)}
+    assert len(kept) == len(rejected) == 20
+    assert all(reason.startswith("class '") and reason.endswith(f"is not in the class list of {names}")
+               for _, reason in rejected)
 
 
 def test_reader_names_missing_shard_truncated_tar_and_bad_label(demo_shards, tmp_path):

@@ -482,11 +482,13 @@ def _write_job(job: tuple[Path, int, list[SourceItem], PreprocessOptions, DenseS
 
 def write_shards(items: Sequence[SourceItem], out_dir: str | Path, classes: dict[str, int], source: str,
                  options: PreprocessOptions = PreprocessOptions(), target_shard_bytes: int = 1 << 30,
-                 num_workers: int = 1, progress: bool = True, spec: DenseSpec | None = None) -> Manifest:
+                 num_workers: int = 1, progress: bool = True, spec: DenseSpec | None = None,
+                 rejected: Sequence[tuple[str, str]] = ()) -> Manifest:
     """Write ``items`` as shards under ``out_dir`` with ``num_workers`` processes; shards finished by an
     earlier run with the same plan are kept. Writes ``bad_files.tsv`` and ``manifest.json``.
     ``spec``: a segmentation or detection shard's annotation rules (None: classification); ``classes``
-    then maps names to training ids and must hold ``spec.num_classes`` entries."""
+    then maps names to training ids and must hold ``spec.num_classes`` entries. ``rejected``: (path, reason) of
+    inputs refused before writing (a class outside the list), reported and counted with the bad files."""
     if not items:
         raise ShardError(f"{source}: no input images")
     if spec is not None and options.max_short_side:
@@ -513,7 +515,7 @@ def write_shards(items: Sequence[SourceItem], out_dir: str | Path, classes: dict
             results[number] = result
             done += len(groups[number])
             _report_progress(progress, len(results), len(jobs), done, len(items), started, skipped)
-    manifest = _assemble(results, classes, source, options, out_dir)
+    manifest = _assemble(results, classes, source, options, out_dir, rejected)
     if spec is not None:
         manifest.kind, manifest.ignore_index = spec.kind, spec.ignore_index
         manifest.reduce_zero_label, manifest.category_ids = spec.reduce_zero_label, list(spec.category_ids)
@@ -542,8 +544,8 @@ def _report_progress(enabled: bool, shards_done: int, shards: int, done: int, to
 
 
 def _assemble(results: dict[int, ShardResult], classes: dict[str, int], source: str,
-              options: PreprocessOptions, out_dir: Path) -> Manifest:
-    shards, keys, labels, sizes, bad, crc32 = [], [], [], [], [], []
+              options: PreprocessOptions, out_dir: Path, rejected: Sequence[tuple[str, str]]) -> Manifest:
+    shards, keys, labels, sizes, bad, crc32 = [], [], [], [], list(rejected), []
     for number in sorted(results):
         r = results[number]
         bad.extend(r.bad)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,21 @@ def table_items(table: str | Path) -> tuple[list[SourceItem], dict[str, int]]:
         path = path if path.is_absolute() else table.parent / path
         items.append(SourceItem(str(path), sanitize_key(row[0].strip().lstrip("/")), classes[name]))
     return items, classes
+
+
+def renumber(items: list[SourceItem], classes: dict[str, int], target: dict[str, int], target_name: str
+             ) -> tuple[list[SourceItem], list[tuple[str, str]]]:
+    """``items`` (labelled by ``classes``) relabelled by class name as ``target`` numbers them, and the
+    (path, reason) of each item whose class ``target`` lacks: bad inputs, counted like undecodable files."""
+    name_of = {label: name for name, label in classes.items()}
+    kept, rejected = [], []
+    for item in items:
+        name = name_of[item.label]
+        if name in target:
+            kept.append(replace(item, label=target[name]))
+        else:
+            rejected.append((item.path, f"class {name!r} is not in the class list of {target_name}"))
+    return kept, rejected
 
 
 def shuffled(items: list[SourceItem], seed: int) -> list[SourceItem]:

@@ -5,7 +5,8 @@ Layout under ``<run_dir>/checkpoints``::
     step_00000120/              one checkpoint (a DeepSpeed tag directory)
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's engine state (any ZeRO stage)
         rank00000.pt ...        per rank: RNG states (python, numpy, torch CPU/CUDA), loader position
-        meta.json               step, epoch, trainer counters, world size, ZeRO stage, precision, model
+        meta.json               step, epoch, trainer counters, world size, ZeRO stage, precision, model, and the
+                                class map trained (``classes``, ``category_ids``: ``itpn_ds.data.class_map``)
         files.json              size and CRC32 of every other file of the checkpoint (written last)
     latest                      the tag of the newest complete checkpoint (one line)
     .tmp-step_00000140/         a save in progress (never read; removed at the next start)
@@ -174,22 +175,30 @@ class CheckpointManager:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
 
     def latest(self) -> CheckpointRef | None:
-        """The newest checkpoint that verifies, at or before the one ``latest`` names; None when the run has
-        none. A newer one that does not verify is skipped with a warning naming it and the reason; when
-        none verifies, ``CheckpointError`` names them all."""
+        """The newest checkpoint that verifies, at or before the one ``latest`` names (any, when the one it
+        names is not on disk: said in a warning); None when the run has none. A newer one that does not verify
+        is skipped with a warning naming it and the reason; when none verifies, ``CheckpointError`` names them
+        all."""
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
         named = pointer.read_text().strip()
-        candidates = [tag for tag in reversed(self.published_tags()) if tag <= named] or [named]
+        published = self.published_tags()
+        on_disk = named in published
+        candidates = [tag for tag in reversed(published) if not on_disk or tag <= named] or [named]
         problems = []
         for tag in candidates:
             try:
-                return read_checkpoint(self.root / tag)
+                ref = read_checkpoint(self.root / tag)
             except CheckpointError as exc:
                 problems.append(str(exc))
                 if self.rank == 0:
                     log.warning("skipping checkpoint %s: %s", self.root / tag, exc)
+                continue
+            if not on_disk and self.rank == 0:
+                log.warning("%s names %s, which is not on disk: using %s, the newest checkpoint that verifies",
+                            pointer, named, ref.path)
+            return ref
         raise CheckpointError(f"{self.root}: no checkpoint verifies ({'; '.join(problems)}); move the run "
                               "directory aside and start again, or restore a checkpoint from a copy")
 
@@ -217,22 +226,33 @@ class CheckpointManager:
 
 
 def read_checkpoint(path: str | Path) -> CheckpointRef:
-    """A checkpoint directory (``.../checkpoints/step_N``), a ``checkpoints`` directory or a run directory."""
+    """A checkpoint directory (``.../checkpoints/step_N``), a ``checkpoints`` directory or a run directory,
+    its files verified."""
+    path, meta = read_meta(path)
+    verify_files(path)
+    return CheckpointRef(path.parent, path.name, meta)
+
+
+def read_meta(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint directory, its ``meta.json``) of what :func:`read_checkpoint` takes, without reading the
+    weights: what a command checks before any work."""
     path = Path(path)
     if (path / "checkpoints" / LATEST).is_file():
         path = path / "checkpoints"
     if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
+        named = (path / LATEST).read_text().strip()
+        if not (path / named).is_dir():
+            raise CheckpointError(f"{path / LATEST} names {named}, which is not on disk: give one of the "
+                                  "checkpoints/step_N directories there")
+        path = path / named
     meta_file = path / META
     if not meta_file.is_file():
         raise CheckpointError(f"{path} is not a checkpoint of this engine: {META} is missing (give a run "
                               "directory, its checkpoints/ directory or a checkpoints/step_N directory)")
     try:
-        meta = json.loads(meta_file.read_text())
+        return path, json.loads(meta_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{meta_file} is corrupt: {exc}") from exc
-    verify_files(path)
-    return CheckpointRef(path.parent, path.name, meta)
 
 
 def raise_if_disk_full(exc: BaseException, tmp_dir: Path) -> None:

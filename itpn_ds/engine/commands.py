@@ -13,6 +13,7 @@ signal (the SLURM wrapper requeues), 1 anything else.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -21,13 +22,14 @@ from typing import Any
 import torch
 
 from itpn_ds.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from itpn_ds.data.class_map import ClassMap
 from itpn_ds.engine import components
 from itpn_ds.engine.checkpoint import (CheckpointError, CheckpointManager, CheckpointRef, needs_universal,
                                       read_checkpoint)
 from itpn_ds.engine.ds_config import build_ds_config, zero_stage
 from itpn_ds.engine.families import task_family
 from itpn_ds.engine.export import (WEIGHTS, consolidated_state_dict, export_checkpoint, live_state_dict,
-                                   model_metadata, write_export)
+                                   model_metadata, stored_class_map, write_export)
 from itpn_ds.engine.preemption import PREEMPTED_EXIT_CODE
 from itpn_ds.engine.runtime import build_engine, init_distributed, make_deterministic, seed_everything
 from itpn_ds.engine.schedule import build_schedule
@@ -84,7 +86,7 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     model = family.prepare_model(components.build_model(cfg), runtime, train=True)
     require_free_space(run_dir, checkpoint_bytes_estimate(model), "a checkpoint of this model")
     if family.init_source and resume is None:
-        init_from(model, family.init_source)
+        init_from(model, family.init_source, new_head=family.init_has_other_classes())
     flops = family.flops_per_image(model)
     ds_config = build_ds_config(cfg, runtime.world_size, num_params=sum(p.numel() for p in model.parameters()))
     stage = zero_stage(ds_config)
@@ -109,15 +111,17 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     tracker.log_params({**_flat(to_dict(cfg)), **_flat(ds_config, "ds_config.")})  # run config + resolved DeepSpeed JSON
     if runtime.rank == 0:
         tracker.log_artifact(run_dir / "config.yaml")
+        log_class_map(tracker, family.classes, run_dir)
     ema = family.weight_ema(engine.module)
     parts = LoopParts(engine=engine, loader=train_loader, task=task,
                       schedule=build_schedule(cfg.optim, steps_per_epoch, total),
                       checkpoints=checkpoints, tracker=tracker, device=runtime.device, total_steps=total,
                       flops_per_image=flops, ema=ema, best_metric=family.best_metric,
-                      eval_every_epochs=family.eval_every_epochs)
+                      eval_every_epochs=family.eval_every_epochs, classes=family.classes)
     if eval_loader is not None:
         parts.evaluate = family.evaluator(engine, eval_loader, runtime.device, _input_dtype(engine), ema)
-        parts.on_best = lambda metrics, step: _export_live(engine, cfg, run_dir / "best", metrics, step, runtime.rank)
+        parts.on_best = lambda metrics, step: _export_live(engine, cfg, run_dir / "best", metrics, step, runtime.rank,
+                                                           family.classes)
     trainer = Trainer(cfg, parts, runtime.rank, runtime.world_size)
     if resume is not None:
         trainer.restore(resume)
@@ -126,7 +130,7 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
         metrics = trainer.run()
         if ema is not None:
             with ema.applied():
-                _export_live(engine, cfg, run_dir / "ema", metrics, trainer.state.step, runtime.rank)
+                _export_live(engine, cfg, run_dir / "ema", metrics, trainer.state.step, runtime.rank, family.classes)
         status = "FINISHED"
         if runtime.rank == 0 and cfg.tracking.enabled:
             log_exported_model(tracker, run_dir)
@@ -159,6 +163,17 @@ def checkpoint_bytes_estimate(model: torch.nn.Module) -> int:
     return 3 * 4 * sum(p.numel() for p in model.parameters())
 
 
+def log_class_map(tracker: Any, classes: ClassMap | None, run_dir: Path) -> None:
+    """The class map trained, on the tracked run: its size as the parameter ``classes.count`` and the map itself
+    as the artifact ``classes.json`` (written into ``run_dir``; a thousand names outgrow a parameter)."""
+    if classes is None:
+        return
+    tracker.log_params({"classes.count": len(classes)})
+    path = run_dir / "classes.json"
+    path.write_text(json.dumps(classes.to_json(), indent=1))
+    tracker.log_artifact(path)
+
+
 def log_exported_model(tracker: Any, run_dir: Path) -> None:
     """Export the run's final checkpoint (one safetensors + JSON) and hand both files to the tracker."""
     out = export_checkpoint(run_dir, run_dir / "export")
@@ -169,11 +184,12 @@ def log_exported_model(tracker: Any, run_dir: Path) -> None:
 def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
     """Top-1/top-5 (``task: finetune``), mIoU / mAcc / aAcc and per-class IoU (``task: segment``) or COCO box /
     mask AP (``task: detect``) of a checkpoint (ours, any stage) or an export directory on ``data.val_shards``,
-    in fp32."""
+    in fp32. The split's classes are compared by name with those stored with the weights, before any work."""
     runtime = init_distributed()
     if not cfg.data.val_shards:
         raise ConfigError("evaluate needs data.val_shards")
     family = task_family(cfg)
+    family.set_trained_classes(stored_class_map(checkpoint), str(checkpoint))
     family.check(train=False)
     model = family.prepare_model(components.build_model(cfg), runtime, train=False)
     init_from(model, str(checkpoint), strict=True)
@@ -185,12 +201,13 @@ def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
     return 0
 
 
-def init_from(model: torch.nn.Module, source: str, strict: bool = False) -> LoadReport:
+def init_from(model: torch.nn.Module, source: str, strict: bool = False, new_head: bool = False) -> LoadReport:
     """Initialise ``model`` from our checkpoint (any ZeRO stage / world size), an export directory or
     ``.safetensors`` file, or an official ``.pth``, by the one loading rule of ``itpn_ds.models.loading``:
-    pre-training-only parts dropped, a classifier's new head left at init, position tables resized,
-    anything else that does not fit refused. ``strict`` (evaluation): every model weight must come from
-    ``source``. Logs the ``LoadReport``; raises ``CheckpointError`` naming ``source``, the keys and the fix.
+    pre-training-only parts dropped, a classifier's new head left at init (``new_head``: also one of the same
+    shape, trained on other classes), position tables resized, anything else that does not fit refused.
+    ``strict`` (evaluation): every model weight must come from ``source``. Logs the ``LoadReport``; raises
+    ``CheckpointError`` naming ``source``, the keys and the fix.
     """
     state = read_weights(Path(source))
     target = load_target(model, state)  # a dense task model takes a pre-training run into its backbone
@@ -198,7 +215,7 @@ def init_from(model: torch.nn.Module, source: str, strict: bool = False) -> Load
         raise CheckpointError(f"{source}: holds no {type(model).__name__} (its heads would stay at their "
                               f"initialisation); give a run of this task or its export")
     try:
-        report = load_weights(target, state, strict=strict)
+        report = load_weights(target, state, strict=strict, new_head=new_head)
     except CheckpointMismatchError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
     log.info("initialised %s from %s: %s", type(target).__name__, source, report.summary())
@@ -221,13 +238,14 @@ def _input_dtype(engine: Any) -> torch.dtype | None:
     return None if dtype == torch.float32 else dtype
 
 
-def _export_live(engine: Any, cfg: RunConfig, out: Path, metrics: dict[str, float], step: int, rank: int) -> None:
-    """Export the engine's current weights to ``out`` (rank 0 writes; a collective under ZeRO-3): the best
-    checkpoint so far (``run_dir/best``) or the weight EMA at the end (``run_dir/ema``)."""
+def _export_live(engine: Any, cfg: RunConfig, out: Path, metrics: dict[str, float], step: int, rank: int,
+                 classes: ClassMap | None) -> None:
+    """Export the engine's current weights and the class map trained to ``out`` (rank 0 writes; a collective
+    under ZeRO-3): the best checkpoint so far (``run_dir/best``) or the weight EMA at the end (``run_dir/ema``)."""
     state = live_state_dict(engine)
     if rank == 0:
         write_export(state, model_metadata(cfg.model.name, cfg.model.kwargs, cfg.task, None, step, out.parent,
-                                           metrics=metrics), out)
+                                           metrics=metrics, **(classes.to_json() if classes else {})), out)
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -9,8 +9,9 @@ detection shards (``make-shards --kind detection``), batches from ``build_detect
   (``DetectionBatch.valid`` False) are left out, and each rank's loss is weighted by its share of the
   step's real images, so DeepSpeed's gradient average is the mean over the images of all ranks.
 * :func:`evaluate_detector`: COCO box AP and mask AP (pycocotools' ``COCOeval``) of the model on the
-  evaluation loader: detections mapped back to each image's original size and the annotation file's
-  category ids (``Manifest.category_ids``), gathered from every rank; the ground truth is the shards' own
+  evaluation loader: detections mapped back to each image's original size and to the evaluated split's
+  category ids by class name (:func:`split_category_ids`; a class the split lacks is not scored), gathered
+  from every rank; the ground truth is the shards' own
   instance records (the annotation file's boxes, masks, areas and crowd flags). AP, AP50 and AP75 of both
   in percent; -1 where COCO has nothing to score (no ground truth).
 """
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from itpn_ds.config import ConfigError, RunConfig
+from itpn_ds.data.class_map import ClassMap
 from itpn_ds.data.det_pipeline import DetectionBatch, DetRecipe
 from itpn_ds.data.shards import Manifest, ShardReader
 from itpn_ds.engine.batch_norm import RankAveragedStats
@@ -42,30 +44,26 @@ MASK_THRESHOLD = 0.5              # torchvision's / mmdet's mask binarisation of
 
 # ------------------------------------------------------------------------------------------- checks
 
-def check_detection_shards(cfg: RunConfig, manifests: dict[str, Manifest]) -> None:
-    """The detection shards ``manifests`` (``data.<key>`` -> ``Manifest``; their kind is checked by
-    ``families.check_shard_kind``) must have the same categories."""
-    category_ids = {key: manifest.category_ids for key, manifest in manifests.items()}
-    if len(category_ids) == 2 and category_ids["shards"] != category_ids["val_shards"]:
-        raise ConfigError(f"data.shards={cfg.data.shards} and data.val_shards={cfg.data.val_shards} have other "
-                          f"categories ({category_ids['shards']} vs {category_ids['val_shards']}): shard both from "
-                          "annotation files with the same category list")
-
-
-def check_detection_model(cfg: RunConfig, model: nn.Module, manifests: dict[str, Manifest]) -> None:
-    """The model's classes (background included) must be the categories + 1 of the shards ``manifests``, and
-    the run's precision one whose boxes torchvision can handle."""
+def check_detection_model(cfg: RunConfig, model: nn.Module, classes: ClassMap | None, source: str) -> None:
+    """The model's classes (background included) must be the categories + 1 of the class map trained
+    (``source``: data.shards, or the evaluated weights), and the run's precision one whose boxes torchvision can
+    handle."""
     if cfg.deepspeed.precision != "fp32":
         raise ConfigError(f"task=detect with deepspeed.precision={cfg.deepspeed.precision}: the whole Mask R-CNN would "
                           "be cast, but its anchors, box decoding and NMS need fp32 (torchvision has no bf16 NMS); use "
                           "deepspeed.precision=fp32 with model.kwargs.backbone_autocast=bf16 (backbone in bf16, "
                           "heads in fp32)")
-    classes = model.roi_heads.box_predictor.cls_score.out_features
-    for key, manifest in manifests.items():
-        if manifest.num_classes + 1 != classes:
-            raise ConfigError(f"data.{key}={getattr(cfg.data, key)} has {manifest.num_classes} categories but model "
-                              f"{cfg.model.name} has num_classes={classes} (the background included): set "
-                              f"model.kwargs.num_classes={manifest.num_classes + 1}")
+    outputs = model.roi_heads.box_predictor.cls_score.out_features
+    if classes is not None and len(classes) + 1 != outputs:
+        raise ConfigError(f"{source} has {len(classes)} categories but model {cfg.model.name} has "
+                          f"num_classes={outputs} (the background included): set "
+                          f"model.kwargs.num_classes={len(classes) + 1}")
+
+
+def split_category_ids(trained: ClassMap, split: ClassMap) -> list[int | None]:
+    """The evaluated split's category id of each training label 1..K, by class name (``split`` has only classes
+    of ``trained``: ``class_map.align``); None for a class the split lacks (its detections are not scored)."""
+    return [split.category_of(name) if name in split.ids else None for name in trained.names]
 
 
 # ------------------------------------------------------------------------------------------ loaders
@@ -139,9 +137,10 @@ def coco_ground_truth(shards: str | Path) -> dict[str, Any]:
             "categories": [{"id": c} for c in manifest.category_ids]}
 
 
-def coco_detections(output: dict[str, torch.Tensor], target: dict[str, torch.Tensor], category_ids: list[int]
-                    ) -> tuple[list[dict], list[dict]]:
-    """One image's detections as COCO results (box, mask) in its original pixels.
+def coco_detections(output: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                    category_ids: list[int | None]) -> tuple[list[dict], list[dict]]:
+    """One image's detections as COCO results (box, mask) in its original pixels; ``category_ids``: the
+    category id of each label 1..K (None: not scored, a class the evaluated split lacks).
 
     output: torchvision's eval output for the resized image (``boxes`` (m, 4) xyxy, ``labels`` (m,) 1..K,
     ``scores`` (m,), ``masks`` (m, 1, h, w) probabilities); target: its ``image_id``, ``size`` (h, w) and
@@ -161,6 +160,8 @@ def coco_detections(output: dict[str, torch.Tensor], target: dict[str, torch.Ten
     image_id = int(target["image_id"])
     boxes_out, masks_out = [], []
     for box, label, score, rle in zip(boxes.tolist(), output["labels"].tolist(), output["scores"].tolist(), rles):
+        if category_ids[label - 1] is None:
+            continue
         common = {"image_id": image_id, "category_id": category_ids[label - 1], "score": float(score)}
         boxes_out.append({**common, "bbox": [round(v, 2) for v in box]})
         masks_out.append({**common, "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
@@ -194,7 +195,7 @@ def coco_metrics(ground_truth: dict[str, Any], boxes: list[dict], masks: list[di
 
 @torch.no_grad()
 def evaluate_detector(model: nn.Module, loader: Any, device: torch.device, ground_truth: dict[str, Any] | None,
-                      category_ids: list[int]) -> dict[str, float]:
+                      category_ids: list[int | None]) -> dict[str, float]:
     """COCO box / mask AP of ``model`` over a whole evaluation loader, all ranks together.
 
     Every rank predicts its share of the images, one image per forward (padding samples skipped); the

@@ -24,6 +24,7 @@ MAX_BUCKET = 500_000_000
 # % nccl_start_alignment_factor == 0, the factor being 2 (4-byte alignment of 2-byte elements); reduce_bucket_size
 # must be > 0 (runtime/zero/config.py) at every stage, and ZeRO-3 (stage3.py) places no alignment on it.
 BUCKET_ALIGNMENT = 2
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 def ds_config_path(name: str) -> Path:
@@ -63,6 +64,7 @@ def build_ds_config(cfg: RunConfig, world_size: int, num_params: int = MAX_BUCKE
         _settle(block, "enabled", wanted, f"deepspeed.precision={precision}", source, key_name=f"{section}.enabled")
 
     zero = ds.setdefault("zero_optimization", {"stage": 0})
+    check_stage(zero.get("stage", 0), source)
     if cfg.deepspeed.zero_stage >= 0:
         stated = zero.get("stage", 0)
         if stated not in (AUTO, cfg.deepspeed.zero_stage) and "stage" in zero:
@@ -76,6 +78,14 @@ def build_ds_config(cfg: RunConfig, world_size: int, num_params: int = MAX_BUCKE
             zero[key] = auto_bucket_size(num_params)
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def check_stage(stated: Any, source: str) -> None:
+    """``zero_optimization.stage`` must be a ZeRO stage 0-3 or "auto" (DeepSpeed would fail on it with a bare
+    ``ValueError``)."""
+    if stated != AUTO and (isinstance(stated, bool) or stated not in ZERO_STAGES):
+        raise ConfigError(f"{source}: zero_optimization.stage is {stated!r}; give 0, 1, 2 or 3 (a number), or "
+                          "\"auto\" with deepspeed.zero_stage set")
 
 
 def auto_bucket_size(num_params: int, cap: int = MAX_BUCKET) -> int:

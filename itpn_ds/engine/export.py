@@ -6,7 +6,8 @@ partitions (DeepSpeed's ``zero_to_fp32``), or read from the model-states file fo
 Output (``OUT`` is a directory):
     OUT/model.safetensors   fp32 state dict under the model's own parameter names
     OUT/config.json         {"architecture": timm name, "model_kwargs": {...}, "img_size", "patch_size",
-                             "num_classes", "teacher": {...} | null, "task", "step", "source"}
+                             "num_classes", "teacher": {...} | null, "task", "step", "source", and for a
+                             task model its class map: "classes" {name: label id}, "category_ids" (detection)}
 
 Loading::
 
@@ -27,7 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from itpn_ds.engine.checkpoint import CheckpointError, CheckpointRef, read_checkpoint
+from itpn_ds.data.class_map import ClassMap
+from itpn_ds.engine.checkpoint import META, CheckpointError, CheckpointRef, read_checkpoint, read_meta
 
 WEIGHTS = "model.safetensors"
 METADATA = "config.json"
@@ -76,10 +78,29 @@ def model_metadata(name: str, kwargs: dict[str, Any], task: str | None, teacher:
 
 
 def export_metadata(ref: CheckpointRef) -> dict[str, Any]:
-    """The export metadata of a checkpoint, from its ``meta.json``."""
+    """The export metadata of a checkpoint, from its ``meta.json`` (its class map too, where it stores one)."""
     model = ref.meta["model"]
+    classes = ClassMap.from_json(ref.meta, str(ref.path / META))
     return model_metadata(model["name"], model["kwargs"], ref.meta.get("task"), ref.meta.get("teacher"),
-                          ref.meta["step"], ref.path)
+                          ref.meta["step"], ref.path, **(classes.to_json() if classes else {}))
+
+
+def stored_class_map(source: str | Path) -> ClassMap | None:
+    """The class map stored with the weights at ``source`` (a run, checkpoints or step directory, an export
+    directory or its ``model.safetensors``), read before any weights; None where none is stored (checkpoints and
+    exports made before class maps travelled with the weights, a published ``.pth``)."""
+    path = Path(source)
+    export_dir = path.parent if path.name == WEIGHTS else path
+    if (export_dir / METADATA).is_file() and (export_dir / WEIGHTS).is_file():
+        try:
+            raw = json.loads((export_dir / METADATA).read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{export_dir / METADATA} is corrupt: {exc}") from exc
+        return ClassMap.from_json(raw, str(export_dir / METADATA))
+    if path.is_file():
+        return None
+    checkpoint, meta = read_meta(path)
+    return ClassMap.from_json(meta, str(checkpoint / META))
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:

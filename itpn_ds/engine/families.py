@@ -3,8 +3,11 @@
 ``commands.train`` and ``commands.evaluate`` are the same for every task; they ask the run's
 :class:`TaskFamily` (``task_family(cfg)``) for the task-specific parts, in this order:
 
-1. ``check(train)``: the configuration against the shards, before anything is built or written (a
-   segmentation run also takes its class count and names from here);
+1. ``check(train)``: the configuration against the shards, before anything is built or written: the shards'
+   kind, and the class maps by name (``itpn_ds.data.class_map``): the map trained (``classes``: data.shards'
+   in training, the one stored with the weights in evaluation, ``set_trained_classes``) against
+   data.val_shards' (``alignment``: its labels in training's ids); a segmentation run also takes its class count
+   and names from here;
 2. ``prepare_model(model, runtime, train)``: model checks, and the model the engine wraps (the dense heads'
    SyncBatchNorm, ``engine/batch_norm.py``);
 3. ``loaders(rank, world_size, train)``: (train loader, eval loader);
@@ -21,6 +24,7 @@ top-1 / top-5), ``segment`` (UperNet: mIoU, ``engine/segmentation.py``), ``detec
 """
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
@@ -30,11 +34,15 @@ from torch import nn
 from itpn_ds.config import ConfigError, RunConfig
 from itpn_ds.data.annotations import CLASSIFICATION, DETECTION, SEGMENTATION
 from itpn_ds.data.batch import Loader
+from itpn_ds.data.class_map import Alignment, ClassMap, align, short_list
 from itpn_ds.data.shards import Manifest
 from itpn_ds.engine import batch_norm, components, detection, segmentation
 from itpn_ds.engine.ema import WeightEma
+from itpn_ds.engine.export import stored_class_map
 from itpn_ds.engine.runtime import Runtime
 from itpn_ds.engine.tasks import ClassifyTask, ClipDistillTask, PixelTask, Task, evaluate_classifier
+
+log = logging.getLogger("itpn_ds.engine")
 
 Evaluator = Callable[[], dict[str, float]]
 Loaders = tuple[Loader | None, Loader | None]
@@ -51,6 +59,9 @@ class TaskFamily(ABC):
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self._manifests: dict[str, Manifest] = {}
+        self.classes: ClassMap | None = None  # the class map trained (None: pre-training, or not stored)
+        self.classes_source = ""              # where it comes from, for messages
+        self.alignment: Alignment | None = None  # data.val_shards' labels in training's ids
 
     def manifests(self, train: bool) -> dict[str, Manifest]:
         """The manifests of ``data.shards`` (with ``train``) and ``data.val_shards``, those set, by key; each read
@@ -70,9 +81,39 @@ class TaskFamily(ABC):
     def eval_every_epochs(self) -> int:
         return getattr(self.cfg, self.section).eval_every_epochs if self.section else 1
 
+    def set_trained_classes(self, classes: ClassMap | None, source: str) -> None:
+        """Evaluation: the class map stored with the weights at ``source``; None where none is stored."""
+        self.classes, self.classes_source = classes, source
+
     def check(self, train: bool) -> None:
-        if self.shard_kind is not None:
-            check_shard_kind(self.cfg, self.shard_kind, self.manifests(train))
+        if self.shard_kind is None:
+            return
+        manifests = self.manifests(train)
+        check_shard_kind(self.cfg, self.shard_kind, manifests)
+        if train and "shards" in manifests:
+            self.set_trained_classes(ClassMap.of_manifest(manifests["shards"]), f"data.shards={self.cfg.data.shards}")
+        if "val_shards" in manifests and (self.classes is not None or not train):
+            self.alignment = self.align_val(manifests["val_shards"])
+
+    def align_val(self, manifest: Manifest) -> Alignment:
+        """data.val_shards' labels in the ids of the map trained, by name (refused naming a class training does
+        not have; one log line when the split is not numbered exactly as training). Weights that store no map are
+        evaluated by label id, with a warning naming the risk."""
+        split, name = ClassMap.of_manifest(manifest), f"data.val_shards={self.cfg.data.val_shards}"
+        if self.classes is None:
+            _log(logging.WARNING, "%s stores no class map (made before class maps were stored): %s is evaluated by "
+                 "label id, which is right only if its shards number the classes as training's did (make-shards "
+                 "--classes-from TRAIN_SHARDS)", self.classes_source, name)
+            self.set_trained_classes(split, name)
+        alignment = align(self.classes, split, name, self.classes_source)
+        if alignment.missing or alignment.renumbers:
+            _log(logging.INFO, "%s", alignment.describe(name, self.classes_source))
+        return alignment
+
+    def init_has_other_classes(self) -> bool:
+        """Whether the run's init checkpoint is a task model trained on another class map than this run's (its
+        task head then starts again); False where either stores none."""
+        return False
 
     def prepare_model(self, model: nn.Module, runtime: Runtime, train: bool) -> nn.Module:
         return model
@@ -131,6 +172,15 @@ class ClassifyFamily(TaskFamily):
         super().check(train)
         components.check_label_range(self.cfg, self.manifests(train=True))  # the training labels even in evaluate
 
+    def init_has_other_classes(self) -> bool:
+        theirs = stored_class_map(self.init_source)
+        if theirs is None or self.classes is None or list(theirs.ids.items()) == list(self.classes.ids.items()):
+            return False
+        _log(logging.WARNING, "finetune.init=%s was trained on other classes (%d: %s) than %s (%d: %s): its "
+             "classification head is re-initialised", self.init_source, len(theirs), short_list(theirs.names),
+             self.classes_source, len(self.classes), short_list(self.classes.names))
+        return True
+
     def loaders(self, rank: int, world_size: int, train: bool) -> Loaders:
         return components.build_classification_loaders(self.cfg, rank, world_size, train)
 
@@ -144,11 +194,13 @@ class ClassifyFamily(TaskFamily):
 
     def evaluator(self, model: Any, loader: Loader, device: torch.device, autocast_dtype: torch.dtype | None,
                   ema: WeightEma | None) -> Evaluator:
+        table = self.alignment.label_table() if self.alignment is not None and self.alignment.renumbers else None
+
         def evaluate() -> dict[str, float]:
-            metrics = evaluate_classifier(model, loader, device, autocast_dtype)
+            metrics = evaluate_classifier(model, loader, device, autocast_dtype, table)
             if ema is not None:
                 with ema.applied():
-                    averaged = evaluate_classifier(model, loader, device, autocast_dtype)
+                    averaged = evaluate_classifier(model, loader, device, autocast_dtype, table)
                 metrics.update({f"ema_{k}": v for k, v in averaged.items() if k != "samples"})
             return metrics
         return evaluate
@@ -183,7 +235,7 @@ class SegmentFamily(DenseFamily):
     def check(self, train: bool) -> None:
         super().check(train)
         segmentation.resolve_config(self.cfg)  # sets model.kwargs.num_classes, so before the resume check
-        self.class_names = segmentation.check_shards(self.cfg, self.manifests(train))
+        self.class_names = segmentation.check_class_count(self.cfg, self.classes, self.classes_source)
 
     def check_model(self, model: nn.Module, runtime: Runtime) -> None:
         segmentation.check_model(self.cfg, model, runtime.world_size, runtime.device)
@@ -204,7 +256,7 @@ class SegmentFamily(DenseFamily):
                   ema: WeightEma | None) -> Evaluator:
         s = self.cfg.segment
         return lambda: segmentation.evaluate_segmentation(model, loader, device, autocast_dtype, self.class_names,
-                                                          s.eval_mode, s.eval_crop, s.eval_stride)
+                                                          s.eval_mode, s.eval_crop, s.eval_stride, self.alignment)
 
     def report(self, metrics: dict[str, float]) -> str:
         return (" ".join(f"{k} {metrics[k]:.4f}" for k in ("mIoU", "mAcc", "aAcc")) + "\n"
@@ -218,12 +270,8 @@ class DetectFamily(DenseFamily):
     shard_kind = DETECTION
     section = "detect"
 
-    def check(self, train: bool) -> None:
-        super().check(train)
-        detection.check_detection_shards(self.cfg, self.manifests(train=True))
-
     def check_model(self, model: nn.Module, runtime: Runtime) -> None:
-        detection.check_detection_model(self.cfg, model, self.manifests(train=True))
+        detection.check_detection_model(self.cfg, model, self.classes, self.classes_source)
 
     def flops_per_image(self, model: nn.Module) -> float:
         return 0.0  # images of their own sizes: no per-image FLOPs, so no MFU
@@ -239,7 +287,8 @@ class DetectFamily(DenseFamily):
         shards = self.cfg.data.val_shards
         # only rank 0 scores, so only rank 0 reads the ground truth
         ground_truth = detection.coco_ground_truth(shards) if _rank() == 0 else None
-        category_ids = self.manifests(train=False)["val_shards"].category_ids
+        split = ClassMap.of_manifest(self.manifests(train=False)["val_shards"])
+        category_ids = detection.split_category_ids(self.classes, split)
         return lambda: detection.evaluate_detector(model, loader, device, ground_truth, category_ids)
 
 
@@ -269,3 +318,9 @@ def task_family(cfg: RunConfig) -> TaskFamily:
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _log(level: int, message: str, *args: Any) -> None:
+    """A log line of rank 0 only (every rank reads the same maps)."""
+    if _rank() == 0:
+        log.log(level, message, *args)

@@ -1,8 +1,8 @@
 """The ``segment`` task: UperNet fine-tuning and mIoU evaluation on the engine (docs/dense.md).
 
-* :func:`resolve_config`, :func:`check_shards`, :func:`check_model`: ``segment.num_classes`` is the one class
-  count (the model's ``num_classes`` follows it; the shards' manifest must agree); crop sizes fit the backbone's
-  stride.
+* :func:`resolve_config`, :func:`check_class_count`, :func:`check_model`: ``segment.num_classes`` is the one
+  class count (the model's ``num_classes`` follows it; the class map trained must agree: data.shards', or the
+  one stored with the evaluated weights); crop sizes fit the backbone's stride.
 * :func:`build_loaders`: ``SegTrainLoader`` with the ``segment`` section's recipe, ``SegEvalLoader`` at
   ``segment.scale``.
 * the heads' BatchNorm: SyncBatchNorm on several CUDA ranks, running statistics averaged over the ranks
@@ -11,7 +11,9 @@
   mean over every labelled pixel of the step on all ranks (ignored pixels and padding samples count nothing).
 * :func:`evaluate_segmentation`: sliding-window or whole-image inference, logits resized to each label map's
   original size, per-class intersection / union / prediction / label areas summed over all ranks (one
-  all-reduce, as mmseg's ``total_intersect_and_union``) -> aAcc, mIoU, mAcc and per-class IoU / Acc.
+  all-reduce, as mmseg's ``total_intersect_and_union``) -> aAcc, mIoU, mAcc and per-class IoU / Acc; a split of
+  fewer classes than training (or numbered otherwise) has its label maps mapped to training's ids and is scored
+  over its own classes only.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torch import nn
 
 from itpn_ds.config import ConfigError, RunConfig
 from itpn_ds.data.batch import Batch, Loader
-from itpn_ds.data.shards import Manifest
+from itpn_ds.data.class_map import Alignment, ClassMap
 from itpn_ds.engine.batch_norm import RankAveragedStats, synchronised
 from itpn_ds.engine.losses import global_mean, global_valid_count, valid_mask
 from itpn_ds.engine.tasks import MicroResult
@@ -47,18 +49,16 @@ def resolve_config(cfg: RunConfig) -> None:
     cfg.model.kwargs["num_classes"] = cfg.segment.num_classes
 
 
-def check_shards(cfg: RunConfig, manifests: dict[str, Manifest]) -> list[str]:
-    """The class names (by training id) of the segmentation shards ``manifests`` (``data.<key>`` -> ``Manifest``;
-    their kind is checked by ``families.check_shard_kind``); refuses a class count other than
-    ``segment.num_classes``, naming the directory."""
-    names: list[str] = []
-    for key, manifest in manifests.items():
-        if manifest.num_classes != cfg.segment.num_classes:
-            raise ConfigError(f"data.{key}={getattr(cfg.data, key)} has {manifest.num_classes} classes but "
-                              f"segment.num_classes={cfg.segment.num_classes}: set "
-                              f"segment.num_classes={manifest.num_classes}")
-        names = sorted(manifest.classes, key=manifest.classes.get)
-    return names
+def check_class_count(cfg: RunConfig, classes: ClassMap | None, source: str) -> list[str]:
+    """The class names (by training id) of the class map trained (``source``: data.shards, or the evaluated
+    weights); refuses a class count other than ``segment.num_classes``, naming where the map comes from. None
+    (no training shards given: refused with the loaders): []."""
+    if classes is None:
+        return []
+    if len(classes) != cfg.segment.num_classes:
+        raise ConfigError(f"{source} has {len(classes)} classes but segment.num_classes={cfg.segment.num_classes}: "
+                          f"set segment.num_classes={len(classes)}")
+    return classes.names
 
 
 def check_model(cfg: RunConfig, model: nn.Module, world_size: int, device: torch.device) -> None:
@@ -219,13 +219,16 @@ def summarize(counts: torch.Tensor, class_names: Sequence[str]) -> dict[str, flo
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, loader: Any, device: torch.device, autocast_dtype: torch.dtype | None,
                           class_names: Sequence[str], mode: str = "slide", crop: Sequence[int] = (512, 512),
-                          stride: Sequence[int] = (341, 341)) -> dict[str, float]:
+                          stride: Sequence[int] = (341, 341), alignment: Alignment | None = None) -> dict[str, float]:
     """mIoU / mAcc / aAcc (%) and per-class IoU / Acc over a ``SegEvalLoader``, all ranks together.
 
     Per image: its region ``images[i, :, :h, :w]`` (``image_sizes``) through ``slide`` or ``whole`` inference,
     the scores resized (bilinear) to the original label size (``label_sizes``), the argmax scored against the
     label map with 255 ignored. Padding samples are left out; every rank iterates the same batches.
+    ``class_names``: training's, by id; ``alignment``: the split's labels in training's ids (None: the same map)
+    and the classes it has, the only ones the means count.
     """
+    table = alignment.label_table().to(device) if alignment is not None and alignment.renumbers else None
     module = getattr(model, "module", model)
     multiple = module.dense_backbone.coarsest_stride
     was_training = model.training
@@ -243,10 +246,14 @@ def evaluate_segmentation(model: nn.Module, loader: Any, device: torch.device, a
                 scores = (slide_logits(model, image, crop, stride, multiple) if mode == "slide"
                           else whole_logits(model, image, multiple))
             prediction = upsample_logits(scores, (lh, lw)).argmax(1)[0]
-            counts += area_counts(prediction, batch.label_maps[i, :lh, :lw], len(class_names))
+            label = batch.label_maps[i, :lh, :lw]
+            counts += area_counts(prediction, table[label] if table is not None else label, len(class_names))
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
     model.train(was_training)
+    if alignment is not None and alignment.missing:
+        kept = alignment.trained_ids
+        return summarize(counts.cpu()[:, kept], [class_names[k] for k in kept])
     return summarize(counts.cpu(), class_names)
 
 

@@ -126,12 +126,15 @@ class ClassifyTask:
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader: Any, device: torch.device, autocast_dtype: torch.dtype | None
-                        ) -> dict[str, float]:
+def evaluate_classifier(model: nn.Module, loader: Any, device: torch.device, autocast_dtype: torch.dtype | None,
+                        label_table: torch.Tensor | None = None) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean loss over a whole evaluation loader, all ranks together.
 
     Padding samples are excluded; every rank must iterate the same number of batches (the loaders pad).
+    ``label_table``: (n,) int64, the training id of each of the split's label ids (``Alignment.label_table``; a
+    split numbered otherwise than training); None: the labels are training's ids.
     """
+    table = label_table.to(device) if label_table is not None else None
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, count
@@ -140,8 +143,9 @@ def evaluate_classifier(model: nn.Module, loader: Any, device: torch.device, aut
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(batch.images)
         mask = valid_mask(batch.valid, len(batch), device)
-        hits = topk_correct(logits.float(), batch.labels, mask)
-        loss = (classification_per_sample(logits, batch.labels, 0.0) * mask).sum()
+        labels = table[batch.labels] if table is not None else batch.labels
+        hits = topk_correct(logits.float(), labels, mask)
+        loss = (classification_per_sample(logits, labels, 0.0) * mask).sum()
         totals += torch.stack([hits[1], hits[5], loss, mask.sum()]).double()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from itpn_ds.config import RunConfig, to_dict
 from itpn_ds.data.batch import Batch, Loader
+from itpn_ds.data.class_map import ClassMap
 from itpn_ds.data.views import key_hash
 from itpn_ds.engine.checkpoint import CheckpointManager, CheckpointRef, set_rng_state
 from itpn_ds.engine.ema import WeightEma
@@ -103,6 +104,7 @@ class LoopParts:
     ema: WeightEma | None = None
     best_metric: str = "top1"      # the evaluation metric that selects ``on_best`` (higher is better)
     eval_every_epochs: int = 1
+    classes: ClassMap | None = None  # the class map trained, stored in every checkpoint (None: pre-training)
 
 
 class Trainer:
@@ -126,7 +128,7 @@ class Trainer:
                 "precision": self.cfg.deepspeed.precision,
                 "model": {"name": self.cfg.model.name, "kwargs": self.cfg.model.kwargs},
                 "teacher": {"mode": self.cfg.teacher.mode, "arch": self.cfg.teacher.arch},
-                "config": to_dict(self.cfg)}
+                "config": to_dict(self.cfg), **(self.p.classes.to_json() if self.p.classes else {})}
         rank_state = {"loader": self.p.loader.state_dict(), "epoch": self.state.epoch}
         if self.p.ema is not None:
             rank_state["ema"] = self.p.ema.state_dict()

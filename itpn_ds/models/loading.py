@@ -13,7 +13,8 @@ keys are sorted:
   ``fc_norm.``; FastITPN: ``head.``, ``norm.``). From a pre-training checkpoint the head stays at its
   initialisation (``fresh``) and the checkpoint's keys under those prefixes are dropped (a pre-training
   ``norm.`` is the fused-pyramid norm, not FastITPN's final norm). From a classification checkpoint the head
-  loads, except ``head.*`` trained for another number of classes, which stays at init (``reinitialised``);
+  loads, except ``head.*`` trained for another number of classes, or for other classes (``new_head``: the
+  caller compared the class maps), which stays at init (``reinitialised``);
   a model without those parts (a dense backbone) drops them;
 * the pyramid of a dense backbone (its class's ``fresh_when_absent`` prefixes) where the checkpoint has none
   (a classifier) or fewer blocks (CLIP pre-training has ``fpn_depth`` 1, the segmentation layout 2): at init
@@ -130,9 +131,10 @@ def is_pretraining_checkpoint(sd: Mapping[str, torch.Tensor], heads: tuple[str, 
     return any(k.startswith(PRETRAIN_ONLY_PREFIXES) and not k.startswith(heads) for k in sd)
 
 
-def load_weights(model: nn.Module, state_dict: Mapping, strict: bool = False) -> LoadReport:
+def load_weights(model: nn.Module, state_dict: Mapping, strict: bool = False, new_head: bool = False) -> LoadReport:
     """Load ``state_dict`` (official, exported or consolidated from our checkpoints) into ``model`` by the
-    rule of the module docstring.
+    rule of the module docstring; ``new_head``: a classifier's ``head.*`` stays at init whatever its shape (the
+    checkpoint was trained on other classes).
 
     ``strict``: every model key must come from the checkpoint (nothing ``fresh`` or ``reinitialised``), as
     evaluation needs. Raises ``CheckpointMismatchError`` naming the keys and the fix.
@@ -140,7 +142,7 @@ def load_weights(model: nn.Module, state_dict: Mapping, strict: bool = False) ->
     sd = {k: v for k, v in unwrap_state_dict(state_dict).items() if not k.endswith(RPE_INDEX)}
     own = {k: v for k, v in model.state_dict().items() if not k.endswith(RPE_INDEX)}
     sd, task_keys = backbone_of_task_checkpoint(sd, own)
-    report = sort_keys(sd, own, head_prefixes(model), tuple(getattr(model, "fresh_when_absent", ())))
+    report = sort_keys(sd, own, head_prefixes(model), tuple(getattr(model, "fresh_when_absent", ())), new_head)
     for k in report.dropped + report.reinitialised:
         del sd[k]
     report.dropped = sorted(report.dropped + task_keys)
@@ -171,7 +173,7 @@ def backbone_of_task_checkpoint(sd: dict[str, torch.Tensor], own: Mapping[str, t
 
 
 def sort_keys(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], heads: tuple[str, ...],
-              fresh_when_absent: tuple[str, ...] = ()) -> LoadReport:
+              fresh_when_absent: tuple[str, ...] = (), new_head: bool = False) -> LoadReport:
     """The report's ``dropped`` (checkpoint keys), ``fresh`` and ``reinitialised`` (model keys) by the rule."""
     from_pretraining = is_pretraining_checkpoint(sd, heads)
     report = LoadReport()
@@ -181,7 +183,7 @@ def sort_keys(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], h
         report.fresh = sorted(k for k in own if k.startswith(heads))
     else:
         report.reinitialised = sorted(k for k in own if k.startswith(heads) and k.startswith(CLASS_HEAD)
-                                      and k in sd and sd[k].shape != own[k].shape)
+                                      and k in sd and (new_head or sd[k].shape != own[k].shape))
     if not any(k.endswith(RPE_TABLE) for k in sd):
         report.fresh += sorted(k for k in own if k.endswith(RPE_TABLE))
     if fresh_when_absent:
