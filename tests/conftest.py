@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.cli import rendezvous_env_kept
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # As the Makefile sets them: DeepSpeed's JIT ops (built when the venv is made) and Inductor's caches live in the
@@ -20,8 +22,6 @@ pytest_plugins = [
     "tests.fixtures.teacher",
 ]
 
-RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
 
 @pytest.fixture(autouse=True)
 def no_leaked_rendezvous_env():
@@ -29,10 +29,5 @@ def no_leaked_rendezvous_env():
     they are put back as they were after every test, so no later subprocess (srun, torchrun) inherits them.
     Its process group of one stays (DeepSpeed caches its groups for the process): tests that need a group
     of their own check ``dist.is_initialized()`` first."""
-    saved = {name: os.environ.get(name) for name in RENDEZVOUS_ENV}
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with rendezvous_env_kept():
+        yield

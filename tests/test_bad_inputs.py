@@ -24,8 +24,7 @@ import pytest
 from data_tools.dense_shapes import make_dense_shapes
 from itpn_ds.cli import main as cli_main
 from itpn_ds.data.shards import Manifest, ShardReader
-from tests.conftest import RENDEZVOUS_ENV
-from tests.fixtures.cli import free_port, run_cli
+from tests.fixtures.cli import RENDEZVOUS_ENV, free_port, run_cli
 
 pytestmark = pytest.mark.dist
 

@@ -20,8 +20,8 @@ from itpn_ds.config import ConfigError, load_config
 from itpn_ds.engine.components import build_model
 from itpn_ds.models.compile import repeated_blocks
 from itpn_ds.models.pixel_mae import random_masking
-from tests.fixtures.cli import losses_by_step, zero3_config_partitioning_all
-from tests.test_engine_zero import pretrain, succeeded
+from tests.fixtures.cli import losses_by_step, succeeded, zero3_config_partitioning_all
+from tests.test_engine_zero import pretrain
 
 pytestmark = pytest.mark.compile
 STEPS = 4

@@ -17,10 +17,7 @@ from itpn_ds.engine import components
 from itpn_ds.engine.checkpoint import CheckpointError, read_checkpoint
 from itpn_ds.engine.commands import init_from
 from itpn_ds.engine.export import consolidated_state_dict, export_checkpoint
-from tests.fixtures.cli import itpn_ds_cli, losses_by_step, run_cli
-
-pytestmark = pytest.mark.dist
-
+from tests.fixtures.cli import itpn_ds_in_process, losses_by_step, run_in_process
 
 @pytest.fixture(scope="module")
 def pretrain_run(tiny_pretrain_run) -> Path:
@@ -68,9 +65,9 @@ def test_classifier_takes_every_pretrained_gamma_and_only_its_head_is_new(kind, 
 
 
 def test_recipe_without_layer_scale_is_refused_with_the_setting_in_one_line(pretrain_run, demo_shards):
-    proc = run_cli("finetune", "--config", "tiny_finetune_cpu", "--run-dir", str(pretrain_run.parent / "no_gamma"),
-                   f"data.shards={demo_shards}", f"finetune.init={pretrain_run}", "model.kwargs.init_values=0",
-                   "tracking.enabled=false", timeout=300)
+    proc = run_in_process("finetune", "--config", "tiny_finetune_cpu", "--run-dir", str(pretrain_run.parent / "no_gamma"),
+                          f"data.shards={demo_shards}", f"finetune.init={pretrain_run}", "model.kwargs.init_values=0",
+                          "tracking.enabled=false")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("itpn-ds finetune: ")]
     assert "blocks.0.gamma_2" in line and line.endswith("add model.kwargs.init_values=0.1"), line
@@ -93,14 +90,14 @@ def test_evaluation_refuses_a_pretraining_checkpoint(pretrain_run):
 
 
 def test_finetuning_and_evaluation_at_another_resolution(pretrain_run, demo_shards, tmp_path):
-    finetuned = itpn_ds_cli("finetune", "--config", "tiny_finetune_cpu", "--run-dir", str(tmp_path / "ft96"),
-                            f"data.shards={demo_shards}", f"finetune.init={pretrain_run}", "model.kwargs.img_size=96",
-                            "schedule.max_steps=2", "tracking.enabled=false")
+    finetuned = itpn_ds_in_process("finetune", "--config", "tiny_finetune_cpu", "--run-dir", str(tmp_path / "ft96"),
+                                   f"data.shards={demo_shards}", f"finetune.init={pretrain_run}",
+                                   "model.kwargs.img_size=96", "schedule.max_steps=2", "tracking.enabled=false")
     tables = ", ".join(f"blocks.{i}.attn.relative_position_bias_table" for i in range(4, 8))
     assert f"resized 5: absolute_pos_embed, {tables}" in finetuned
     assert sorted(losses_by_step(finetuned)) == [1, 2]
-    evaluated = itpn_ds_cli("evaluate", "--config", "tiny_finetune_cpu", "--checkpoint", str(tmp_path / "ft96"),
-                            f"data.val_shards={demo_shards}", "model.kwargs.img_size=96", "tracking.enabled=false")
+    evaluated = itpn_ds_in_process("evaluate", "--config", "tiny_finetune_cpu", "--checkpoint", str(tmp_path / "ft96"),
+                                   f"data.val_shards={demo_shards}", "model.kwargs.img_size=96", "tracking.enabled=false")
     assert re.search(r"top1 [0-9.]+ top5 [0-9.]+", evaluated), evaluated[-2000:]
 
 

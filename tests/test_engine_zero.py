@@ -5,7 +5,7 @@ tiny iTPN on the demo shards:
 * ZeRO-3 holds about half of ZeRO-0's parameter + optimizer-state bytes per rank (measured from the tensors);
 * a rank SIGKILLed mid-run resumes to bitwise-identical weights (iTPN + DALI + cache);
 * a 2-rank ZeRO-1 checkpoint resumes on 1 rank under ZeRO-2 and continues the same run; ZeRO-3 is refused;
-* the pixel objective and the online CLIP teacher train.
+* the pixel objective and the online CLIP teacher train (one rank, in the test process: no rank is involved).
 """
 import json
 import shutil
@@ -16,22 +16,19 @@ import torch
 
 from itpn_ds.engine.checkpoint import read_checkpoint
 from itpn_ds.engine.export import consolidated_state_dict
-from tests.fixtures.cli import itpn_ds_cli, losses_by_step, run_cli, step_metrics, zero3_config_partitioning_all
+from tests.fixtures.cli import (itpn_ds_in_process, losses_by_step, run_cli, run_in_process, step_metrics,
+                                succeeded, zero3_config_partitioning_all)
 
 pytestmark = pytest.mark.dist
 STEPS = 10  # 2 epochs of 40 images at 2 ranks x 4: no padding, so 1 rank x 4 x 2 micro-batches sees the same batches
 
 
 def pretrain(run_dir: Path, shards: Path, cache: Path, *overrides: str, ranks: int = 2, config: str = "tiny_pretrain_cpu"):
-    """The tiny CLIP pre-training from ``cache`` (tiny teacher: 16 tokens x 32) as a process; not checked."""
-    return run_cli("pretrain", "--config", config, "--run-dir", str(run_dir), f"data.shards={shards}",
-                   f"teacher.cache={cache}", "model.kwargs.teacher_dim=32", "data.micro_batch=4", "schedule.epochs=2",
-                   "tracking.enabled=false", *overrides, ranks=ranks)
-
-
-def succeeded(proc) -> str:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    """The tiny CLIP pre-training from ``cache`` (tiny teacher: 16 tokens x 32); not checked. Several ranks run
+    as processes under torchrun, one rank in the test process."""
+    args = ("pretrain", "--config", config, "--run-dir", str(run_dir), f"data.shards={shards}", f"teacher.cache={cache}",
+            "model.kwargs.teacher_dim=32", "data.micro_batch=4", "schedule.epochs=2", "tracking.enabled=false", *overrides)
+    return run_cli(*args, ranks=ranks) if ranks > 1 else run_in_process(*args)
 
 
 def assert_loss_falls(stdout: str, factor: float = 0.8) -> None:
@@ -105,7 +102,7 @@ def test_two_rank_zero1_checkpoint_resumes_on_one_rank_under_zero2(zero1_run, de
 def test_resuming_a_zero1_checkpoint_under_zero3_is_refused_with_the_reason(zero1_run, demo_shards, demo_cache, tmp_path):
     ref_dir, _ = zero1_run
     copy_checkpoint(ref_dir, "step_00000005", tmp_path)
-    proc = pretrain(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero3", ranks=1)  # exit code unwrapped
+    proc = pretrain(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero3", ranks=1)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "written under ZeRO stage 1 and this run uses stage 3" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -141,16 +138,17 @@ def assert_classifier_initialises_from(run_dir: Path) -> None:
 
 
 def test_pixel_objective_lowers_its_loss(demo_shards, tmp_path):
-    out = itpn_ds_cli("pretrain", "--config", "tiny_pretrain_pixel_cpu", "--run-dir", str(tmp_path),
-                      f"data.shards={demo_shards}", "schedule.epochs=3", "tracking.enabled=false", ranks=2)
+    out = itpn_ds_in_process("pretrain", "--config", "tiny_pretrain_pixel_cpu", "--run-dir", str(tmp_path),
+                             f"data.shards={demo_shards}", "schedule.epochs=3", "tracking.enabled=false")
     assert "loss_pixel" in out
     assert_loss_falls(out, factor=0.9)
 
 
 def test_online_clip_teacher_trains_and_times_the_teacher(demo_shards, tiny_clip_checkpoint, tmp_path):
-    out = itpn_ds_cli("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(tmp_path),
-                      f"data.shards={demo_shards}", "teacher.mode=online", f"teacher.checkpoint={tiny_clip_checkpoint}",
-                      "model.kwargs.teacher_dim=32", "schedule.epochs=3", "tracking.enabled=false", ranks=2)
+    out = itpn_ds_in_process("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(tmp_path),
+                             f"data.shards={demo_shards}", "teacher.mode=online",
+                             f"teacher.checkpoint={tiny_clip_checkpoint}", "model.kwargs.teacher_dim=32",
+                             "schedule.epochs=3", "tracking.enabled=false")
     assert_loss_falls(out)
     assert all(m["targets_s"] > 0 for m in step_metrics(out).values())
 

@@ -39,6 +39,7 @@ from itpn_ds.models.loading import (CheckpointMismatchError, LoadReport, load_ta
                                     read_checkpoint_file)
 
 log = logging.getLogger("itpn_ds.engine")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # every line names its logger
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -55,8 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
     if args.command == "export":
         out = export_checkpoint(args.checkpoint, args.out)
         print(f"exported {args.checkpoint} -> {out}")
