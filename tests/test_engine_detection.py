@@ -19,7 +19,7 @@ from itpn_ds.data import build_detection_loader
 from itpn_ds.data.shards import Manifest
 from itpn_ds.engine.detection import coco_detections, coco_ground_truth, coco_metrics
 from itpn_ds.engine.schedule import StepSchedule, build_schedule
-from tests.fixtures.cli import itpn_ds_cli, run_cli
+from tests.fixtures.cli import itpn_ds_cli, itpn_ds_in_process, run_in_process
 
 EVAL = re.compile(r"eval after epoch (\d+): (\{.*\})")
 DETECT_EPOCHS = 6  # 12 steps of 2 x 2 images each (48 training images)
@@ -161,7 +161,7 @@ def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_
     assert from_pretraining["segm_AP"] > from_scratch["segm_AP"]  # at this seed (not at seed 1: docs/dense.md)
 
     export = tmp_path / "export"
-    itpn_ds_cli("export", "--checkpoint", str(pretrained), "--out", str(export))
+    itpn_ds_in_process("export", "--checkpoint", str(pretrained), "--out", str(export))
     meta = json.loads((export / "config.json").read_text())
     assert meta["architecture"] == "mask_rcnn_itpn_base_3324" and meta["task"] == "detect"
     features = timm.create_model(meta["architecture"], features_only=True, pretrained=True,
@@ -178,7 +178,7 @@ def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_
 
     best = pretrained / "best"
     assert json.loads((best / "config.json").read_text())["metrics"]["bbox_AP"] == pytest.approx(from_pretraining["bbox_AP"], abs=1e-4)  # logged rounded to 4 places
-    proc = run_cli("evaluate", "--config", "tiny_detect_cpu", "--checkpoint", str(best),
+    proc = run_in_process("evaluate", "--config", "tiny_detect_cpu", "--checkpoint", str(best),
                    f"data.val_shards={det_shards['val']}", "tracking.enabled=false")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     printed = float(re.search(r"bbox_AP ([\d.]+)", proc.stdout).group(1))

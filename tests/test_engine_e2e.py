@@ -11,7 +11,7 @@ import itpn_ds  # noqa: F401
 from itpn_ds.data import build_eval_loader
 from itpn_ds.engine.tasks import evaluate_classifier
 from itpn_ds.teacher.extract import ExtractConfig, extract_cache
-from tests.fixtures.cli import itpn_ds_cli, losses_by_step, run_cli
+from tests.fixtures.cli import itpn_ds_cli, itpn_ds_in_process, losses_by_step, run_in_process
 from tests.fixtures.teacher import write_tiny_clip_checkpoint
 
 pytestmark = pytest.mark.dist
@@ -30,7 +30,7 @@ def chain(demo_shards, tmp_path_factory):
     finetune = itpn_ds_cli("finetune", "--config", "tiny_finetune_cpu", "--run-dir", str(root / "finetune"),
                            f"data.shards={demo_shards}", f"data.val_shards={demo_shards}",
                            f"finetune.init={root / 'pretrain'}", "tracking.enabled=false", ranks=2)
-    itpn_ds_cli("export", "--checkpoint", str(root / "finetune"), "--out", str(root / "export"))
+    itpn_ds_in_process("export", "--checkpoint", str(root / "finetune"), "--out", str(root / "export"))
     return dict(root=root, shards=demo_shards, pretrain=pretrain, finetune=finetune)
 
 
@@ -56,8 +56,9 @@ def test_export_loads_in_timm_and_scores_like_the_checkpoint(chain):
                               **meta["model_kwargs"])
     loader = build_eval_loader(chain["shards"], micro_batch=8, img_size=meta["img_size"], num_threads=1)
     exported = evaluate_classifier(model, loader, torch.device("cpu"), None)
-    printed = itpn_ds_cli("evaluate", "--config", "tiny_finetune_cpu", "--checkpoint", str(chain["root"] / "finetune"),
-                          f"data.val_shards={chain['shards']}", "tracking.enabled=false")
+    printed = itpn_ds_in_process("evaluate", "--config", "tiny_finetune_cpu", "--checkpoint",
+                                 str(chain["root"] / "finetune"), f"data.val_shards={chain['shards']}",
+                                 "tracking.enabled=false")
     top1 = float(re.search(r"top1 ([0-9.]+)", printed).group(1))
     assert exported["top1"] == pytest.approx(top1, abs=1e-6)
     assert exported["samples"] > 0
@@ -81,9 +82,9 @@ def test_pretraining_run_is_tracked_in_mlflow_with_config_curves_and_model(chain
 
 def test_pretraining_refuses_a_cache_made_with_another_teacher(chain, tmp_path):
     other = write_tiny_clip_checkpoint(tmp_path / "other_clip.pt", embed_dim=64, seed=1)
-    proc = run_cli("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(tmp_path / "run"),
-                   f"data.shards={chain['shards']}", f"teacher.cache={chain['root'] / 'cache'}",
-                   f"teacher.checkpoint={other}", "tracking.enabled=false", timeout=300)
+    proc = run_in_process("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(tmp_path / "run"),
+                          f"data.shards={chain['shards']}", f"teacher.cache={chain['root'] / 'cache'}",
+                          f"teacher.checkpoint={other}", "tracking.enabled=false")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "itpn-ds pretrain:" in proc.stderr and "checkpoint_sha256" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -10,17 +10,18 @@ import yaml
 
 from itpn_ds.config import RECIPES_DIR
 from itpn_ds.engine.commands import init_from
-from tests.fixtures.cli import itpn_ds_cli, step_metrics
+from tests.fixtures.cli import itpn_ds_cli, itpn_ds_in_process, step_metrics
 from tests.test_engine_zero import assert_loss_falls, weights
 
 pytestmark = pytest.mark.dist
 
 
 def tiny_pretrain(run_dir, shards, *overrides: str, ranks: int = 1) -> str:
-    """tiny_fast_pretrain_cpu against the tiny test teacher (16 tokens x 32), micro-batches of 4."""
-    return itpn_ds_cli("pretrain", "--config", "tiny_fast_pretrain_cpu", "--run-dir", str(run_dir),
-                       f"data.shards={shards}", "model.kwargs.teacher_dim=32", "data.micro_batch=4",
-                       "tracking.enabled=false", *overrides, ranks=ranks)
+    """tiny_fast_pretrain_cpu against the tiny test teacher (16 tokens x 32), micro-batches of 4; several ranks as
+    processes under torchrun, one rank in the test process."""
+    args = ("pretrain", "--config", "tiny_fast_pretrain_cpu", "--run-dir", str(run_dir), f"data.shards={shards}",
+            "model.kwargs.teacher_dim=32", "data.micro_batch=4", "tracking.enabled=false", *overrides)
+    return itpn_ds_cli(*args, ranks=ranks) if ranks > 1 else itpn_ds_in_process(*args)
 
 
 def test_fast_itpn_pretrains_from_the_cache_and_online_then_its_classifier_finetunes_from_it(
@@ -33,9 +34,9 @@ def test_fast_itpn_pretrains_from_the_cache_and_online_then_its_classifier_finet
     assert sorted(online) == [1, 2]
     assert all(m["targets_s"] > 0 and math.isfinite(m["loss"]) for m in online.values()), online
 
-    out = itpn_ds_cli("finetune", "--config", "tiny_fast_finetune_cpu", "--run-dir", str(tmp_path / "finetune"),
-                      f"data.shards={demo_shards}", f"finetune.init={cached}", "schedule.max_steps=2",
-                      "tracking.enabled=false")
+    out = itpn_ds_in_process("finetune", "--config", "tiny_fast_finetune_cpu", "--run-dir", str(tmp_path / "finetune"),
+                             f"data.shards={demo_shards}", f"finetune.init={cached}", "schedule.max_steps=2",
+                             "tracking.enabled=false")
     assert f"initialised FastITPN from {cached}" in out
     assert sorted(step_metrics(out)) == [1, 2]
 

@@ -24,7 +24,7 @@ from itpn_ds.engine.checkpoint import read_checkpoint
 from itpn_ds.engine.export import consolidated_state_dict
 from itpn_ds.models.loading import load_target, load_weights
 from itpn_ds.models.pyramid import PYRAMID_PREFIXES
-from tests.fixtures.cli import itpn_ds_cli, losses_by_step, run_cli
+from tests.fixtures.cli import itpn_ds_cli, itpn_ds_in_process, losses_by_step, run_cli, run_in_process
 
 pytestmark = pytest.mark.dist
 
@@ -113,7 +113,7 @@ def test_sigkilled_segment_run_resumes_to_bitwise_identical_weights(chain):
 
 def test_export_loads_back_as_features_only_and_evaluates_as_trained(chain):
     root = chain["root"]
-    itpn_ds_cli("export", "--checkpoint", str(root / "pretrained"), "--out", str(root / "export"))
+    itpn_ds_in_process("export", "--checkpoint", str(root / "pretrained"), "--out", str(root / "export"))
     meta = json.loads((root / "export" / "config.json").read_text())
     file = str(root / "export" / "model.safetensors")
     features = timm.create_model(meta["architecture"], features_only=True, pretrained=True,
@@ -125,8 +125,8 @@ def test_export_loads_back_as_features_only_and_evaluates_as_trained(chain):
     with torch.no_grad():
         for ours, theirs in zip(features(images), full.backbone(images)):
             assert torch.equal(ours, theirs)
-    out = run_cli("evaluate", "--config", "tiny_segment_cpu", "--checkpoint", str(root / "export"),
-                  f"data.val_shards={root / 'seg_val'}", "tracking.enabled=false")
+    out = run_in_process("evaluate", "--config", "tiny_segment_cpu", "--checkpoint", str(root / "export"),
+                         f"data.val_shards={root / 'seg_val'}", "tracking.enabled=false")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     miou = float(re.search(r"^mIoU ([0-9.]+)", out.stdout, re.MULTILINE).group(1))
     assert re.search(r"^IoU circle [0-9.]+, rectangle", out.stdout, re.MULTILINE)
