@@ -24,7 +24,7 @@ import pytest
 from data_tools.dense_shapes import make_dense_shapes
 from itpn_ds.cli import main as cli_main
 from itpn_ds.data.shards import Manifest, ShardReader
-from tests.fixtures.cli import RENDEZVOUS_ENV, free_port, run_cli
+from tests.fixtures.cli import PROJECT_TORCHRUN, RENDEZVOUS_ENV, free_port, run_cli
 
 pytestmark = pytest.mark.dist
 
@@ -679,7 +679,8 @@ def test_a_taken_master_port_is_named(ws):
 def test_under_torchrun_every_rank_leaves_our_line_and_nothing_of_torchruns(ws):
     """itpn_ds.torchrun (what launch/local.sh and the tests start): two ranks refuse the same run, each prints
     its line, the launcher exits 2 without torchrun's ChildFailedError traceback."""
-    proc = run_cli(*pretrain(ws, "model.kwargs.depth=2", run=ws.pretrain), ranks=2, timeout=300)
+    proc = run_cli(*pretrain(ws, "model.kwargs.depth=2", run=ws.pretrain), ranks=2, timeout=300,
+                   launcher=PROJECT_TORCHRUN)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("itpn-ds pretrain: ")]
     assert len(lines) == 2 and all("holds checkpoints of another run" in line for line in lines), proc.stderr[-3000:]

@@ -23,12 +23,17 @@ pytestmark = pytest.mark.dist
 STEPS = 10  # 2 epochs of 40 images at 2 ranks x 4: no padding, so 1 rank x 4 x 2 micro-batches sees the same batches
 
 
+def pretrain_args(run_dir: Path, shards: Path, cache: Path, *overrides: str, config: str = "tiny_pretrain_cpu"
+                  ) -> tuple[str, ...]:
+    """The command line of the tiny CLIP pre-training from ``cache`` (tiny teacher: 16 tokens x 32)."""
+    return ("pretrain", "--config", config, "--run-dir", str(run_dir), f"data.shards={shards}", f"teacher.cache={cache}",
+            "model.kwargs.teacher_dim=32", "data.micro_batch=4", "schedule.epochs=2", "tracking.enabled=false",
+            *overrides)
+
+
 def pretrain(run_dir: Path, shards: Path, cache: Path, *overrides: str, ranks: int = 2, config: str = "tiny_pretrain_cpu"):
-    """The tiny CLIP pre-training from ``cache`` (tiny teacher: 16 tokens x 32); not checked. Several ranks run
-    as processes under torchrun, one rank in the test process."""
-    args = ("pretrain", "--config", config, "--run-dir", str(run_dir), f"data.shards={shards}", f"teacher.cache={cache}",
-            "model.kwargs.teacher_dim=32", "data.micro_batch=4", "schedule.epochs=2", "tracking.enabled=false", *overrides)
-    return run_cli(*args, ranks=ranks) if ranks > 1 else run_in_process(*args)
+    """``pretrain_args`` as processes (torchrun for several ranks); not checked."""
+    return run_cli(*pretrain_args(run_dir, shards, cache, *overrides, config=config), ranks=ranks)
 
 
 def assert_loss_falls(stdout: str, factor: float = 0.8) -> None:
@@ -89,8 +94,8 @@ def copy_checkpoint(run_dir: Path, tag: str, dest: Path) -> None:
 def test_two_rank_zero1_checkpoint_resumes_on_one_rank_under_zero2(zero1_run, demo_shards, demo_cache, tmp_path):
     ref_dir, ref_out = zero1_run
     copy_checkpoint(ref_dir, "step_00000005", tmp_path)
-    out = succeeded(pretrain(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero2", "schedule.grad_accum=2",
-                             ranks=1))
+    out = succeeded(run_in_process(*pretrain_args(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero2",
+                                                   "schedule.grad_accum=2")))
     assert "loaded through the universal format at the same data position" in out
     ref_losses, losses = losses_by_step(ref_out), losses_by_step(out)
     assert sorted(losses) == list(range(6, STEPS + 1))
@@ -102,6 +107,7 @@ def test_two_rank_zero1_checkpoint_resumes_on_one_rank_under_zero2(zero1_run, de
 def test_resuming_a_zero1_checkpoint_under_zero3_is_refused_with_the_reason(zero1_run, demo_shards, demo_cache, tmp_path):
     ref_dir, _ = zero1_run
     copy_checkpoint(ref_dir, "step_00000005", tmp_path)
+    # a process: a ZeRO-3 engine patches torch.nn.functional.linear for the rest of its process
     proc = pretrain(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero3", ranks=1)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "written under ZeRO stage 1 and this run uses stage 3" in proc.stderr
