@@ -77,6 +77,7 @@ def smoke(tmp_path_factory) -> dict:
     return run_check(tmp_path_factory.mktemp("smoke"))
 
 
+@pytest.mark.dist  # each variant an itpn-ds process
 def test_smoke_runs_its_variants_through_itpn_ds_pretrain(smoke):
     variants = by_name(smoke)
     assert list(variants) == [v.name for v in gpu_check.SMOKE_VARIANTS]
@@ -94,11 +95,13 @@ def test_smoke_runs_its_variants_through_itpn_ds_pretrain(smoke):
     assert variants["zero3-online-eager-sdpa"]["targets_s_mean"] > 10 * variants["zero2-cache-eager-sdpa"]["targets_s_mean"]
 
 
+@pytest.mark.dist  # each variant an itpn-ds process
 def test_flex_is_skipped_on_the_cpu_with_the_reason(smoke):
     record = by_name(smoke)["zero2-cache-eager-flex"]
     assert record["status"] == "skipped" and "no backward on the CPU" in record["reason"]
 
 
+@pytest.mark.dist  # each variant an itpn-ds process
 def test_pure_torch_steps_with_the_torch_loader_stand_in_for_deepspeed_and_dali(tmp_path):
     result = run_check(tmp_path, "--engine", "torch", "--loader", "torch", "--variants", "zero2-cache-eager-sdpa",
                        "zero3-cache-eager-sdpa", "zero2-cache-eager-sdpa-full")
@@ -113,6 +116,7 @@ def test_pure_torch_steps_with_the_torch_loader_stand_in_for_deepspeed_and_dali(
     assert "DALI option" in variants["zero2-cache-eager-sdpa-full"]["reason"]
 
 
+@pytest.mark.dist  # each variant an itpn-ds process
 def test_a_failing_variant_is_recorded_with_its_error(tmp_path):
     """The child's own one-line error (here: a teacher cache directory without cache files) ends up in the record."""
     (tmp_path / "cache").mkdir()
