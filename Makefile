@@ -14,6 +14,10 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export TORCHINDUCTOR_CACHE_DIR ?= $(abspath $(VENV))/inductor_cache
 # The fast tier: no multi-process runs, no SLURM, no MLflow server, no Inductor compilation.
 FAST_TIER := not dist and not slurm and not mlflow_server and not compile
+# Both tiers run in pytest-xdist workers, one per core; tests/conftest.py groups the tests into work units
+# (a module, or every SLURM test) and hands out the heaviest first.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 .PHONY: venv demo test test-fast bench clean-demo
 
@@ -39,10 +43,10 @@ demo: $(OPS)
 	$(PY) -m itpn_ds.demo $(if $(TEACHER),--teacher-checkpoint $(TEACHER),) --out demo_out
 
 test: $(OPS)
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 test-fast: $(OPS)
-	$(PY) -m pytest -m "$(FAST_TIER)"
+	$(PY) -m pytest $(XDIST) -m "$(FAST_TIER)"
 
 bench: $(OPS)
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done

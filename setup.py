@@ -32,7 +32,7 @@ setup(
     package_data={"itpn_ds": ["recipes/*.yaml", "ds_configs/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest", "pytest-timeout", "scikit-image", "pycocotools"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "scikit-image", "pycocotools"],
         "demo": ["scikit-image"],
         # detection shards and loaders decode COCO masks (RLE / polygons) with pycocotools
         "dense": ["pycocotools"],
