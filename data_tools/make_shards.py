@@ -10,7 +10,7 @@ class-names file does, so a validation split gets training's label ids whatever 
 whose class is not in that list is a bad input (listed and counted), never a new class.
 
 Re-running with the same arguments keeps the shards an earlier run finished. Files that cannot be
-decoded are listed in ``bad_files.tsv`` and counted in the manifest; the command exits 1 when their
+decoded are listed in ``bad_files.tsv`` and counted in the manifest; the command exits 2 when their
 fraction exceeds ``--max-bad-fraction``.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample order across shards")
     parser.add_argument("--max-bad-fraction", type=float, default=0.001,
-                        help="exit 1 when more than this fraction of the inputs is bad (default 0.001)")
+                        help="exit 2 when more than this fraction of the inputs is bad (default 0.001)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 

@@ -242,20 +242,29 @@ class DeepSpeedConfig:
 class ScheduleConfig:
     """Length and batching of the run.
 
-    epochs:      passes over the training set; ``max_steps`` > 0 stops earlier (optimizer steps).
-    grad_accum:  micro-batches per optimizer step; global batch = micro_batch x grad_accum x world size.
+    epochs:       passes over the training set; ``max_steps`` > 0 stops earlier (optimizer steps).
+    global_batch: samples per optimizer step over all ranks, the batch ``optim.lr`` belongs to. Kept on any
+                  world size by gradient accumulation, ``global_batch / (data.micro_batch x world size)``
+                  micro-batches per step (a world size that cannot keep it is refused);
+                  0: ``data.micro_batch x grad_accum x world size``, whatever that gives.
+    grad_accum:   micro-batches per rank per optimizer step; 0: from ``global_batch`` (1 without one). Stated
+                  with a ``global_batch`` it must agree with it on the world size the run has.
     """
 
     epochs: int = 300
     max_steps: int = -1
-    grad_accum: int = 1
+    global_batch: int = 0
+    grad_accum: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"schedule.epochs must be >= 1, got {self.epochs}")
-        if self.grad_accum < 1:
-            raise ConfigError(f"schedule.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.global_batch < 0:
+            raise ConfigError(f"schedule.global_batch must be >= 0 (0: micro_batch x grad_accum x ranks), "
+                              f"got {self.global_batch}")
+        if self.grad_accum < 0:
+            raise ConfigError(f"schedule.grad_accum must be >= 0 (0: from schedule.global_batch), got {self.grad_accum}")
 
 
 @dataclass
@@ -465,7 +474,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(enabled=False))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:

@@ -33,6 +33,16 @@ def no_leaked_rendezvous_env():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store_of_the_session(tmp_path_factory) -> str:
+    """Tracking is on by default: a run that does not turn it off logs into this session's own sqlite store
+    (``MLFLOW_TRACKING_URI``, inherited by the processes the tests start), never the user's store or server."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow_store') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+    return uri
+
+
 # Markers of the tests whose cost is processes, a cluster, a server or compilation (seconds, not milliseconds).
 HEAVY_MARKERS = ("slurm", "dist", "compile", "mlflow_server")
 

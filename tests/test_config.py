@@ -9,15 +9,35 @@ from torch import nn
 from itpn_ds.config import ConfigError, RECIPES_DIR, load_config, save_config
 from itpn_ds.engine.ds_config import auto_bucket_size, build_ds_config
 from itpn_ds.engine.optim import choose_optimizer, param_groups
-from itpn_ds.engine.schedule import CosineSchedule
+from itpn_ds.engine.schedule import CosineSchedule, batch_plan
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
 def test_every_recipe_loads_and_resolves_against_its_deepspeed_json(recipe):
     cfg = load_config(recipe)
     ds = build_ds_config(cfg, world_size=8)
-    assert ds["train_batch_size"] == cfg.data.micro_batch * cfg.schedule.grad_accum * 8
+    assert ds["train_batch_size"] == (cfg.schedule.global_batch or cfg.data.micro_batch * 8)  # kept, or 1 step/rank
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 8
     assert ds["bf16"]["enabled"] is (cfg.deepspeed.precision == "bf16")
+
+
+def test_the_recipes_global_batch_is_kept_by_accumulation_on_any_world_size_that_divides_it():
+    cfg = load_config("itpn_large_finetune")  # global batch 1024 = 16 per rank x 64 ranks
+    for ranks, accum in ((64, 1), (32, 2), (8, 8), (1, 64)):
+        plan = batch_plan(cfg, ranks)
+        assert (plan.grad_accum, plan.global_batch) == (accum, 1024), ranks
+        assert build_ds_config(cfg, ranks)["gradient_accumulation_steps"] == accum
+    with pytest.raises(ConfigError, match=r"schedule.global_batch=1024 cannot be kept on 48 ranks of "
+                                          r"data.micro_batch=16: .* world sizes that keep it: 1, 2, 4, 8, 16, 32, 64 "):
+        batch_plan(cfg, 48)
+    with pytest.raises(ConfigError, match="cannot be kept on 128 ranks"):  # fewer micro-batches than ranks
+        batch_plan(cfg, 128)
+    with pytest.raises(ConfigError, match="schedule.grad_accum=1 disagrees with schedule.global_batch=1024 on 32 ranks"):
+        batch_plan(load_config("itpn_large_finetune", ["schedule.grad_accum=1"]), 32)
+    legacy = load_config("tiny_pretrain_cpu", ["schedule.grad_accum=3"])  # no global batch: whatever the ranks give
+    assert batch_plan(legacy, 2).global_batch == 8 * 3 * 2
+    assert batch_plan(load_config("tiny_pretrain_cpu"), 5).describe() == (
+        "global batch 40 = 8 per rank x 5 ranks x 1 accumulation steps")
 
 
 def test_recipe_values_from_the_paper():

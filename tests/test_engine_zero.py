@@ -21,6 +21,7 @@ from tests.fixtures.cli import (itpn_ds_in_process, losses_by_step, run_cli, run
 
 pytestmark = pytest.mark.dist
 STEPS = 10  # 2 epochs of 40 images at 2 ranks x 4: no padding, so 1 rank x 4 x 2 micro-batches sees the same batches
+GLOBAL_BATCH = "schedule.global_batch=8"  # 2 ranks x 4, or 1 rank x 4 x 2 accumulation steps
 
 
 def pretrain_args(run_dir: Path, shards: Path, cache: Path, *overrides: str, config: str = "tiny_pretrain_cpu"
@@ -58,8 +59,21 @@ def zero1_run(demo_shards, demo_cache, tmp_path_factory):
     """The reference: ZeRO-1, checkpoints at steps 5 and 10."""
     run_dir = tmp_path_factory.mktemp("zero1")
     out = succeeded(pretrain(run_dir, demo_shards, demo_cache, "deepspeed.config=zero1", "checkpoint.every_steps=5",
-                             "checkpoint.keep_last=3"))
+                             "checkpoint.keep_last=3", GLOBAL_BATCH))
     return run_dir, out
+
+
+def test_one_rank_keeps_the_global_batch_of_two_by_accumulation_and_takes_the_same_steps(zero1_run, demo_shards,
+                                                                                        demo_cache, tmp_path):
+    _, ref_out = zero1_run
+    out = succeeded(run_in_process(*pretrain_args(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero1",
+                                                   GLOBAL_BATCH, "schedule.max_steps=5")))
+    assert "batch: global batch 8 = 4 per rank x 1 ranks x 2 accumulation steps" in out
+    ref_losses, losses = losses_by_step(ref_out), losses_by_step(out)
+    assert sorted(losses) == [1, 2, 3, 4, 5]
+    assert losses[1] == pytest.approx(ref_losses[1], rel=1e-5)  # same weights, same micro-batches
+    for step, loss in losses.items():  # then the gradients' reduction order differs (bf16)
+        assert loss == pytest.approx(ref_losses[step], rel=0.03), (step, losses, ref_losses)
 
 
 def test_zero1_pretraining_from_the_cache_lowers_the_loss(zero1_run):
@@ -95,7 +109,8 @@ def test_two_rank_zero1_checkpoint_resumes_on_one_rank_under_zero2(zero1_run, de
     ref_dir, ref_out = zero1_run
     copy_checkpoint(ref_dir, "step_00000005", tmp_path)
     out = succeeded(run_in_process(*pretrain_args(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero2",
-                                                   "schedule.grad_accum=2")))
+                                                   GLOBAL_BATCH)))
+    assert "batch: global batch 8 = 4 per rank x 1 ranks x 2 accumulation steps" in out
     assert "loaded through the universal format at the same data position" in out
     ref_losses, losses = losses_by_step(ref_out), losses_by_step(out)
     assert sorted(losses) == list(range(6, STEPS + 1))
@@ -108,7 +123,7 @@ def test_resuming_a_zero1_checkpoint_under_zero3_is_refused_with_the_reason(zero
     ref_dir, _ = zero1_run
     copy_checkpoint(ref_dir, "step_00000005", tmp_path)
     # a process: a ZeRO-3 engine patches torch.nn.functional.linear for the rest of its process
-    proc = pretrain(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero3", ranks=1)
+    proc = pretrain(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero3", GLOBAL_BATCH, ranks=1)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "written under ZeRO stage 1 and this run uses stage 3" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -19,6 +19,7 @@ import yaml
 from itpn_ds.config import RECIPES_DIR, load_config
 from itpn_ds.engine import components
 from itpn_ds.engine.optim import param_groups
+from itpn_ds.engine.schedule import batch_plan
 
 DOCS = Path(__file__).parents[1] / "docs" / "recipes.md"
 PATCH = 16
@@ -193,6 +194,7 @@ PUBLISHED_DETECTION: dict[str, tuple[float, float, float, list[float], int]] = {
 
 SHIPPED = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 PUBLISHED = [name for name in SHIPPED if name not in TEST_ONLY]
+LR_RULE = re.compile(r"lr scaling: none|does not scale lr by the batch|scales its --blr by batch / 256")
 BATCH = re.compile(r"global batch (\d+) (?:= (\d+) per rank x (\d+) ranks(?: x (\d+) accumulation steps)?"
                    r"|\((\d+) per GPU x (\d+) GPUs\))")
 
@@ -263,9 +265,13 @@ def test_recipe_header_states_a_global_batch_its_numbers_make(recipe):
     assert found, f"{recipe}: state 'global batch N = M per rank x R ranks [x A accumulation steps]' in its header"
     batch, micro, ranks, accum, gpu_micro, gpus = found.groups()
     micro, ranks, accum = int(micro or gpu_micro), int(ranks or gpus), int(accum or 1)
-    assert (micro, accum) == (cfg.data.micro_batch, cfg.schedule.grad_accum), \
-        f"{recipe}: header says {micro} per rank x {accum} steps, config {cfg.data.micro_batch} x {cfg.schedule.grad_accum}"
+    assert cfg.schedule.global_batch == int(batch), f"{recipe}: header says global batch {batch}, schedule.global_batch " \
+                                                    f"is {cfg.schedule.global_batch}"
+    plan = batch_plan(cfg, ranks)  # the published world size gets the published split
+    assert (plan.micro_batch, plan.grad_accum) == (micro, accum), \
+        f"{recipe}: header says {micro} per rank x {accum} steps, the engine takes {plan.describe()}"
     assert micro * ranks * accum == int(batch), f"{recipe}: {micro} x {ranks} x {accum} != {batch}"
+    assert LR_RULE.search(recipe_text(recipe)), f"{recipe}: state the published lr-scaling rule in its header"
 
 
 def published_itpn_lr_scales(model: torch.nn.Module, layer_decay: float) -> dict[str, float]:

@@ -59,14 +59,23 @@ def test_flatten_params_nests_with_dots_and_refuses_oversized_values():
         flatten_params({"big": "x" * 7000})
 
 
+def without_tracking_env(monkeypatch, home: Path) -> Path:
+    """No MLFLOW_* variables and XDG_DATA_HOME at ``home``: the default store, ``home/itpn-ds/mlflow.db``."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(home))
+    return home.resolve() / "itpn-ds" / "mlflow.db"
+
+
 def test_sqlite_default_logs_everything_and_a_resumed_run_reattaches(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = without_tracking_env(monkeypatch, tmp_path / "xdg")
     run_dir = tmp_path / "run"
     dist = DistEnv(0, 0, 4, "127.0.0.1", 29500, "slurm")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "c[1-2]")
     first = build_tracker(TrackingConfig(**FAST), rank=0, run_dir=run_dir, dist=dist)
-    assert first.uri == f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+    assert first.uri == f"sqlite:///{store}" and store.is_file()  # per user, outside the run directory
+    assert "single-machine default" in TrackingConfig().describe(run_dir)
     first.log_params({"model": {"depth": 12}, "deepspeed": {"zero_optimization": {"stage": 2}}})
     log_steps(first, range(0, 5))
     config = run_dir / "resolved.yaml"
@@ -101,7 +110,7 @@ def test_sqlite_default_logs_everything_and_a_resumed_run_reattaches(tmp_path, m
 
 
 def test_reattach_refuses_another_uri(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    without_tracking_env(monkeypatch, tmp_path / "xdg")
     build_tracker(TrackingConfig(**FAST), rank=0, run_dir=tmp_path).close()
     other = TrackingConfig(**FAST, uri=f"sqlite:///{tmp_path / 'other.db'}")
     with pytest.raises(ValueError, match="use the same URI"):
@@ -109,7 +118,7 @@ def test_reattach_refuses_another_uri(tmp_path, monkeypatch):
 
 
 def test_invalid_record_is_set_aside_and_the_rest_still_arrives(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    without_tracking_env(monkeypatch, tmp_path / "xdg")
     tracker = build_tracker(TrackingConfig(**FAST), rank=0, run_dir=tmp_path)
     tracker.log_params({"lr": 0.1, "depth": 12})
     tracker.log_params({"lr": 0.2, "width": 768})  # MLflow refuses to change a logged parameter

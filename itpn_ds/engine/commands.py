@@ -13,9 +13,11 @@ signal (the SLURM wrapper requeues), 1 anything else.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from itpn_ds.engine.export import (WEIGHTS, consolidated_state_dict, export_chec
                                    model_metadata, stored_class_map, write_export)
 from itpn_ds.engine.preemption import PREEMPTED_EXIT_CODE
 from itpn_ds.engine.runtime import build_engine, init_distributed, make_deterministic, seed_everything
-from itpn_ds.engine.schedule import build_schedule
+from itpn_ds.engine.schedule import batch_plan, build_schedule, with_batch_plan
 from itpn_ds.engine.trainer import LoopParts, Preempted, Trainer
 from itpn_ds.errors import require_free_space, require_writable_dir
 from itpn_ds.models.loading import (CheckpointMismatchError, LoadReport, load_target, load_weights,
@@ -74,6 +76,10 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     """Pre-train or fine-tune into ``run_dir``, resuming from its latest checkpoint; the task's parts come from
     its family (``itpn_ds.engine.families``)."""
     runtime = init_distributed()
+    log_tracking_target(cfg, run_dir, runtime.rank)
+    asked = cfg  # config.yaml keeps the recipe's batch settings, which any world size resolves again
+    plan = batch_plan(cfg, runtime.world_size)
+    cfg = with_batch_plan(cfg, plan)
     make_deterministic()
     seed_everything(cfg.schedule.seed)
     family = task_family(cfg)
@@ -81,6 +87,8 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     resume = checkpoints.latest()
     family.check(train=True)
     check_resumable(cfg, run_dir, resume)
+    if runtime.rank == 0:
+        log.info("batch: %s; optim.lr %g as given (never rescaled with the batch)", plan.describe(), cfg.optim.lr)
     require_writable_dir(run_dir)
     components.check_trainable_here(cfg, runtime.device)
     model = family.prepare_model(components.build_model(cfg), runtime, train=True)
@@ -106,7 +114,7 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     # accepted: from here on the run writes into run_dir
     checkpoints.remove_incomplete()
     if runtime.rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(asked, run_dir / "config.yaml")
     tracker = components.tracker_for(cfg, runtime.rank, run_dir, runtime.dist)
     tracker.log_params({**_flat(to_dict(cfg)), **_flat(ds_config, "ds_config.")})  # run config + resolved DeepSpeed JSON
     if runtime.rank == 0:
@@ -156,6 +164,24 @@ def check_resumable(cfg: RunConfig, run_dir: Path, resume: CheckpointRef | None)
         raise ConfigError(f"{run_dir} holds checkpoints of another run (task {resume.meta.get('task')}, model "
                           f"{theirs.get('name')} {theirs.get('kwargs')}), not of this one (task {cfg.task}, model "
                           f"{cfg.model.name} {cfg.model.kwargs}): choose a new --run-dir")
+    trained = trained_global_batch(resume.meta)
+    if trained is not None and trained != cfg.schedule.global_batch:
+        ranks = cfg.schedule.global_batch // (cfg.data.micro_batch * cfg.schedule.grad_accum)
+        raise ConfigError(f"{resume.path} was trained at global batch {trained} ({resume.meta['world_size']} ranks) but "
+                          f"this run takes {cfg.schedule.global_batch} per step ({cfg.data.micro_batch} per rank x "
+                          f"{ranks} ranks x {cfg.schedule.grad_accum} accumulation steps): set schedule.global_batch="
+                          f"{trained} to keep it by gradient accumulation, or start a new --run-dir")
+
+
+def trained_global_batch(meta: dict[str, Any]) -> int | None:
+    """The global batch a checkpoint's steps were taken at (None when its meta does not say)."""
+    saved = meta.get("config", {}).get("schedule", {})
+    if saved.get("global_batch"):
+        return int(saved["global_batch"])
+    micro = meta.get("config", {}).get("data", {}).get("micro_batch")
+    if micro is None or "world_size" not in meta:
+        return None
+    return int(micro) * int(saved.get("grad_accum") or 1) * int(meta["world_size"])
 
 
 def checkpoint_bytes_estimate(model: torch.nn.Module) -> int:
@@ -191,14 +217,35 @@ def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
     family = task_family(cfg)
     family.set_trained_classes(stored_class_map(checkpoint), str(checkpoint))
     family.check(train=False)
-    model = family.prepare_model(components.build_model(cfg), runtime, train=False)
-    init_from(model, str(checkpoint), strict=True)
-    model.to(runtime.device)
-    _, eval_loader = family.loaders(runtime.rank, runtime.world_size, train=False)
-    metrics = family.evaluator(model, eval_loader, runtime.device, None, None)()
+    with tempfile.TemporaryDirectory(prefix="itpn-ds-evaluate-") as journal:
+        tracking = dataclasses.replace(cfg.tracking, buffer_dir=cfg.tracking.buffer_dir or journal,
+                                       run_name=cfg.tracking.run_name or f"evaluate {checkpoint.resolve().name}",
+                                       curve_metrics=(f"eval/{family.best_metric}",))
+        tracked = dataclasses.replace(cfg, tracking=tracking)
+        log_tracking_target(tracked, checkpoint, runtime.rank)
+        tracker = components.tracker_for(tracked, runtime.rank, Path(journal), runtime.dist)
+        status = "FAILED"
+        try:
+            tracker.set_tags({"itpn_ds.command": "evaluate", "checkpoint": str(checkpoint.resolve())})
+            tracker.log_params(_flat(to_dict(cfg)))
+            model = family.prepare_model(components.build_model(cfg), runtime, train=False)
+            init_from(model, str(checkpoint), strict=True)
+            model.to(runtime.device)
+            _, eval_loader = family.loaders(runtime.rank, runtime.world_size, train=False)
+            metrics = family.evaluator(model, eval_loader, runtime.device, None, None)()
+            tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
+            status = "FINISHED"
+        finally:
+            tracker.close(status)
     if runtime.rank == 0:
         print(family.report(metrics))
     return 0
+
+
+def log_tracking_target(cfg: RunConfig, run_dir: Path, rank: int) -> None:
+    """The first line a run logs: where it is tracked (or that it is not)."""
+    if rank == 0:
+        log.info(cfg.tracking.describe(run_dir))
 
 
 def init_from(model: torch.nn.Module, source: str, strict: bool = False, new_head: bool = False) -> LoadReport:

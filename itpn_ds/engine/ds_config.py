@@ -1,6 +1,6 @@
 """The DeepSpeed JSON for a run: a file from ``ds_configs/`` with its "auto" values filled from the run.
 
-Run-dependent values (micro-batch, accumulation, global batch, clipping, precision, ZeRO stage) belong to
+Run-dependent values (micro-batch, accumulation and global batch from ``batch_plan``, clipping, precision, ZeRO stage) belong to
 the run configuration. The JSON may leave them ``"auto"`` (the shipped files do) or state them; a stated
 value that disagrees with the run is an error naming the key and both values, never silently overridden.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from itpn_ds.config import ConfigError, RunConfig
+from itpn_ds.engine.schedule import batch_plan
 
 DS_CONFIGS_DIR = Path(__file__).parents[1] / "ds_configs"  # a link to the repository's ds_configs/ (package data)
 AUTO = "auto"
@@ -51,11 +52,10 @@ def build_ds_config(cfg: RunConfig, world_size: int, num_params: int = MAX_BUCKE
     bucket sizes from the model's ``num_params``)."""
     source = str(ds_config_path(cfg.deepspeed.config))
     ds = copy.deepcopy(load_ds_json(cfg.deepspeed.config))
-    micro, accum = cfg.data.micro_batch, cfg.schedule.grad_accum
-    _settle(ds, "train_micro_batch_size_per_gpu", micro, "data.micro_batch", source)
-    _settle(ds, "gradient_accumulation_steps", accum, "schedule.grad_accum", source)
-    _settle(ds, "train_batch_size", micro * accum * world_size,
-            f"data.micro_batch x schedule.grad_accum x world size ({micro} x {accum} x {world_size})", source)
+    plan = batch_plan(cfg, world_size)
+    _settle(ds, "train_micro_batch_size_per_gpu", plan.micro_batch, "data.micro_batch", source)
+    _settle(ds, "gradient_accumulation_steps", plan.grad_accum, "schedule.grad_accum", source)
+    _settle(ds, "train_batch_size", plan.global_batch, f"schedule.global_batch ({plan.describe()})", source)
     _settle(ds, "gradient_clipping", cfg.optim.clip_grad, "optim.clip_grad", source)
 
     precision = cfg.deepspeed.precision

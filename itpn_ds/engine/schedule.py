@@ -12,15 +12,65 @@ lr (``optim.schedule``), after a linear warmup over ``warmup`` steps:
 
 Weight decay: a half cosine from ``weight_decay`` to ``weight_decay_end`` over the whole run (constant when
 they are equal). All are pure functions of the optimizer-step index, so a resumed run needs only the step.
+
+The batch of a step (:func:`batch_plan`): ``schedule.global_batch`` samples over all ranks, kept on any world size
+by accumulating ``global_batch / (micro_batch x world size)`` micro-batches per rank; lr is never rescaled.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from itpn_ds.config import OptimConfig
+from itpn_ds.config import ConfigError, OptimConfig, RunConfig
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's samples are split: ``global_batch = micro_batch x grad_accum x world_size``."""
+
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    def describe(self) -> str:
+        return (f"global batch {self.global_batch} = {self.micro_batch} per rank x {self.world_size} ranks x "
+                f"{self.grad_accum} accumulation steps")
+
+
+def batch_plan(cfg: RunConfig, world_size: int) -> BatchPlan:
+    """The split of ``schedule.global_batch`` over ``world_size`` ranks of ``data.micro_batch`` each; without a
+    global batch, ``schedule.grad_accum`` (or 1) micro-batches per rank. Raises ConfigError naming the world
+    sizes that keep the global batch when this one cannot, or when a stated ``grad_accum`` disagrees."""
+    micro, accum, wanted = cfg.data.micro_batch, cfg.schedule.grad_accum, cfg.schedule.global_batch
+    if not wanted:
+        return BatchPlan(micro, accum or 1, world_size)
+    if wanted % micro:
+        raise ConfigError(f"schedule.global_batch={wanted} is not a multiple of data.micro_batch={micro}: make it one "
+                          f"(e.g. data.micro_batch={math.gcd(wanted, micro)})")
+    micro_batches = wanted // micro  # per optimizer step, over all ranks
+    if micro_batches % world_size:
+        sizes = [n for n in range(1, micro_batches + 1) if micro_batches % n == 0]
+        raise ConfigError(f"schedule.global_batch={wanted} cannot be kept on {world_size} ranks of data.micro_batch="
+                          f"{micro}: its {micro_batches} micro-batches per step do not split evenly over them; "
+                          f"world sizes that keep it: {', '.join(map(str, sizes))} (or change data.micro_batch)")
+    plan = BatchPlan(micro, micro_batches // world_size, world_size)
+    if accum and accum != plan.grad_accum:
+        raise ConfigError(f"schedule.grad_accum={accum} disagrees with schedule.global_batch={wanted} on {world_size} "
+                          f"ranks of data.micro_batch={micro} (that takes {plan.grad_accum}); drop schedule.grad_accum")
+    return plan
+
+
+def with_batch_plan(cfg: RunConfig, plan: BatchPlan) -> RunConfig:
+    """``cfg`` with the plan's accumulation and global batch written into ``schedule`` (what the run does)."""
+    schedule = dataclasses.replace(cfg.schedule, grad_accum=plan.grad_accum, global_batch=plan.global_batch)
+    return dataclasses.replace(cfg, schedule=schedule)
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 START_POLICIES = ("require", "defer")
+DEFAULT_EXPERIMENT = "itpn-ds"
+
+
+def local_store_uri() -> str:
+    """The default store without a URI: ``sqlite:///$XDG_DATA_HOME/itpn-ds/mlflow.db`` (``~/.local/share`` when
+    XDG_DATA_HOME is unset), one per user and machine, outside every run directory."""
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return f"sqlite:///{Path(data_home).resolve() / 'itpn-ds' / 'mlflow.db'}"
 
 
 @dataclass
 class TrackingConfig:
     """Settings of experiment tracking (rank 0 only; every other rank gets a no-op tracker).
 
-    enabled:           track at all.
+    enabled:           track at all (on by default; the first log line of a run says where it is tracked).
     uri:               MLflow tracking URI (``http://host:5000``, ``sqlite:///path.db``, ...). Empty: the
-                       ``MLFLOW_TRACKING_URI`` environment variable, else ``sqlite:///<run_dir>/mlflow.db``.
-    experiment:        experiment name; created on first use.
+                       ``MLFLOW_TRACKING_URI`` environment variable (MLflow's own convention; a server's URI on a
+                       cluster), else the single-machine default, a per-user sqlite store on this machine
+                       (:func:`local_store_uri`), never inside the run directory.
+    experiment:        experiment name, created on first use; empty: ``MLFLOW_EXPERIMENT_NAME``, else ``itpn-ds``.
     run_name:          MLflow run name; empty: the run directory's name.
     buffer_dir:        where the on-disk journal, its cursor and the run id live; empty: ``<run_dir>/tracking``.
     artifact_location: artifact root for an experiment this tracker creates; empty: the server's default
@@ -33,7 +43,7 @@ class TrackingConfig:
 
     enabled: bool = True
     uri: str = ""
-    experiment: str = "itpn-ds"
+    experiment: str = ""
     run_name: str = ""
     buffer_dir: str = ""
     artifact_location: str = ""
@@ -53,18 +63,25 @@ class TrackingConfig:
                      "close_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"tracking.{name} must be > 0, got {getattr(self, name)!r}")
-        if not self.experiment:
-            raise ValueError("tracking.experiment must not be empty")
         self.curve_metrics = tuple(self.curve_metrics)
 
-    def resolved_uri(self, run_dir: Path) -> str:
+    def resolved_uri(self) -> str:
         """The tracking URI this run uses (see ``uri``)."""
-        if self.uri:
-            return self.uri
-        from_env = os.environ.get("MLFLOW_TRACKING_URI", "")
-        if from_env:
-            return from_env
-        return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI", "") or local_store_uri()
+
+    def resolved_experiment(self) -> str:
+        return self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", "") or DEFAULT_EXPERIMENT
+
+    def describe(self, run_dir: Path) -> str:
+        """Where a run in ``run_dir`` is tracked, for its first log line."""
+        if not self.enabled:
+            return "tracking: off (tracking.enabled=false)"
+        uri = self.resolved_uri()
+        where = "" if uri != local_store_uri() else (
+            " (the single-machine default: set MLFLOW_TRACKING_URI or tracking.uri to a tracking server for runs "
+            "on several machines)")
+        return (f"tracking: MLflow run {self.resolved_run_name(run_dir)!r} of experiment "
+                f"{self.resolved_experiment()!r} at {uri}{where}; journal in {self.resolved_buffer_dir(run_dir)}")
 
     def resolved_buffer_dir(self, run_dir: Path) -> Path:
         return Path(self.buffer_dir) if self.buffer_dir else Path(run_dir) / "tracking"

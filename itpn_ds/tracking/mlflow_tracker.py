@@ -34,9 +34,9 @@ class MLflowTracker:
 
     def __init__(self, cfg: TrackingConfig, run_dir: Path) -> None:
         self.cfg = cfg
-        self.uri = cfg.resolved_uri(run_dir)
+        self.uri = cfg.resolved_uri()
         self.journal = Journal(cfg.resolved_buffer_dir(run_dir))
-        self._sender = MLflowSender(self.uri, self.journal, cfg.experiment, cfg.resolved_run_name(run_dir),
+        self._sender = MLflowSender(self.uri, self.journal, cfg.resolved_experiment(), cfg.resolved_run_name(run_dir),
                                     cfg.artifact_location, cfg.request_timeout_s)
         self._sender.check_run_record()
         self._attached = threading.Event()

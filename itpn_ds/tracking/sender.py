@@ -148,6 +148,9 @@ class MLflowSender:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            database = _sqlite_path(self.uri)
+            if database is not None:  # sqlite creates the file, not its directory (the default store's)
+                database.parent.mkdir(parents=True, exist_ok=True)
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
@@ -240,9 +243,13 @@ def _split(record: dict[str, Any]) -> list[dict[str, Any]]:
     return [{**record, "values": {key: value}} for key, value in record["values"].items()]
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for any other store."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
+
+
 def _default_artifact_location(uri: str) -> str:
     """A sqlite store keeps artifacts next to its database file; a server chooses its own."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        return (Path(uri[len(prefix):]).parent / "mlartifacts").resolve().as_uri()
-    return ""
+    database = _sqlite_path(uri)
+    return (database.parent / "mlartifacts").resolve().as_uri() if database is not None else ""
