@@ -205,7 +205,7 @@ EXPECTED: dict[str, tuple[str, int]] = {
 # Every other recipe is a published one and gets every check below.
 TEST_ONLY: dict[str, str] = {"tiny_finetune_cpu": "finetune", "tiny_pretrain_cpu": "pretrain",
                              "tiny_pretrain_pixel_cpu": "pretrain", "tiny_fast_pretrain_cpu": "pretrain",
-                             "tiny_fast_finetune_cpu": "finetune", "tiny_detect_cpu": "detect",
+                             "tiny_fast_finetune_cpu": "finetune", "tiny_detect_cpu": "detect", "tiny_cascade_cpu": "detect",
                              "tiny_segment_cpu": "segment"}
 
 # iTPN (HiViT) fine-tuning recipes whose published script decays the lr as itpn_clip/utils/lr_decay.py does:
