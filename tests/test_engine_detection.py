@@ -224,3 +224,31 @@ def test_cascade_mask_rcnn_fine_tunes_from_the_same_pretraining_better_than_rand
     assert any(k.startswith("roi_heads.later_stages.1.") for k in weights)  # the whole cascade is exported
     assert torch.equal(features.model.state_dict()["fpn_modules.0.mlp.fc1.weight"],
                        weights["backbone.body.fpn_modules.0.mlp.fc1.weight"])
+
+
+def test_a_pixel_pretraining_fine_tunes_into_both_detectors_and_upernet(det_shards, dense_shapes, demo_shards, tmp_path):
+    """A tiny pixel (MAE-style) pre-training run starts Mask R-CNN, Cascade Mask R-CNN and UperNet by their pixel task
+    names (the rows of the dense table from pixel pre-training): the backbone and pyramid load, the decoder is
+    dropped, each trains 2 steps."""
+    pixel = tmp_path / "pixel"
+    itpn_ds_in_process("pretrain", "--config", "tiny_pretrain_pixel_cpu", "--run-dir", str(pixel),
+                       f"data.shards={demo_shards}", "schedule.max_steps=2", "tracking.enabled=false")
+    tiny = ["model.kwargs.init_values=0", "schedule.max_steps=2", "schedule.epochs=1", "telemetry.log_every=1",
+            "tracking.enabled=false"]
+    for name, config in (("mask_rcnn_itpn_pixel_base_3324", "tiny_detect_cpu"),
+                         ("cascade_mask_rcnn_itpn_pixel_base_3324", "tiny_cascade_cpu")):
+        out = itpn_ds_in_process(*detect_args(tmp_path / name, det_shards, f"detect.init={pixel}", f"model.name={name}",
+                                              *tiny, config=config))
+        report = re.search(r"initialised DenseITPN from \S+: (.*)", out).group(1)
+        assert "decoder" in report and "fresh" not in report, report  # every backbone and pyramid key loads
+        assert re.search(r"step 2 .*loss_box_reg" + ("_s2" if name.startswith("cascade") else ""), out)
+    seg = tmp_path / "seg_shards"
+    assert cli(["make-shards", str(dense_shapes.images("validation")), str(seg), "--kind", "segmentation",
+                "--annotations", str(dense_shapes.annotations("validation")), "--class-names",
+                str(dense_shapes.class_names), "--reduce-zero-label", "--quiet"]) == 0
+    out = itpn_ds_in_process("segment", "--config", "tiny_segment_cpu", "--run-dir", str(tmp_path / "upernet"),
+                             f"data.shards={seg}", f"data.val_shards={seg}", f"segment.init={pixel}",
+                             "model.name=upernet_itpn_pixel_base_3324_patch16_512", "segment.eval_every_epochs=1", *tiny)
+    report = re.search(r"initialised DenseITPN from \S+: (.*)", out).group(1)
+    assert "decoder" in report and not re.search(r"fresh \d+: [^;]*(fpn_modules|align_dim)", report), report
+    assert re.search(r"step 2 .*loss", out)

@@ -167,9 +167,9 @@ def build_dense_backbone(name: str, **overrides) -> nn.Module:
     dense_cls, family_defaults = DENSE_FAMILIES[cls]
     kwargs = {k: v for k, v in {**family_defaults, **kwargs}.items() if k not in HEAD_ONLY_KWARGS + LAYOUT_KWARGS}
     kwargs = {**kwargs, **overrides}
-    if "mlp_depth" in kwargs:  # the pixel model's one depth for both early stages
+    if "mlp_depth" in kwargs:  # the pixel model's one depth for both early stages, unless given apart
         depth = kwargs.pop("mlp_depth")
-        kwargs.update(mlp_depth1=depth, mlp_depth2=depth)
+        kwargs = {"mlp_depth1": depth, "mlp_depth2": depth, **kwargs}
     model = dense_cls(**kwargs)
     model.model_name = name
     model.model_kwargs = dict(overrides)
