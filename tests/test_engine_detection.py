@@ -150,7 +150,8 @@ def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_
     assert "dropped" in report and not re.search(r"fresh \d+: [^;]*(fpn_modules|block_16to8|align_dim)", report), report
     from_pretraining = final_eval(out)
     from_scratch = final_eval(itpn_ds_cli(*detect_args(scratch, det_shards), ranks=2))
-    print(f"after {DETECT_EPOCHS} epochs: box AP {from_pretraining['bbox_AP']:.1f} / mask AP "
+    print(f"AP75 {from_pretraining['bbox_AP75']:.1f} / {from_scratch['bbox_AP75']:.1f}; "
+          f"after {DETECT_EPOCHS} epochs: box AP {from_pretraining['bbox_AP']:.1f} / mask AP "
           f"{from_pretraining['segm_AP']:.1f} from the shapes pre-training, {from_scratch['bbox_AP']:.1f} / "
           f"{from_scratch['segm_AP']:.1f} from random init")
     for metrics in (from_pretraining, from_scratch):
