@@ -36,6 +36,8 @@ COMPILE_MODES = ("off", "on")
 OPTIMIZERS = ("auto", "adamw", "fused_adam", "cpu_adam")
 RESUME_POLICIES = ("auto", "never")
 LR_SCHEDULES = ("cosine", "poly", "step")
+# the model's own layers, or the published dense constructors' (det/ and seg/mmcv_custom of sunsmarterjie/iTPN)
+LAYER_DECAY_RULES = ("model", "mmdet_beit", "mmseg_itpn")
 SEG_EVAL_MODES = ("slide", "whole")
 
 
@@ -165,7 +167,9 @@ class OptimConfig:
     lr of layer i by ``layer_decay ** (num_layers - i)`` (fine-tuning); with ``layer_decay_depth`` N > 0 the
     decay is spread as iTPN's scripts do, ``layer_decay ** ((N + 1) (num_layers - i) / num_layers)``, so the
     embedding gets ``layer_decay ** (N + 1)`` at any depth (iTPN: N = 12, a ViT-B's depth; Fast-iTPN: 0).
-    ``clip_grad`` 0 disables clipping.
+    ``layer_decay_rule`` ``mmdet_beit`` / ``mmseg_itpn`` (dense task models) replaces the model's layers by the
+    published dense constructors' with their ``num_layers`` = ``layer_decay_layers`` (``engine/optim.py``,
+    docs/dense.md "Layer decay"); ``layer_decay_depth`` is then unused. ``clip_grad`` 0 disables clipping.
     ``optimizer`` ``auto`` picks FusedAdam on CUDA, DeepSpeedCPUAdam with optimizer offload, torch AdamW
     otherwise.
     """
@@ -185,6 +189,8 @@ class OptimConfig:
     eps: float = 1e-8
     layer_decay: float = 1.0
     layer_decay_depth: int = 0
+    layer_decay_rule: str = "model"
+    layer_decay_layers: int = 0
     clip_grad: float = 3.0
 
     def __post_init__(self) -> None:
@@ -214,6 +220,11 @@ class OptimConfig:
         if self.layer_decay_depth < 0:
             raise ConfigError(f"optim.layer_decay_depth must be >= 0 (0 = the model's own layers), got "
                               f"{self.layer_decay_depth}")
+        _check_choice("optim.layer_decay_rule", self.layer_decay_rule, LAYER_DECAY_RULES)
+        if (self.layer_decay_rule == "model") != (self.layer_decay_layers == 0) or self.layer_decay_layers < 0:
+            raise ConfigError(f"optim.layer_decay_rule={self.layer_decay_rule} with optim.layer_decay_layers="
+                              f"{self.layer_decay_layers}: the published rules need their num_layers (> 0, e.g. 30 "
+                              "for iTPN-B, 44 for iTPN-L), the model's own rule none (0)")
         if self.clip_grad < 0:
             raise ConfigError(f"optim.clip_grad must be >= 0 (0 = off), got {self.clip_grad}")
 

@@ -69,8 +69,8 @@ def finetune(ws: Ws, *overrides: str, run: Path | None = None) -> list[str]:
             "tracking.enabled=false", "data.micro_batch=4", *overrides]
 
 
-def detect(ws: Ws, *overrides: str) -> list[str]:
-    return ["detect", "--config", "tiny_detect_cpu", "--run-dir", str(ws.run), f"data.shards={ws.extra['det_shards']}",
+def detect(ws: Ws, *overrides: str, config: str = "tiny_detect_cpu") -> list[str]:
+    return ["detect", "--config", config, "--run-dir", str(ws.run), f"data.shards={ws.extra['det_shards']}",
             "tracking.enabled=false", *overrides]
 
 
@@ -208,7 +208,35 @@ def top1(stdout: str) -> float:
 
 # ------------------------------------------------------------------------------------------ the cases
 
+def detector_cases(config: str, model: str, suffix: str = "") -> list[Case]:
+    """The detection task's bad inputs, for each detector (Mask R-CNN, Cascade Mask R-CNN): the same lines."""
+    return [
+        Case(f"classification shards for detection{suffix}", lambda ws: detect(ws, f"data.shards={ws.shards}", config=config),
+             "holds classification shards; task=detect needs detection shards"),
+        Case(f"segmentation shards for detection{suffix}",
+             lambda ws: detect(ws, f"data.val_shards={ws.extra['seg_shards']}", config=config),
+             "holds segmentation shards; task=detect needs detection shards"),
+        Case(f"detector classes off the shards{suffix}", lambda ws: detect(ws, "model.kwargs.num_classes=81", config=config),
+             f"has 4 categories but model {model} has num_classes=81 (the background included): set "
+             "model.kwargs.num_classes=5"),
+        Case(f"detection crop size range reversed{suffix}", lambda ws: detect(ws, "detect.crop_size=[120, 77]", config=config),
+             "detect.crop_size must be [min, max] px with 1 <= min <= max, got [120, 77]"),
+        Case(f"detector cast to bf16{suffix}", lambda ws: detect(ws, "deepspeed.precision=bf16", config=config),
+             "task=detect with deepspeed.precision=bf16"),
+        Case(f"evaluate a pre-training run as a detector{suffix}",
+             lambda ws: ["evaluate", "--config", config, "--checkpoint", str(ws.pretrain),
+                         f"data.val_shards={ws.extra['det_shards']}", "tracking.enabled=false"], "holds no ITPNMaskRCNN"),
+        Case(f"detect with a validation category training lacks{suffix}",
+             lambda ws: detect(ws, f"data.val_shards={ws.extra['det_renamed']}", config=config),
+             "was not trained on ('blob'"),
+        Case(f"unknown RoI head{suffix}", lambda ws: detect(ws, "model.kwargs.roi_head=sparse", config=config),
+             "roi_head must be one of standard, cascade, got 'sparse'"),
+    ]
+
+
 CASES: list[Case] = [
+    *detector_cases("tiny_detect_cpu", "mask_rcnn_itpn_base_3324"),
+    *detector_cases("tiny_cascade_cpu", "cascade_mask_rcnn_itpn_base_3324", " (cascade)"),
     # --- configuration: recipe, overrides, keys, types, ranges
     Case("unknown recipe", lambda ws: ["pretrain", "--config", "no_such_recipe", "--run-dir", str(ws.run)],
          "no recipe named 'no_such_recipe'"),
@@ -281,26 +309,12 @@ CASES: list[Case] = [
     Case("index that does not match its tar", lambda ws: finetune(ws, f"data.shards={ws.extra['shifted']}",
                                                                  "data.on_corrupt=raise"),
          "the index does not match the tar", watched=lambda ws: ws.extra["shifted"]),
-    Case("classification shards for detection", lambda ws: detect(ws, f"data.shards={ws.shards}"),
-         "holds classification shards; task=detect needs detection shards"),
-    Case("segmentation shards for detection", lambda ws: detect(ws, f"data.val_shards={ws.extra['seg_shards']}"),
-         "holds segmentation shards; task=detect needs detection shards"),
     Case("fine-tune on detection shards", lambda ws: finetune(ws, f"data.shards={ws.extra['det_shards']}"),
          "holds detection shards; task=finetune needs classification shards (itpn-ds make-shards IMAGES OUT)"),
     Case("evaluate a classifier on segmentation shards",
          lambda ws: ["evaluate", "--config", "tiny_finetune_cpu", "--checkpoint", str(ws.pretrain),
                      f"data.val_shards={ws.extra['seg_shards']}", "tracking.enabled=false"],
          "holds segmentation shards; task=finetune needs classification shards"),
-    Case("detector classes off the shards", lambda ws: detect(ws, "model.kwargs.num_classes=81"),
-         "has 4 categories but model mask_rcnn_itpn_base_3324 has num_classes=81 (the background included): set "
-         "model.kwargs.num_classes=5"),
-    Case("detection crop size range reversed", lambda ws: detect(ws, "detect.crop_size=[120, 77]"),
-         "detect.crop_size must be [min, max] px with 1 <= min <= max, got [120, 77]"),
-    Case("detector cast to bf16", lambda ws: detect(ws, "deepspeed.precision=bf16"),
-         "task=detect with deepspeed.precision=bf16"),
-    Case("evaluate a pre-training run as a detector",
-         lambda ws: ["evaluate", "--config", "tiny_detect_cpu", "--checkpoint", str(ws.pretrain),
-                     f"data.val_shards={ws.extra['det_shards']}", "tracking.enabled=false"], "holds no ITPNMaskRCNN"),
     Case("segment on classification shards", lambda ws: segment(ws, f"data.shards={ws.shards}"),
          "holds classification shards; task=segment needs segmentation shards (itpn-ds make-shards IMAGES OUT "
          "--kind segmentation"),
@@ -333,8 +347,6 @@ CASES: list[Case] = [
          "was not trained on ('rocket_renamed'"),
     Case("segment with a validation class training lacks",
          lambda ws: segment(ws, f"data.val_shards={ws.extra['seg_renamed']}"), "was not trained on ('blob'"),
-    Case("detect with a validation category training lacks",
-         lambda ws: detect(ws, f"data.val_shards={ws.extra['det_renamed']}"), "was not trained on ('blob'"),
     Case("make-shards numbered as a missing list",
          lambda ws: ["make-shards", str(ws.images), str(ws.run), "--classes-from", str(ws.tmp / "nolist")],
          "no such shard directory or class-names file"),

@@ -80,15 +80,15 @@ def upernet_heads(in_channels: tuple[int, ...], classes: int = 150, channels: in
     return decode + aux
 
 
-def dense_backbone(name: str, **kwargs) -> int:
-    """Parameters of a pre-training name's segmentation backbone at 512 px, as ``features_only`` builds it
-    (its layout and channels are tested against the published configs in tests/test_dense_models.py)."""
+def dense_backbone(name: str, layout: str = "segmentation", img_size: int = 512, **kwargs) -> int:
+    """Parameters of a pre-training name's dense backbone (segmentation at 512 px by default), as ``features_only``
+    builds it (its layout and channels are tested against the published configs in tests/test_dense_models.py)."""
     import timm
 
     import itpn_ds.models  # noqa: F401
 
     with torch.device("meta"):
-        model = timm.create_model(name, features_only=True, layout="segmentation", img_size=512, **kwargs)
+        model = timm.create_model(name, features_only=True, layout=layout, img_size=img_size, **kwargs)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -108,6 +108,19 @@ def mask_rcnn_heads(width: int = 256, classes: int = 81, fc: int = 1024, anchors
     mask_head = 4 * (conv3 + width)
     mask_predictor = 4 * width * width + width + (width + 1) * classes
     return rpn + box_head + box_predictor + mask_head + mask_predictor
+
+
+def cascade_heads(width: int = 256, classes: int = 81, fc: int = 1024, anchors: int = 3, stages: int = 3) -> int:
+    """Cascade Mask R-CNN as the published cascade config builds it: the RPN and, per stage, a box head,
+    class-specific box predictor, mask head and mask predictor (mmdet copies the one mask head to every stage)."""
+    conv3 = 9 * width * width
+    rpn = conv3 + width + (width + 1) * anchors + (width + 1) * 4 * anchors
+    return rpn + stages * (mask_rcnn_heads(width, classes, fc, anchors) - rpn)
+
+
+def pixel_detection_backbone(name: str) -> int:
+    """The detection backbone of a pixel pre-training name at 224 px (no relative positions, as published)."""
+    return dense_backbone(name, layout="detection", img_size=224)
 
 
 def pretraining_only_params(name: str) -> int:
@@ -163,6 +176,24 @@ EXPECTED: dict[str, tuple[str, int]] = {
         "clip_tpn_base_3324_patch16_224") + mask_rcnn_heads()),
     "mask_rcnn_itpn_large_coco_1x": ("detect", lambda: CLIP_TPN_L - pretraining_only_params(
         "clip_tpn_large_2240_patch16_224") + mask_rcnn_heads()),
+    "mask_rcnn_itpn_base_coco_1x": ("detect", lambda: CLIP_TPN_B - pretraining_only_params(
+        "clip_tpn_base_3324_patch16_224") + mask_rcnn_heads()),
+    "cascade_mask_rcnn_itpn_base_coco_3x": ("detect", lambda: CLIP_TPN_B - pretraining_only_params(
+        "clip_tpn_base_3324_patch16_224") + cascade_heads()),
+    # pixel pre-training: no published count of the detection backbone (its pre-training has the decoder and a
+    # second pyramid block); the backbone as features_only builds it + the heads counted by hand.
+    "mask_rcnn_itpn_pixel_base_coco_1x": ("detect", lambda: pixel_detection_backbone("itpn_base_dec512d8b")
+                                          + mask_rcnn_heads()),
+    "mask_rcnn_itpn_pixel_base_coco_3x": ("detect", lambda: pixel_detection_backbone("itpn_base_dec512d8b")
+                                          + mask_rcnn_heads()),
+    "cascade_mask_rcnn_itpn_pixel_base_coco_3x": ("detect", lambda: pixel_detection_backbone("itpn_base_dec512d8b")
+                                                  + cascade_heads()),
+    "mask_rcnn_itpn_pixel_large_coco_1x": ("detect", lambda: pixel_detection_backbone("itpn_large_dec512d8b")
+                                           + mask_rcnn_heads()),
+    "upernet_itpn_pixel_base_ade20k_512": ("segment", lambda: dense_backbone("itpn_base_dec512d8b", rpe=True)
+                                           + upernet_heads((384, 512, 768, 768))),
+    "upernet_itpn_pixel_large_ade20k_512": ("segment", lambda: dense_backbone("itpn_large_dec512d8b", rpe=True)
+                                            + upernet_heads((448, 640, 1024, 1024))),
     # UperNet: no published count; the backbone as features_only builds it + the heads counted by hand.
     "upernet_itpn_base_ade20k_512": ("segment", dense_backbone("clip_tpn_base_3324_patch16_224")
                                      + upernet_heads((384, 512, 768, 768))),
@@ -175,7 +206,7 @@ EXPECTED: dict[str, tuple[str, int]] = {
 # Every other recipe is a published one and gets every check below.
 TEST_ONLY: dict[str, str] = {"tiny_finetune_cpu": "finetune", "tiny_pretrain_cpu": "pretrain",
                              "tiny_pretrain_pixel_cpu": "pretrain", "tiny_fast_pretrain_cpu": "pretrain",
-                             "tiny_fast_finetune_cpu": "finetune", "tiny_detect_cpu": "detect",
+                             "tiny_fast_finetune_cpu": "finetune", "tiny_detect_cpu": "detect", "tiny_cascade_cpu": "detect",
                              "tiny_segment_cpu": "segment"}
 
 # iTPN (HiViT) fine-tuning recipes whose published script decays the lr as itpn_clip/utils/lr_decay.py does:
@@ -187,9 +218,23 @@ PUBLISHED_LAYER_DECAY: dict[str, tuple[float, int]] = {
 }
 
 # Detection recipes against det/configs/itpn/*.py: recipe -> (lr, layer decay, drop path, lr steps (epochs), epochs).
+# The rows without a published config (CLIP-B 1x, pixel L 1x) and the pixel 3x (whose file keeps the 1x schedule)
+# take the values docs/dense.md gives for them.
 PUBLISHED_DETECTION: dict[str, tuple[float, float, float, list[float], int]] = {
     "mask_rcnn_itpn_base_coco_3x": (1.5e-4, 0.90, 0.3, [27, 33], 36),   # clip_itpn_base_3x_ld090_dp030.py
     "mask_rcnn_itpn_large_coco_1x": (2e-4, 0.95, 0.2, [9, 11], 12),     # clip_itpn_large_1x_ld095_dp020.py
+    "mask_rcnn_itpn_pixel_base_coco_1x": (2e-4, 0.90, 0.05, [9, 11], 12),  # pixel_itpn_base_1x_ld090_dp005.py
+    "mask_rcnn_itpn_pixel_base_coco_3x": (1.5e-4, 0.90, 0.3, [27, 33], 36),  # pixel_itpn_base_3x_ld090_dp030.py
+    "cascade_mask_rcnn_itpn_pixel_base_coco_3x": (1e-4, 0.90, 0.2, [27, 33], 36),  # cascade_pixel_itpn_base_3x.py
+    "cascade_mask_rcnn_itpn_base_coco_3x": (1e-4, 0.90, 0.2, [27, 33], 36),  # cascade_CLIP_itpn_base_3x.py
+    "mask_rcnn_itpn_base_coco_1x": (2e-4, 0.90, 0.05, [9, 11], 12),      # none: the base 1x values
+    "mask_rcnn_itpn_pixel_large_coco_1x": (2e-4, 0.95, 0.2, [9, 11], 12),  # none: clip_itpn_large_1x_ld095_dp020.py
+}
+# Every published dense recipe against the published constructors: recipe -> (rule, num_layers of the config).
+PUBLISHED_DENSE_DECAY: dict[str, tuple[str, int]] = {
+    **{r: ("mmdet_beit", 44 if "large" in r else 30) for r in PUBLISHED_DETECTION},
+    "upernet_itpn_base_ade20k_512": ("mmseg_itpn", 44), "upernet_itpn_large_ade20k_512": ("mmseg_itpn", 44),
+    "upernet_itpn_pixel_base_ade20k_512": ("mmseg_itpn", 30), "upernet_itpn_pixel_large_ade20k_512": ("mmseg_itpn", 44),
 }
 
 SHIPPED = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
@@ -333,3 +378,47 @@ def test_detection_recipe_has_the_published_optimizer_and_schedule(recipe):
         (list(range(480, 801, 32)), 1333, 800, 1333)
     # the DETR-style branch of the configs' AutoAugment: one of its two policies, resize 400/500/600, crop 384-600
     assert (d.flip_prob, d.crop_prob, d.crop_short_sides, d.crop_size) == (0.5, 0.5, [400, 500, 600], [384, 600])
+    # the published box head: GIoU on decoded boxes, aligned RoIAlign, class-specific regression; cascade: 3 stages
+    k = cfg.model.kwargs
+    assert (k["box_loss"], k["roi_aligned"], k.get("class_agnostic", False)) == ("giou", True, False)
+    assert k.get("roi_head", "standard") == ("cascade" if recipe.startswith("cascade") else "standard")
+
+
+def published_dense_lr_scales(model: torch.nn.Module, prefix: str, rule: str, num_layers: int,
+                              decay: float) -> dict[str, float]:
+    """The lr scale of every parameter as the published dense constructors compute it, written out from their
+    code: ids 0 (patch_embed, and backbone.pos_embed / backbone.absolute_pos_embed), blocks.i -> i + 1, the rest
+    num_layers + 1; num_layers += 2; detection: decay ** (num_layers - id - 1), segmentation: (decay ** (13 /
+    num_layers)) ** (num_layers - id - 1)."""
+    total = num_layers + 2
+    layer0 = ("backbone.pos_embed",) if rule == "mmdet_beit" else ("backbone.absolute_pos_embed",)
+    rate = decay if rule == "mmdet_beit" else decay ** (13 / total)
+    scales = {}
+    for name, _ in model.named_parameters():
+        var = "backbone." + name[len(prefix):] if name.startswith(prefix) else name  # the published module's name
+        if var in layer0 or var.startswith("backbone.patch_embed"):
+            layer = 0
+        elif var.startswith("backbone.blocks"):
+            layer = int(var.split(".")[2]) + 1
+        else:
+            layer = total - 1
+        scales[name] = rate ** (total - layer - 1)
+    return scales
+
+
+@pytest.mark.parametrize("recipe", sorted(PUBLISHED_DENSE_DECAY))
+def test_dense_layer_decay_gives_every_parameter_the_published_constructors_rate(recipe):
+    rule, layers = PUBLISHED_DENSE_DECAY[recipe]
+    cfg = resolve(recipe)
+    o = cfg.optim
+    assert (o.layer_decay_rule, o.layer_decay_layers) == (rule, layers)
+    model = build_on_meta(cfg)
+    expected = published_dense_lr_scales(model, model.backbone_prefix, rule, layers, o.layer_decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, o.layer_decay, o.layer_decay_depth, o.layer_decay_rule, o.layer_decay_layers)
+    ours = {names[id(p)]: group["lr_scale"] for group in groups for p in group["params"]}
+    assert ours.keys() == expected.keys()
+    wrong = {n: (ours[n], expected[n]) for n in ours if ours[n] != pytest.approx(expected[n], rel=1e-9)}
+    assert not wrong, f"{recipe}: {len(wrong)} parameters off the published rate, e.g. {list(wrong.items())[:3]}"
+    if rule == "mmdet_beit" and layers == 30:  # iTPN-B's 32 block entries: the last above the top, as published
+        assert max(ours.values()) == pytest.approx(1 / o.layer_decay)

@@ -37,7 +37,7 @@ def build_model(cfg: RunConfig) -> nn.Module:
     _check_model_kwargs(cfg)
     try:
         model = timm.create_model(cfg.model.name, drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
-    except (RuntimeError, TypeError) as exc:
+    except (RuntimeError, TypeError, ValueError) as exc:  # ValueError: a head option out of its choices
         raise ConfigError(f"model.name={cfg.model.name!r} with model.kwargs={cfg.model.kwargs}: {exc}") from exc
     policy = cfg.model.grad_checkpointing
     if policy != "off":

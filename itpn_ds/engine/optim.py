@@ -20,26 +20,38 @@ from torch import nn
 from itpn_ds.config import ConfigError, OptimConfig
 
 
-def param_groups(model: nn.Module, layer_decay: float = 1.0, layer_decay_depth: int = 0) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, layer_decay: float = 1.0, layer_decay_depth: int = 0, rule: str = "model",
+                 num_layers: int = 0) -> list[dict[str, Any]]:
     """AdamW groups for ``model``: [{"params", "lr_scale", "wd_scale", "name"}], no empty groups.
 
-    With ``layer_decay`` < 1 the model must expose ``lr_layer_id(name) -> int`` and ``num_lr_layers``
-    (layers 0 .. top = num_lr_layers - 1, the head last); layer i gets ``layer_decay ** (top - i)``, or with
-    ``layer_decay_depth`` N > 0 ``layer_decay ** ((N + 1) (top - i) / top)`` (iTPN's scripts, N = 12).
+    With ``layer_decay`` < 1 and ``rule`` ``model`` the model must expose ``lr_layer_id(name) -> int`` and
+    ``num_lr_layers`` (layers 0 .. top = num_lr_layers - 1, the head last); layer i gets ``layer_decay ** (top -
+    i)``, or with ``layer_decay_depth`` N > 0 ``layer_decay ** ((N + 1) (top - i) / top)`` (iTPN's scripts, N = 12).
+    ``rule`` ``mmdet_beit`` / ``mmseg_itpn``: the published dense constructors (``published_dense_layer``) with
+    their ``num_layers``, for a dense task model (``backbone_prefix``).
     """
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     use_layers = layer_decay < 1.0
-    if use_layers and not (hasattr(model, "lr_layer_id") and hasattr(model, "num_lr_layers")):
+    if use_layers and rule == "model" and not (hasattr(model, "lr_layer_id") and hasattr(model, "num_lr_layers")):
         raise ConfigError(f"optim.layer_decay={layer_decay} needs a model with lr_layer_id() and num_lr_layers; "
                           f"{type(model).__name__} has neither")
-    top = model.num_lr_layers - 1 if use_layers else 0
-    per_layer = (layer_decay_depth + 1) / top if use_layers and layer_decay_depth else 1.0
+    if use_layers and rule != "model" and not hasattr(model, "backbone_prefix"):
+        raise ConfigError(f"optim.layer_decay_rule={rule} is the published dense rule: it needs a dense task model "
+                          f"(UperNet, Mask R-CNN), not {type(model).__name__}")
+    if rule == "model":
+        top = model.num_lr_layers - 1 if use_layers else 0
+        per_layer = (layer_decay_depth + 1) / top if use_layers and layer_decay_depth else 1.0
+        layer_of = getattr(model, "lr_layer_id", None)
+    else:
+        top = num_layers + 1
+        per_layer = 13 / (top + 1) if rule == "mmseg_itpn" else 1.0
+        layer_of = lambda name: published_dense_layer(name, model.backbone_prefix, top, rule)  # noqa: E731
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decay = not _is_no_decay(name, param, skip)
-        layer = model.lr_layer_id(name) if use_layers else 0
+        layer = layer_of(name) if use_layers else 0
         key = (layer, decay)
         if key not in groups:
             groups[key] = {"name": f"layer{layer}_{'decay' if decay else 'no_decay'}", "params": [],
@@ -47,6 +59,29 @@ def param_groups(model: nn.Module, layer_decay: float = 1.0, layer_decay_depth: 
                            "wd_scale": 1.0 if decay else 0.0}
         groups[key]["params"].append(param)
     return [groups[k] for k in sorted(groups)]
+
+
+# The embeddings each published dense constructor puts at layer 0 (besides ``patch_embed.*``): the detection one
+# (BEiT's, det/mmcv_custom/layer_decay_optimizer_constructor.py) names ``pos_embed``, which the iTPN detection
+# backbone calls ``absolute_pos_embed``, so there it falls to the top layer; the segmentation one
+# (seg/mmcv_custom/itpn_layer_decay_optimizer_constructor.py) names ``absolute_pos_embed``.
+PUBLISHED_LAYER0 = {"mmdet_beit": ("cls_token", "mask_token", "pos_embed"),
+                    "mmseg_itpn": ("cls_token", "mask_token", "absolute_pos_embed")}
+
+
+def published_dense_layer(name: str, prefix: str, top: int, rule: str) -> int:
+    """The layer id the published dense constructors give parameter ``name`` of a task model whose backbone sits
+    under ``prefix``: embeddings 0, entry i of the backbone's ``blocks`` (MLP blocks, merges and attention blocks
+    alike) i + 1, everything else (pyramid, heads) ``top`` = num_layers + 1. With iTPN-B's 32 entries and
+    num_layers 30 the last two entries get ids 31 and 32 = top + 1 (lr scale 1 / decay), as published."""
+    inner = name[len(prefix):] if name.startswith(prefix) else None
+    if inner is None:
+        return top
+    if inner.startswith("patch_embed") or inner in PUBLISHED_LAYER0[rule]:
+        return 0
+    if inner.startswith("blocks."):
+        return int(inner.split(".")[1]) + 1
+    return top
 
 
 def _is_no_decay(name: str, param: torch.Tensor, skip: set[str]) -> bool:

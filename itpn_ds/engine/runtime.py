@@ -89,7 +89,8 @@ def build_engine(model: nn.Module, cfg: RunConfig, runtime: Runtime, ds_config: 
                           "DeepSpeed, so bad steps could not be skipped; use bf16/fp16 or ZeRO stage >= 1")
     check_precision_supported(cfg.deepspeed.precision)
     kind = choose_optimizer(cfg.optim, offloads_optimizer(ds), runtime.device.type == "cuda")
-    groups = param_groups(model, cfg.optim.layer_decay, cfg.optim.layer_decay_depth)
+    o = cfg.optim
+    groups = param_groups(model, o.layer_decay, o.layer_decay_depth, o.layer_decay_rule, o.layer_decay_layers)
     optimizer = build_optimizer(groups, cfg.optim, kind)
     try:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)

@@ -1,12 +1,14 @@
 """Detection and instance segmentation: torchvision's Mask R-CNN with the iTPN pyramid in place of the FPN.
 
-Only the backbone adapter is ours (``PyramidBackbone``: the five levels of the ``detection`` layout,
+The backbone adapter, the level pooler and the RoI-head stages are ours (``PyramidBackbone``: the five levels of the ``detection`` layout,
 strides 4-64, 256 channels, as the OrderedDict torchvision's detection models take). ``mask_rcnn`` configures
 torchvision's ``MaskRCNN`` as the published COCO configs (det/configs/itpn, mmdet's ``mask_rcnn_r50_fpn``
 with the neck removed): one anchor size per level, 8 × its stride (32-512 px), aspect ratios 0.5 / 1 / 2;
 box and mask RoIAlign (7 and 14 px, adaptive sampling) over the levels at strides 4-32, the RPN over all
 five; the box head 4 convs (BatchNorm) + 1 fc of 1024 (mmdet's ``ConvFCBBoxHead`` 4conv1fc), the mask head 4
-convs. The model's transform normalises the images and pads the batch to a multiple of the coarsest stride
+convs. The RoI head (``roi_head``) is ``itpn_ds.models.cascade``'s: one stage (Mask R-CNN) or three (Cascade
+Mask R-CNN), with torchvision's smooth-L1 or the published GIoU box loss (``box_loss``), RoIAlign with or
+without mmcv's half-pixel alignment (``roi_aligned``). The model's transform normalises the images and pads the batch to a multiple of the coarsest stride
 (64); it resizes them only with ``resize=True`` (short side from ``min_size``, one picked at random per
 batch in training, long side ≤ ``max_size``): the detection loaders (``itpn_ds.data.det_pipeline``) already
 apply the published multi-scale resize. ``backbone_autocast`` (``bf16`` / ``fp16``) runs the backbone under
@@ -28,9 +30,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision import ops
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import initLevelMapper
 
+from itpn_ds.models.cascade import ROI_HEADS, AgnosticBoxPredictor, MultiStageRoIHeads, StageParts
 from itpn_ds.models.dense import DenseTaskModel
 
 LEVEL_NAMES = ("0", "1", "2", "3", "pool")  # torchvision's FPN names: strides 4, 8, 16, 32 and the extra 64
@@ -73,20 +77,38 @@ class PyramidBackbone(nn.Module):
         return OrderedDict((name, level.float()) for name, level in zip(LEVEL_NAMES, levels))
 
 
-def roi_align(strides: Sequence[int], output_size: int) -> MultiScaleRoIAlign:
-    """torchvision's ``MultiScaleRoIAlign`` over ``ROI_LEVELS`` (strides ``strides``, powers of 2) with its
-    level scales (1 / stride) and RoI-to-level mapping set from the strides.
+class LevelRoIAlign(MultiScaleRoIAlign):
+    """torchvision's ``MultiScaleRoIAlign`` over ``ROI_LEVELS`` with its level scales (1 / stride) and RoI-to-level
+    mapping set from ``strides`` (powers of 2), and mmcv's ``aligned`` option.
 
-    torchvision otherwise infers and keeps them from the first batch it sees, rounding feature height / image
-    height to a power of 2: an image whose padding to the coarsest stride (64) adds more than 41 % of its
+    torchvision otherwise infers and keeps the scales from the first batch it sees, rounding feature height /
+    image height to a power of 2: an image whose padding to the coarsest stride (64) adds more than 41 % of its
     height (a 70 px high image, padded to 128) sets every scale one octave off for the model's lifetime, so
     the same weights detect well or not at all depending on the first image after construction.
+    ``aligned=True`` samples at pixel centres (box coordinates × scale − 0.5: mmcv's ``RoIAlign(aligned=True)``,
+    the published configs'); torchvision's ``MultiScaleRoIAlign`` always pools with ``aligned=False``.
+
+    forward: levels {name: (B, C, H_l, W_l)}, boxes [(n_i, 4) xyxy image px] -> (Σ n_i, C, out, out).
     """
-    pool = MultiScaleRoIAlign(list(ROI_LEVELS), output_size=output_size, sampling_ratio=0)
-    pool.scales = [1.0 / s for s in strides]
-    pool.map_levels = initLevelMapper(int(math.log2(strides[0])), int(math.log2(strides[-1])),
-                                      canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
-    return pool
+
+    def __init__(self, strides: Sequence[int], output_size: int, aligned: bool = False):
+        super().__init__(list(ROI_LEVELS), output_size=output_size, sampling_ratio=0)
+        self.aligned = aligned
+        self.scales = [1.0 / s for s in strides]
+        self.map_levels = initLevelMapper(int(math.log2(strides[0])), int(math.log2(strides[-1])),
+                                          canonical_scale=self.canonical_scale, canonical_level=self.canonical_level)
+
+    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        levels = [x[name] for name in self.featmap_names]
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        level_of = self.map_levels(boxes)
+        out = levels[0].new_zeros((len(rois), levels[0].shape[1], *self.output_size))
+        for level, (feature, scale) in enumerate(zip(levels, self.scales)):
+            index = torch.where(level_of == level)[0]
+            out[index] = ops.roi_align(feature, rois[index], self.output_size, spatial_scale=scale,
+                                       sampling_ratio=self.sampling_ratio, aligned=self.aligned).to(out.dtype)
+        return out
 
 
 class PadOnlyTransform(GeneralizedRCNNTransform):
@@ -111,31 +133,49 @@ class ITPNMaskRCNN(DenseTaskModel, MaskRCNN):
 def mask_rcnn(backbone: nn.Module, num_classes: int = 81, min_size: int | Sequence[int] = MULTI_SCALE_SHORT_SIDES,
               max_size: int = 1333, image_mean: Sequence[float] | None = None,
               image_std: Sequence[float] | None = None, resize: bool = False,
-              backbone_autocast: str | None = None, detector_kwargs: dict | None = None) -> ITPNMaskRCNN:
-    """Mask R-CNN on a dense backbone in the ``detection`` layout.
+              backbone_autocast: str | None = None, roi_head: str = "standard", box_loss: str = "smooth_l1",
+              roi_aligned: bool = False, class_agnostic: bool = False,
+              detector_kwargs: dict | None = None) -> ITPNMaskRCNN:
+    """Mask R-CNN, or Cascade Mask R-CNN, on a dense backbone in the ``detection`` layout.
 
     ``num_classes`` counts the background (81: COCO's 80 + background). ``image_mean`` / ``image_std``:
     torchvision's (ImageNet) by default. ``resize``: let the model's transform resize by ``min_size`` /
     ``max_size`` (False: the images come resized, ``PadOnlyTransform``). ``backbone_autocast``: ``bf16`` /
-    ``fp16`` to run the backbone under autocast, the heads in fp32 (``PyramidBackbone``). ``detector_kwargs``: any other
-    ``MaskRCNN`` argument (RPN / RoI sampling, score threshold, detections per image).
+    ``fp16`` to run the backbone under autocast, the heads in fp32 (``PyramidBackbone``). The RoI head
+    (``itpn_ds.models.cascade``): ``roi_head`` ``standard`` (one stage: Mask R-CNN) or ``cascade`` (three
+    stages: Cascade Mask R-CNN); ``box_loss`` ``smooth_l1`` (torchvision's) or ``giou`` (the published: weight
+    10 on decoded boxes); ``roi_aligned``: RoIAlign at pixel centres (mmcv's ``aligned=True``, the published);
+    ``class_agnostic``: one box per RoI instead of one per class. ``detector_kwargs``: any other ``MaskRCNN``
+    argument (RPN / RoI sampling, score threshold, detections per image).
     """
+    if roi_head not in ROI_HEADS:
+        raise ValueError(f"roi_head must be one of {', '.join(ROI_HEADS)}, got {roi_head!r}")
     adapter = PyramidBackbone(backbone, autocast=backbone_autocast)
     width = adapter.out_channels
     anchors = AnchorGenerator(sizes=tuple((ANCHOR_SCALE * s,) for s in adapter.strides),
                               aspect_ratios=(ASPECT_RATIOS,) * len(adapter.strides))
-    box_head = FastRCNNConvFCHead((width, 7, 7), [width] * 4, [BOX_REPRESENTATION], norm_layer=nn.BatchNorm2d)
+    predictor = AgnosticBoxPredictor if class_agnostic else FastRCNNPredictor
+    parts = StageParts(
+        box_head=lambda: FastRCNNConvFCHead((width, 7, 7), [width] * 4, [BOX_REPRESENTATION], norm_layer=nn.BatchNorm2d),
+        box_predictor=lambda: predictor(BOX_REPRESENTATION, num_classes),
+        mask_head=lambda: MaskRCNNHeads(width, [width] * 4, 1),
+        mask_predictor=lambda: MaskRCNNPredictor(width, width, num_classes))
+    stages = ROI_HEADS[roi_head]
+    roi_strides = adapter.strides[:len(ROI_LEVELS)]
+    box_head = parts.box_head()
     model = ITPNMaskRCNN(
         adapter, None, min_size=min_size, max_size=max_size, image_mean=image_mean, image_std=image_std,
         rpn_anchor_generator=anchors,
-        box_roi_pool=roi_align(adapter.strides[:len(ROI_LEVELS)], 7),
+        box_roi_pool=LevelRoIAlign(roi_strides, 7, aligned=roi_aligned),
         box_head=box_head,
-        box_predictor=FastRCNNPredictor(BOX_REPRESENTATION, num_classes),
-        mask_roi_pool=roi_align(adapter.strides[:len(ROI_LEVELS)], 14),
-        mask_head=MaskRCNNHeads(width, [width] * 4, 1),
-        mask_predictor=MaskRCNNPredictor(width, width, num_classes),
+        box_predictor=parts.box_predictor(),
+        mask_roi_pool=LevelRoIAlign(roi_strides, 14, aligned=roi_aligned),
+        mask_head=parts.mask_head(),
+        mask_predictor=parts.mask_predictor(),
         size_divisible=adapter.strides[-1],
+        box_fg_iou_thresh=stages[0].iou, box_bg_iou_thresh=stages[0].iou, bbox_reg_weights=stages[0].coder_weights,
         **(detector_kwargs or {}))
+    model.roi_heads = MultiStageRoIHeads.around(model.roi_heads, stages, parts, box_loss, class_agnostic)
     if not resize:
         t = model.transform
         model.transform = PadOnlyTransform(t.min_size, t.max_size, t.image_mean, t.image_std,

@@ -96,6 +96,27 @@ DENSE_MODEL_CONFIGS: dict[str, tuple[Callable[..., nn.Module], str, dict, dict]]
                                  dict(layout="detection", drop_path_rate=0.3), dict(num_classes=81)),
     "mask_rcnn_itpn_large_2240": (mask_rcnn, "clip_tpn_large_2240_patch16_224",
                                   dict(layout="detection", drop_path_rate=0.2), dict(num_classes=81)),
+    # COCO Cascade Mask R-CNN (det/configs/itpn/cascade_{CLIP,pixel}_itpn_base_3x.py; what they build: docs/dense.md)
+    "cascade_mask_rcnn_itpn_base_3324": (mask_rcnn, "clip_tpn_base_3324_patch16_224",
+                                         dict(layout="detection", drop_path_rate=0.2),
+                                         dict(num_classes=81, roi_head="cascade", class_agnostic=True)),
+    # The same heads on pixel pre-training (det/configs/itpn/pixel_itpn_base_*, seg/configs/itpn/pixel_upernet_*):
+    # no layer scale; the detection backbones without relative positions (rpe=False, the family default), the
+    # segmentation ones with them (rpe=True, the tables start at zero: the pixel pre-training has none).
+    "mask_rcnn_itpn_pixel_base_3324": (mask_rcnn, "itpn_base_dec512d8b",
+                                       dict(layout="detection", drop_path_rate=0.3), dict(num_classes=81)),
+    "mask_rcnn_itpn_pixel_large_2240": (mask_rcnn, "itpn_large_dec512d8b",
+                                        dict(layout="detection", drop_path_rate=0.2), dict(num_classes=81)),
+    "cascade_mask_rcnn_itpn_pixel_base_3324": (mask_rcnn, "itpn_base_dec512d8b",
+                                               dict(layout="detection", drop_path_rate=0.2),
+                                               dict(num_classes=81, roi_head="cascade", class_agnostic=True)),
+    "upernet_itpn_pixel_base_3324_patch16_512": (upernet, "itpn_base_dec512d8b",
+                                                 dict(layout="segmentation", img_size=512, drop_path_rate=0.1, rpe=True),
+                                                 dict(num_classes=150, channels=768)),
+    "upernet_itpn_pixel_large_2240_patch16_512": (upernet, "itpn_large_dec512d8b",
+                                                  dict(layout="segmentation", img_size=512, drop_path_rate=0.2,
+                                                       rpe=True),
+                                                  dict(num_classes=150, channels=768)),
     # Ours (no published Fast-iTPN dense code): the same heads on Fast-iTPN CLIP pre-training.
     "upernet_fast_itpn_base_3324_patch16_512": (upernet, "fast_clip_tpn_base_3324_patch16_224",
                                                 dict(layout="segmentation", img_size=512, drop_path_rate=0.2),
@@ -146,9 +167,9 @@ def build_dense_backbone(name: str, **overrides) -> nn.Module:
     dense_cls, family_defaults = DENSE_FAMILIES[cls]
     kwargs = {k: v for k, v in {**family_defaults, **kwargs}.items() if k not in HEAD_ONLY_KWARGS + LAYOUT_KWARGS}
     kwargs = {**kwargs, **overrides}
-    if "mlp_depth" in kwargs:  # the pixel model's one depth for both early stages
+    if "mlp_depth" in kwargs:  # the pixel model's one depth for both early stages, unless given apart
         depth = kwargs.pop("mlp_depth")
-        kwargs.update(mlp_depth1=depth, mlp_depth2=depth)
+        kwargs = {"mlp_depth1": depth, "mlp_depth2": depth, **kwargs}
     model = dense_cls(**kwargs)
     model.model_name = name
     model.model_kwargs = dict(overrides)
