@@ -1,7 +1,9 @@
 """``itpn-ds extract-teacher``: CLIP targets for K views per image into one Arrow file per shard.
 
 Runs as one process or as many (torchrun / srun ranks, SLURM array tasks): each takes its share of the
-shards; finished files are skipped, so re-running resumes (docs/teacher_cache.md).
+shards; finished files are skipped, so re-running resumes (docs/teacher_cache.md). USR1 or SIGTERM (SLURM's
+time-limit warning, a preemption) keeps the shard being written as a partial file and exits with
+``PREEMPTED_EXIT_CODE``, on which launch/slurm/lib.sh requeues; the requeued run continues that shard.
 """
 from __future__ import annotations
 
@@ -37,11 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Exit 0 when this worker's files are written, 2 with a message naming the file / sample otherwise."""
+    """Exit 0 when this worker's files are written, ``PREEMPTED_EXIT_CODE`` when a signal stopped it (its
+    partial shard kept), 2 with a message naming the file / sample otherwise."""
+    from itpn_ds.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
+
+    preemption = PreemptionFlag()  # first: a signal during the imports and the teacher load is not lost
     from itpn_ds.data.shards import ShardError
     from itpn_ds.teacher.cache import CacheError
     from itpn_ds.teacher.clip import TeacherLoadError
-    from itpn_ds.teacher.extract import ExtractConfig, extract_cache
+    from itpn_ds.teacher.extract import ExtractConfig, ExtractionPreempted, extract_cache
 
     try:
         cfg = ExtractConfig(shards=args.shards, out=args.out, checkpoint=args.teacher_checkpoint,
@@ -49,9 +55,15 @@ def main(args: argparse.Namespace) -> int:
                             seed=args.seed, color_jitter=args.color_jitter, dtype=args.dtype,
                             batch_size=args.batch_size, device=args.device, num_threads=args.num_threads,
                             progress=not args.no_progress, loader=args.loader)
-        written = extract_cache(cfg)
+        written = extract_cache(cfg, stop=lambda: preemption.local)
+    except ExtractionPreempted as exc:
+        print(f"extract-teacher: preemption signal ({', '.join(preemption.received)}): {exc}; exiting "
+              f"{PREEMPTED_EXIT_CODE} for a requeue", flush=True)
+        return PREEMPTED_EXIT_CODE
     except (ShardError, CacheError, TeacherLoadError, ValueError) as exc:
         print_error_line(f"itpn-ds extract-teacher: {exc}")
         return 2
+    finally:
+        preemption.restore()
     print(f"extract-teacher: wrote {len(written)} cache file(s) into {cfg.out}")
     return 0

@@ -15,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -123,6 +123,17 @@ def shift_index_offsets(shards: Path) -> None:
         words[1] = str(int(words[1]) + 512)
         shifted.append(" ".join(words))
     index.write_text("\n".join([head, *shifted]) + "\n")
+
+
+def suspended_cache_file(ws: Ws, **changes) -> None:
+    """``ws.run/shard-00000.arrow.partial``: a preempted extraction's file of the demo cache's first shard,
+    made with ``changes`` to its settings."""
+    from itpn_ds.teacher.cache import open_cache_file
+    from itpn_ds.teacher.cache_format import CacheFileWriter
+
+    ws.run.mkdir()
+    meta = open_cache_file(ws.cache / "shard-00000.arrow")[1]
+    CacheFileWriter(ws.run / "shard-00000.arrow", replace(meta, **changes)).suspend()
 
 
 def image_folder_with_empty_class(ws: Ws) -> Path:
@@ -417,6 +428,11 @@ CASES: list[Case] = [
     Case("extract-teacher of a truncated shard",
          lambda ws: ["extract-teacher", "--shards", str(ws.extra["truncated"]), "--out", str(ws.run),
                      "--teacher-checkpoint", str(ws.clip), "--no-progress"], "shard-00000.tar"),
+    Case("extract-teacher continuing a partial file made with another seed",
+         lambda ws: ["extract-teacher", "--shards", str(ws.shards), "--out", str(ws.run), "--teacher-checkpoint",
+                     str(ws.clip), "--num-views", "2", "--no-progress"],
+         "shard-00000.arrow.partial: a suspended extraction made differently (seed differ)",
+         setup=lambda ws: suspended_cache_file(ws, seed=5)),
     # --- planners
     Case("plan-scaling of an unknown model", lambda ws: ["plan-scaling", "--model", "itpn_huge"], "itpn_huge"),
     Case("plan-cache for zero nodes", lambda ws: ["plan-cache", "--nodes", "0"], "--nodes >= 1"),

@@ -82,3 +82,20 @@ def test_array_tasks_each_get_their_own_rendezvous(slurm_cluster, tmp_path):
     assert all(r["world_size"] == 2 and r["sum"] == 3.0 for r in reports.values())
     masters = {name[:5]: r["master"] for name, r in reports.items()}
     assert masters["task0"] != masters["task1"]
+
+
+def test_an_input_error_ends_the_job_unrequeued_and_a_one_process_command_refuses_several_tasks(slurm_cluster,
+                                                                                               tmp_path):
+    """Through the generic script: exit 2 is not requeued (it would fail again); make-shards on two tasks is
+    refused on one line before any step starts."""
+    bad = slurm_cluster.sbatch(SLURM / "itpn_ds.sbatch", "plan-cache", "--nodes", "0",
+                               options=("-n", "1", f"--output={tmp_path}/%j.out"))
+    many = slurm_cluster.sbatch(SLURM / "itpn_ds.sbatch", "make-shards", str(tmp_path / "images"), str(tmp_path / "out"),
+                                options=("-N", "2", "--ntasks-per-node", "1", f"--output={tmp_path}/%j.out"))
+    for job, error in ((bad, "itpn-ds plan-cache: "), (many, "itpn-ds make-shards runs as one process")):
+        info = slurm_cluster.wait_done(job, timeout_s=120)
+        text = (tmp_path / f"{job}.out").read_text()
+        assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", text
+        assert len([line for line in text.splitlines() if error in line]) == 1 and "Traceback" not in text, text
+    assert "not requeued" in (tmp_path / f"{bad}.out").read_text()
+    assert not (tmp_path / "out").exists()

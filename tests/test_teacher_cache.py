@@ -18,10 +18,10 @@ from itpn_ds.data.shards import Manifest, ShardReader
 from itpn_ds.data.view_decoder import ViewDecoder
 from itpn_ds.data.color_jitter import NO_JITTER
 from itpn_ds.data.views import sample_view, view_for_epoch
-from itpn_ds.teacher.cache import CacheError, TeacherCache
-from itpn_ds.teacher.cache_format import META_KEY
+from itpn_ds.teacher.cache import CacheError, TeacherCache, open_cache_file
+from itpn_ds.teacher.cache_format import META_KEY, CacheFileWriter
 from itpn_ds.teacher.clip import load_clip_teacher
-from itpn_ds.teacher.extract import ExtractConfig, Worker, extract_cache
+from itpn_ds.teacher.extract import ExtractConfig, ExtractionPreempted, Worker, extract_cache
 from tests.fixtures.teacher import DEMO_CACHE_JITTER, DEMO_CACHE_SEED, DEMO_CACHE_VIEWS, TINY_RESOLUTION
 
 FP16_TARGETS_ATOL = 1e-2  # targets of a LayerNorm (|t| < 8) stored as fp16: half an ulp is at most 2**-9
@@ -139,6 +139,50 @@ def test_resume_skips_finished_files_and_refuses_other_settings(demo_cache, demo
     for field, value in (("seed", 5), ("color_jitter", 0.2)):
         with pytest.raises(CacheError, match=rf"shard-00000.arrow: exists but was made differently \({field} differ"):
             extract_cache(replace(cfg, **{field: value}))
+
+
+def test_extraction_stopped_after_every_forward_ends_byte_for_byte_as_an_uninterrupted_one(
+        demo_cache, demo_shards, tiny_clip_checkpoint, tmp_path):
+    """Preempted after each teacher forward (a shard's partial file continued, suspended and continued again)."""
+    cfg = ExtractConfig(shards=demo_shards, out=tmp_path, checkpoint=tiny_clip_checkpoint, num_views=DEMO_CACHE_VIEWS,
+                        seed=DEMO_CACHE_SEED, color_jitter=DEMO_CACHE_JITTER, batch_size=16, progress=False)
+    stops = []
+    while len(stops) < 20:
+        polls = iter([False, False])  # before the shard, before one forward; then stop
+        try:
+            extract_cache(cfg, stop=lambda: next(polls, True))
+            break
+        except ExtractionPreempted as stopped:
+            stops.append(str(stopped))
+    assert sum(".arrow.partial keeps" in s for s in stops) >= 3, stops
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in demo_cache.iterdir())
+    for path in demo_cache.glob("*.arrow"):
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_a_suspended_cache_file_is_continued_to_the_same_bytes(demo_cache, tmp_path, dtype):
+    """Whole batches of the partial file copied, its short last batch filled up: the file equals one written
+    without a stop."""
+    meta = replace(open_cache_file(demo_cache / "shard-00000.arrow")[1], dtype=dtype, num_samples=7)
+    k, generator = meta.num_views, torch.Generator().manual_seed(0)
+    samples = [(f"key{i}", [sample_view(0, f"key{i}", v, 120, 90, color_jitter=0.4) for v in range(k)],
+                torch.randn(k, meta.num_tokens, meta.dim, generator=generator)) for i in range(7)]
+
+    def write(directory: Path, stops: tuple[int, ...]) -> bytes:
+        path, done = directory / "shard-00000.arrow", 0
+        for stop in (*stops, len(samples)):
+            writer = CacheFileWriter(path, meta, samples_per_batch=2)
+            assert writer.num_samples == done
+            for sample in samples[done:stop]:
+                writer.add(*sample)
+            done = stop
+            writer.suspend() if stop < len(samples) else writer.close()
+        assert [p.name for p in directory.iterdir()] == [path.name]
+        return path.read_bytes()
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    assert write(tmp_path / "a", (3, 4)) == write(tmp_path / "b", ())
 
 
 def test_old_format_cache_replays_jitter_free_views_with_one_warning(demo_cache, demo_shards, tmp_path, caplog):

@@ -47,6 +47,7 @@ READABLE_VERSIONS = (1, 2, 3)  # 1: no jitter column, read as jitter-free views;
 JITTER_FIELDS = 3              # brightness, contrast, saturation
 META_KEY = b"itpn_ds.teacher_cache"
 SUFFIX = ".arrow"
+PARTIAL_SUFFIX = ".partial"    # NAME.arrow.partial: a suspended file's samples (CacheFileWriter.suspend)
 DTYPES = ("fp16", "int8")
 INT8_MAX = 127.0
 
@@ -95,6 +96,13 @@ class CacheMeta:
             return cls(**data)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: bad teacher-cache metadata: {exc}") from exc
+
+    def differences(self, other: "CacheMeta") -> list[str]:
+        """The fields that decide the stored values (teacher, views, dtype, shapes, source shard, format) in
+        which two files differ; empty: made the same way."""
+        fields = ("teacher", "dtype", "num_views", "seed", "color_jitter", "num_tokens", "dim", "shard_sha256",
+                  "num_samples", "format_version")
+        return sorted(f for f in fields if getattr(self, f) != getattr(other, f))
 
     def shared(self) -> dict[str, Any]:
         """The fields every file of one cache must agree on."""
@@ -160,21 +168,29 @@ def _fixed_list(values: np.ndarray, arrow_type: pa.DataType, size: int) -> pa.Fi
 class CacheFileWriter:
     """Write one cache file: ``add`` whole samples, ``close`` renames ``NAME.tmp`` to ``NAME``.
 
-    Samples are buffered and flushed as one record batch every ``samples_per_batch`` samples. A writer left
-    unclosed (crash, preemption) leaves only the temporary file, which the next run overwrites. As a context
-    manager it closes on success and, on an exception, releases the temporary file without finishing it.
+    Samples are buffered and flushed as one record batch every ``samples_per_batch`` samples. ``suspend``
+    (preemption) keeps every sample added so far as ``NAME.partial``, and the next writer of the same path
+    continues it: it starts with ``num_samples`` samples, and the file it finishes is byte for byte the one
+    an uninterrupted writer makes (the partial's short last batch is filled up before it is written). A
+    writer left unclosed (crash) leaves only the temporary file, which the next run overwrites; the last
+    partial stays until the file is finished. As a context manager it closes on success and, on an
+    exception, releases the temporary file without finishing it.
     """
 
     def __init__(self, path: str | Path, meta: CacheMeta, samples_per_batch: int = 64) -> None:
         self.path = Path(path)
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.partial_path = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self.meta = meta
         self.samples_per_batch = samples_per_batch
         self._schema = schema(meta)
+        self._pending: list[pa.RecordBatch] = []  # the K rows of each sample not yet written
+        self.num_samples = 0
+        carried = self._read_partial() if self.partial_path.exists() else []  # checked before anything is written
         self._sink = pa.OSFile(str(self.tmp_path), "wb")
         self._writer = pa.ipc.new_file(self._sink, self._schema)
-        self._pending: list[tuple[str, Sequence[CropView], torch.Tensor]] = []
-        self.num_samples = 0
+        for batch in carried:
+            self._carry(batch)
 
     def add(self, key: str, views: Sequence[CropView], targets: torch.Tensor) -> None:
         """One sample: its K views (in view-id order) and their targets (K, T, D)."""
@@ -182,36 +198,66 @@ class CacheFileWriter:
         if len(views) != self.meta.num_views or tuple(targets.shape) != expected:
             raise ValueError(f"sample {key!r}: {len(views)} views and targets {tuple(targets.shape)}, the cache "
                              f"takes {self.meta.num_views} views and {expected}")
-        self._pending.append((key, views, targets.detach().cpu()))
+        self._append(self._rows(key, views, targets.detach().cpu()))
+
+    def _append(self, sample_rows: pa.RecordBatch) -> None:
+        self._pending.append(sample_rows)
         self.num_samples += 1
         if len(self._pending) >= self.samples_per_batch:
             self._flush()
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
+    def _rows(self, key: str, views: Sequence[CropView], targets: torch.Tensor) -> pa.RecordBatch:
+        """The K rows of one sample; targets (K, T, D) float."""
         k, size = self.meta.num_views, self.meta.num_tokens * self.meta.dim
-        keys = [key for key, _, _ in self._pending for _ in range(k)]
-        views = [v for _, vs, _ in self._pending for v in vs]
-        targets = torch.cat([t for _, _, t in self._pending])  # (N*K, T, D)
         boxes = np.array([v.box() for v in views], dtype=np.int32)
         flips = [v.flip for v in views]
         jitters = np.stack([v.jitter.as_array() for v in views]).astype(np.float32)
-        columns = [pa.array(keys, pa.string()), pa.array(np.tile(np.arange(k, dtype=np.int16), len(self._pending))),
+        columns = [pa.array([key] * k, pa.string()), pa.array(np.arange(k, dtype=np.int16)),
                    _fixed_list(boxes, pa.int32(), 4), pa.array(flips, pa.bool_()),
                    _fixed_list(jitters, pa.float32(), JITTER_FIELDS)]
         if self.meta.dtype == "fp16":
-            stored, scales = targets.to(torch.float16).numpy().reshape(len(views), size), None
+            stored, scales = targets.to(torch.float16).numpy().reshape(k, size), None
             columns.append(_fixed_list(stored, pa.float16(), size))
         else:
             q, scale = quantize_int8(targets)
-            stored, scales = q.numpy().reshape(len(views), size), scale.numpy().astype(np.float32)
+            stored, scales = q.numpy().reshape(k, size), scale.numpy().astype(np.float32)
             columns += [_fixed_list(stored, pa.int8(), size), _fixed_list(scales, pa.float32(), self.meta.num_tokens)]
         crcs = [row_crc32(boxes[i], flips[i], jitters[i], stored[i], None if scales is None else scales[i])
-                for i in range(len(views))]
+                for i in range(k)]
         columns.append(pa.array(crcs, pa.uint32()))
-        self._writer.write_batch(pa.record_batch(columns, schema=self._schema))
+        return pa.record_batch(columns, schema=self._schema)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        table = pa.Table.from_batches(self._pending, schema=self._schema).combine_chunks()
+        self._writer.write_batch(table.to_batches()[0])
         self._pending = []
+
+    def _read_partial(self) -> list[pa.RecordBatch]:
+        """The record batches of a suspended writer of this path, refused when made differently."""
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(self.partial_path)))
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"{self.partial_path}: not a readable suspended extraction ({exc}); delete it") from exc
+        made = CacheMeta.from_json((reader.schema.metadata or {}).get(META_KEY, b"null"), self.partial_path)
+        differ = made.differences(self.meta)
+        if differ:
+            raise ValueError(f"{self.partial_path}: a suspended extraction made differently ({', '.join(differ)} "
+                             "differ); delete it or choose another --out")
+        return [pa.record_batch(reader.get_batch(i).columns, schema=self._schema)
+                for i in range(reader.num_record_batches)]
+
+    def _carry(self, batch: pa.RecordBatch) -> None:
+        """Take over one batch of a partial file: a whole batch is written as it is, a short one (the last)
+        becomes pending samples."""
+        k = self.meta.num_views
+        if batch.num_rows == self.samples_per_batch * k:
+            self._writer.write_batch(batch)
+            self.num_samples += self.samples_per_batch
+        else:
+            for first in range(0, batch.num_rows, k):
+                self._append(batch.slice(first, k))
 
     def __enter__(self) -> "CacheFileWriter":
         return self
@@ -219,8 +265,16 @@ class CacheFileWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:
+        elif not self._sink.closed:
             self._sink.close()
+
+    def suspend(self) -> Path:
+        """Keep the samples added so far as ``NAME.partial`` for the next writer of this path; returns it."""
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        os.replace(self.tmp_path, self.partial_path)
+        return self.partial_path
 
     def close(self) -> Path:
         """Finish the file; refuses one whose sample count differs from the shard's."""
@@ -231,4 +285,5 @@ class CacheFileWriter:
             raise ValueError(f"{self.tmp_path}: {self.num_samples} samples written, shard {self.meta.shard} has "
                              f"{self.meta.num_samples}; the file is left unfinished")
         os.replace(self.tmp_path, self.path)
+        self.partial_path.unlink(missing_ok=True)
         return self.path

@@ -9,13 +9,18 @@ exactly the pixels training sees. Each row stores its view's box, flip and jitte
 Work split: shard i goes to worker ``i % (tasks * world)``, a worker being (SLURM array task, rank):
 ``worker = task * world + rank``. A finished file (renamed from ``.tmp`` on completion) whose metadata
 matches is skipped, so a requeued or re-submitted job only does what is left.
+
+Preemption: ``stop()`` is asked after every teacher forward; once it says yes, the shard being written is kept
+as ``NAME.arrow.partial`` (``CacheFileWriter.suspend``) and :class:`ExtractionPreempted` is raised. The next
+run continues that shard from the next sample, and its finished file equals the one an uninterrupted run
+writes, byte for byte.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from tqdm import tqdm
@@ -89,8 +94,13 @@ class Worker:
         return shard_number % self.count == self.index
 
 
-def extract_cache(cfg: ExtractConfig, worker: Worker | None = None) -> list[Path]:
-    """Write this worker's missing cache files; returns the files it wrote (skipped ones excluded)."""
+class ExtractionPreempted(Exception):
+    """``stop()`` said yes: the shard being written is kept as a partial file for the next run."""
+
+
+def extract_cache(cfg: ExtractConfig, worker: Worker | None = None, stop: Callable[[], bool] = lambda: False) -> list[Path]:
+    """Write this worker's missing cache files; returns the files it wrote (skipped ones excluded).
+    ``stop`` is polled after every teacher forward (a preemption flag); raises ``ExtractionPreempted``."""
     worker = worker or Worker.detect()
     device = _device(cfg.device)
     manifest = Manifest.load(cfg.shards)
@@ -107,20 +117,27 @@ def extract_cache(cfg: ExtractConfig, worker: Worker | None = None) -> list[Path
                     desc=f"teacher targets (worker {worker.index}/{worker.count})", disable=not cfg.progress)
     written = []
     for n in todo:
+        if stop():
+            raise ExtractionPreempted(f"stopped before {manifest.shards[n].tar}; {len(written)} file(s) written")
         shard = manifest.shards[n]
         indices = range(firsts[n], firsts[n] + shard.num_samples)
-        written.append(_extract_shard(cfg, teacher, decoder, reader, shard, indices, progress))
+        written.append(_extract_shard(cfg, teacher, decoder, reader, shard, indices, progress, stop))
     progress.close()
     return written
 
 
 def _extract_shard(cfg: ExtractConfig, teacher: ClipTeacher, decoder: ViewDecoder, reader: ShardReader,
-                   shard: ShardInfo, indices: range, progress: tqdm) -> Path:
+                   shard: ShardInfo, indices: range, progress: tqdm, stop: Callable[[], bool]) -> Path:
     manifest, k = reader.manifest, cfg.num_views
     path = cfg.out / cache_file_name(shard.tar)
     per_step = cfg.batch_size // k
     with CacheFileWriter(path, _meta(cfg, teacher, shard)) as writer:
-        for start in range(indices.start, indices.stop, per_step):
+        progress.update(writer.num_samples)  # continued from a partial file
+        for start in range(indices.start + writer.num_samples, indices.stop, per_step):
+            if stop():
+                partial = writer.suspend()
+                raise ExtractionPreempted(f"stopped in {shard.tar}: {partial} keeps {writer.num_samples} of its "
+                                          f"{shard.num_samples} samples")
             chunk = range(start, min(start + per_step, indices.stop))
             keys = [manifest.keys[i] for i in chunk]
             views = [[sample_view(cfg.seed, key, v, *manifest.sizes[i], color_jitter=cfg.color_jitter)
@@ -164,10 +181,9 @@ def _finished(path: Path, expected: CacheMeta) -> bool:
     if not path.exists():
         return False
     _, meta = open_cache_file(path)
-    stale = {k for k in ("teacher", "dtype", "num_views", "seed", "color_jitter", "num_tokens", "dim",
-                         "shard_sha256", "num_samples", "format_version") if getattr(meta, k) != getattr(expected, k)}
+    stale = meta.differences(expected)
     if stale:
-        raise CacheError(f"{path}: exists but was made differently ({', '.join(sorted(stale))} differ); "
+        raise CacheError(f"{path}: exists but was made differently ({', '.join(stale)} differ); "
                          "delete it or choose another --out")
     return True
 
