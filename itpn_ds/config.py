@@ -33,7 +33,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 CHECKPOINTING_POLICIES = ("off", "every", "every_k")
 ATTENTION_BACKENDS = ("sdpa", "flex")
 COMPILE_MODES = ("off", "on")
-OPTIMIZERS = ("auto", "adamw", "fused_adam", "cpu_adam")
+OPTIMIZERS = ("auto", "adamw", "adamw_fused", "fused_adam", "cpu_adam")
 RESUME_POLICIES = ("auto", "never")
 LR_SCHEDULES = ("cosine", "poly", "step")
 SEG_EVAL_MODES = ("slide", "whole")
@@ -166,8 +166,9 @@ class OptimConfig:
     decay is spread as iTPN's scripts do, ``layer_decay ** ((N + 1) (num_layers - i) / num_layers)``, so the
     embedding gets ``layer_decay ** (N + 1)`` at any depth (iTPN: N = 12, a ViT-B's depth; Fast-iTPN: 0).
     ``clip_grad`` 0 disables clipping.
-    ``optimizer`` ``auto`` picks FusedAdam on CUDA, DeepSpeedCPUAdam with optimizer offload, torch AdamW
-    otherwise.
+    ``optimizer`` ``auto`` picks torch's fused AdamW on CUDA (no compiler needed), DeepSpeedCPUAdam with
+    optimizer offload, torch AdamW otherwise; ``fused_adam`` (DeepSpeed's, built with ``nvcc``) only when asked
+    (``itpn_ds.engine.optim``).
     """
 
     optimizer: str = "auto"
