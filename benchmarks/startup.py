@@ -5,11 +5,12 @@ reading it and broadcasting the loaded weights (``itpn_ds.engine.commands.init_f
    under ``--work``, by ``--ranks`` CPU ranks: the recipe's DeepSpeed engine, one optimizer step on a cheap loss
    (the sum of the weights: no forward pass, but the Adam moments exist as in a real checkpoint), saved by the
    engine's own ``CheckpointManager``.
-2. ``--ranks`` ranks build the fine-tuning recipe's model (``--finetune-recipe``) and initialise it from that
-   checkpoint by each strategy in turn, on fresh models of the same seed:
-   ``every_rank`` (each rank reads, consolidates and loads: the engine's path before) and ``broadcast``.
-   Per rank and strategy: seconds (barrier to barrier), bytes this process read (``/proc/self/io`` rchar,
-   page cache hits included), the growth of its peak RSS, and a SHA-256 of the resulting weights.
+2. For each strategy, ``--ranks`` fresh rank processes build the fine-tuning recipe's model
+   (``--finetune-recipe``, same seed) and initialise it from that checkpoint: ``every_rank`` (each rank
+   reads, consolidates and loads: the engine's path before) or ``broadcast`` (the engine's path now).
+   Per rank and strategy: seconds (barrier to barrier), bytes this process read through read() calls
+   (``/proc/self/io`` rchar, page cache hits included; memory-mapped reads are not counted, so it is a lower
+   bound), the growth of its peak RSS over the initialisation, and a SHA-256 of the resulting weights.
 
     python benchmarks/startup.py [--ranks 2] [--work /tmp/itpn-startup] [--out benchmarks/results/startup.json]
     python benchmarks/startup.py --checkpoint RUN_DIR --finetune-recipe tiny_finetune_cpu   (an existing run)
@@ -46,6 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, default=None, help="an existing run directory instead of making one")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/startup.json"))
     p.add_argument("--role", choices=("driver", "make-checkpoint", "measure"), default="driver", help=argparse.SUPPRESS)
+    p.add_argument("--strategy", choices=STRATEGIES, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -88,7 +90,7 @@ def make_checkpoint(args: argparse.Namespace) -> None:
 
 
 def measure(args: argparse.Namespace, checkpoint: Path) -> None:
-    """Rank role: each strategy on a fresh model; one JSON line per (rank, strategy) into ``work/ranks.jsonl``."""
+    """Rank role: ``args.strategy`` on a fresh model; one JSON line per rank into ``work/ranks.jsonl``."""
     import torch.distributed as dist
 
     from itpn_ds.config import load_config
@@ -102,19 +104,17 @@ def measure(args: argparse.Namespace, checkpoint: Path) -> None:
     runtime = init_distributed()
     strategies = {"every_rank": lambda m: load_on_this_rank(m, str(checkpoint), strict=False, new_head=False),
                   "broadcast": lambda m: init_from(m, str(checkpoint))}
-    for name, initialise in strategies.items():
-        seed_everything(cfg.schedule.seed)
-        model = components.build_model(cfg)
-        rss_before = peak_rss_bytes()
+    seed_everything(cfg.schedule.seed)
+    model = components.build_model(cfg)
+    rss_before = peak_rss_bytes()
+    dist.barrier()
+    with ReadMeter() as meter:
+        strategies[args.strategy](model)
         dist.barrier()
-        with ReadMeter() as meter:
-            initialise(model)
-            dist.barrier()
-        record = {"strategy": name, "rank": runtime.rank, "seconds": meter.seconds, "bytes_read": meter.bytes,
-                  "peak_rss_growth_bytes": peak_rss_bytes() - rss_before, "weights_sha256": weights_digest(model)}
-        with open(args.work / "ranks.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        del model
+    record = {"strategy": args.strategy, "rank": runtime.rank, "seconds": meter.seconds, "bytes_read": meter.bytes,
+              "peak_rss_growth_bytes": peak_rss_bytes() - rss_before, "weights_sha256": weights_digest(model)}
+    with open(args.work / "ranks.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
     dist.barrier()
 
 
@@ -135,15 +135,16 @@ def weights_digest(model) -> str:
 
 
 def summarise(records: list[dict]) -> dict:
-    """Per strategy: the slowest rank's seconds, bytes read summed over ranks, the largest RSS growth, whether
-    every rank ended with the same weights, and the digests."""
+    """Per strategy: the slowest rank's seconds, bytes read (summed over ranks and by rank), the peak RSS growth
+    by rank, and the weights' digests (one digest: every rank ended with the same weights)."""
     out = {}
     for name in STRATEGIES:
         rows = [r for r in records if r["strategy"] == name]
         out[name] = {"seconds": max(r["seconds"] for r in rows),
                      "bytes_read_all_ranks": sum(r["bytes_read"] for r in rows),
                      "bytes_read_by_rank": {r["rank"]: r["bytes_read"] for r in sorted(rows, key=lambda r: r["rank"])},
-                     "peak_rss_growth_max_bytes": max(r["peak_rss_growth_bytes"] for r in rows),
+                     "peak_rss_growth_by_rank": {r["rank"]: r["peak_rss_growth_bytes"]
+                                                 for r in sorted(rows, key=lambda r: r["rank"])},
                      "weights_sha256": sorted({r["weights_sha256"] for r in rows})}
     return out
 
@@ -165,7 +166,8 @@ def driver(args: argparse.Namespace) -> dict:
             launch(args, "make-checkpoint")
             print(f"checkpoint made in {time.perf_counter() - started:.0f} s")
     (args.work / "ranks.jsonl").unlink(missing_ok=True)
-    launch(args, "measure", "--checkpoint", str(checkpoint))
+    for strategy in STRATEGIES:
+        launch(args, "measure", "--checkpoint", str(checkpoint), "--strategy", strategy)
     records = [json.loads(line) for line in (args.work / "ranks.jsonl").read_text().splitlines()]
     result = {"ranks": args.ranks, "pretrain_recipe": args.pretrain_recipe, "finetune_recipe": args.finetune_recipe,
               "checkpoint": str(checkpoint), "checkpoint_bytes": checkpoint_bytes(checkpoint),
@@ -180,12 +182,13 @@ def driver(args: argparse.Namespace) -> dict:
 def print_table(result: dict) -> None:
     print(f"{result['finetune_recipe']} from {result['checkpoint']} ({result['checkpoint_bytes'] / 1e9:.2f} GB), "
           f"{result['ranks']} ranks")
-    print(f"{'strategy':<12} {'s (slowest rank)':>17} {'GB read, all ranks':>19} {'GB read by rank':>22} "
-          f"{'peak RSS growth GB':>19} same weights")
+    print(f"{'strategy':<12} {'s (slowest rank)':>17} {'GB read, all ranks':>19} {'GB read by rank':>16} "
+          f"{'peak RSS growth GB by rank':>27} same weights")
     for name, row in result["strategies"].items():
         by_rank = " / ".join(f"{b / 1e9:.2f}" for b in row["bytes_read_by_rank"].values())
-        print(f"{name:<12} {row['seconds']:>17.1f} {row['bytes_read_all_ranks'] / 1e9:>19.2f} {by_rank:>22} "
-              f"{row['peak_rss_growth_max_bytes'] / 1e9:>19.2f} {len(row['weights_sha256']) == 1}")
+        rss = " / ".join(f"{b / 1e9:.2f}" for b in row["peak_rss_growth_by_rank"].values())
+        print(f"{name:<12} {row['seconds']:>17.1f} {row['bytes_read_all_ranks'] / 1e9:>19.2f} {by_rank:>16} "
+              f"{rss:>27} {len(row['weights_sha256']) == 1}")
 
 
 def main(argv: list[str]) -> int:
