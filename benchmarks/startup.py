@@ -14,6 +14,7 @@ reading it and broadcasting the loaded weights (``itpn_ds.engine.commands.init_f
 
     python benchmarks/startup.py [--ranks 2] [--work /tmp/itpn-startup] [--out benchmarks/results/startup.json]
     python benchmarks/startup.py --checkpoint RUN_DIR --finetune-recipe tiny_finetune_cpu   (an existing run)
+    python benchmarks/startup.py ... --strategies broadcast                                  (one of them)
 
 One machine: both ranks share its page cache, so the bytes read are the figure that scales with the nodes of a
 shared file system; the seconds are those of a warm cache (the checkpoint was just written or read).
@@ -45,6 +46,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--pretrain-recipe", default="itpn_large_clip_l_pretrain")
     p.add_argument("--finetune-recipe", default="itpn_large_finetune")
     p.add_argument("--checkpoint", type=Path, default=None, help="an existing run directory instead of making one")
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/startup.json"))
     p.add_argument("--role", choices=("driver", "make-checkpoint", "measure"), default="driver", help=argparse.SUPPRESS)
     p.add_argument("--strategy", choices=STRATEGIES, help=argparse.SUPPRESS)
@@ -134,11 +136,11 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-def summarise(records: list[dict]) -> dict:
+def summarise(records: list[dict], strategies: list[str]) -> dict:
     """Per strategy: the slowest rank's seconds, bytes read (summed over ranks and by rank), the peak RSS growth
     by rank, and the weights' digests (one digest: every rank ended with the same weights)."""
     out = {}
-    for name in STRATEGIES:
+    for name in strategies:
         rows = [r for r in records if r["strategy"] == name]
         out[name] = {"seconds": max(r["seconds"] for r in rows),
                      "bytes_read_all_ranks": sum(r["bytes_read"] for r in rows),
@@ -166,13 +168,13 @@ def driver(args: argparse.Namespace) -> dict:
             launch(args, "make-checkpoint")
             print(f"checkpoint made in {time.perf_counter() - started:.0f} s")
     (args.work / "ranks.jsonl").unlink(missing_ok=True)
-    for strategy in STRATEGIES:
+    for strategy in args.strategies:
         launch(args, "measure", "--checkpoint", str(checkpoint), "--strategy", strategy)
     records = [json.loads(line) for line in (args.work / "ranks.jsonl").read_text().splitlines()]
     result = {"ranks": args.ranks, "pretrain_recipe": args.pretrain_recipe, "finetune_recipe": args.finetune_recipe,
               "checkpoint": str(checkpoint), "checkpoint_bytes": checkpoint_bytes(checkpoint),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_average": os.getloadavg()[0],
-              "strategies": summarise(records), "records": records}
+              "strategies": summarise(records, args.strategies), "records": records}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print_table(result)
