@@ -1,7 +1,8 @@
 """GPU acceptance check: iTPN-L CLIP-L pre-training steps across ZeRO stage x teacher x compile x attention.
 
 Each variant is a short real run of ``itpn-ds pretrain`` (recipe ``itpn_large_clip_l_pretrain``: model
-``clip_tpn_large_2240_patch16_224``, teacher ViT-L-14, bf16, FusedAdam) in its own process, named
+``clip_tpn_large_2240_patch16_224``, teacher ViT-L-14, bf16, the engine's optimizer: on CUDA torch's fused AdamW,
+which needs no ``nvcc``) in its own process, named
 ``zero{2,3}-{cache,online}-{eager,compiled}-{sdpa,flex}`` (``-full``: DALI's full-image decoding,
 ``data.decode=full``). Its first ``warmup`` steps are not timed; the last of them is profiled
 (``torch.profiler``, CPU ops of the student's forward) to name the attention kernel that ran. The data is
@@ -18,8 +19,10 @@ last lines of its stderr and the others still run. Exit 1 when a variant failed,
 Degraded machines: without DeepSpeed each variant runs the same model, loader, task, schedule and telemetry
 as pure-torch steps (forward + backward + torch AdamW under bf16 autocast; no ZeRO, so the zero3 variants
 are skipped); without DALI the torch loader (``data.loader=torch``, and extraction with its PIL decoder);
-without a loadable FusedAdam op, torch AdamW; without CUDA every variant is skipped with the reason
-(FusedAdam, and FlexAttention's backward, need a GPU) except under ``--smoke``.
+without CUDA every variant is skipped with the reason (the check is of a GPU; FlexAttention's backward needs
+one) except under ``--smoke``. Each record names the optimizer the engine reported (``optimizer_used``) and the
+environment whether ``nvcc`` is on the PATH and the NVIDIA driver's version, so a run on a node without a
+CUDA compiler shows that the default optimizer needs none.
 
 ``--smoke`` runs the same code at tiny sizes on the CPU (the model's kwargs shrunk, a tiny open_clip
 teacher, 3 steps, the optimizer DeepSpeed picks there) over a subset of the matrix; ``tests/test_gpu_check.py``
@@ -74,6 +77,7 @@ SDPA_KERNELS = {"aten::_scaled_dot_product_flash_attention": "flash",
                 "aten::_scaled_dot_product_attention_math": "math",
                 "aten::_scaled_dot_product_fused_attention_overrideable": "overrideable"}
 ATTENTION_OP = re.compile(r"scaled_dot_product|flex_attention")
+OPTIMIZER_LINE = re.compile(r"itpn_ds\.engine: engine: .* optimizer (\w+) \(")
 STDERR_LINES = 60  # of a failed variant, kept in the JSON
 MIN_VARIANT_S = 45  # a variant is not started with less of the budget left
 log = logging.getLogger("itpn_ds.engine")
@@ -180,17 +184,18 @@ def environment() -> dict[str, Any]:
             "deepspeed": package_version("deepspeed", "deepspeed"),
             "open_clip": package_version("open_clip_torch", "open_clip"),
             "dali": package_version("nvidia-dali-cuda130", "nvidia.dali"),
-            "timm": package_version("timm", "timm")}
+            "timm": package_version("timm", "timm"), "nvcc": shutil.which("nvcc"), "driver": nvidia_driver()}
 
 
-def fused_adam_problem() -> str | None:
-    """None when DeepSpeed's FusedAdam op loads (built just in time on first use, then cached), else why not.
-    Probed in a subprocess so this process never touches the GPU."""
-    code = "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load(verbose=False)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    if proc.returncode == 0:
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version (``nvidia-smi``), None without one."""
+    try:
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
         return None
-    return "\n".join(proc.stderr.strip().splitlines()[-5:])
+    version = proc.stdout.split("\n")[0].strip() if proc.returncode == 0 else ""
+    return version or None
 
 
 def make_plan(env: dict[str, Any], engine: str, loader: str, smoke: bool) -> Plan:
@@ -206,14 +211,9 @@ def make_plan(env: dict[str, Any], engine: str, loader: str, smoke: bool) -> Pla
         loader = "dali" if env["dali"] else "torch"
         if loader == "torch":
             notes.append("DALI is not installed: data.loader=torch (PIL decoding) for training and teacher extraction")
-    optimizer = "adamw" if engine == "torch" else "auto"  # auto: DeepSpeed's choice on the CPU (torch AdamW)
-    if cuda and not smoke and engine == "deepspeed":
-        problem = fused_adam_problem()
-        optimizer = "fused_adam" if problem is None else "adamw"
-        if problem is not None:
-            notes.append(f"FusedAdam unavailable, torch AdamW instead: {problem}")
+    optimizer = "adamw" if engine == "torch" else "auto"  # auto: the engine's choice (CUDA: torch's fused AdamW)
     if smoke:
-        notes.append("--smoke: tiny model and teacher on the CPU, DeepSpeed's CPU optimizer choice (torch AdamW)")
+        notes.append("--smoke: tiny model and teacher on the CPU, the engine's CPU optimizer choice (torch AdamW)")
     blocker = None if env["open_clip"] else ("open_clip is not installed: the teacher (cache extraction and the online "
                                              "variants) needs it; carry its wheel (docs/benchmarks.md)")
     return Plan(engine, loader, optimizer, cuda, smoke, notes, blocker)
@@ -224,7 +224,7 @@ def skip_reason(variant: Variant, plan: Plan) -> str | None:
     if plan.blocker:
         return plan.blocker
     if not plan.cuda and not plan.smoke:
-        return "no CUDA device: the check trains bf16 with FusedAdam on a GPU (run --smoke on the CPU)"
+        return "no CUDA device: the check trains bf16 on a GPU (run --smoke on the CPU)"
     if variant.attention == "flex" and not plan.cuda:
         return ("FlexAttention has no backward on the CPU: the project refuses model.attention=flex for CPU "
                 "training")
@@ -344,8 +344,16 @@ def run_variant(variant: Variant, data: CheckData, scale: Scale, plan: Plan, wor
         tail = (err.strip() or out.strip()).splitlines()[-STDERR_LINES:]
         return {**record, "status": "failed", "returncode": code, "error": f"{exc}\n" + "\n".join(tail),
                 "log": str(work / "logs" / variant.name)}
-    record.update(status="passed", attention_kernel=attention_kernel(variant.attention, ops), attention_ops=ops)
+    record.update(status="passed", attention_kernel=attention_kernel(variant.attention, ops), attention_ops=ops,
+                  optimizer_used=optimizer_used(out))
     return record
+
+
+def optimizer_used(stdout: str) -> str | None:
+    """The optimizer kind the engine's start-up line names (``optimizer adamw_fused (AdamW)``); None for the
+    pure-torch steps, which print no such line."""
+    found = OPTIMIZER_LINE.search(stdout)
+    return found.group(1) if found else None
 
 
 def run_process(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int | None, str, str]:

@@ -9,6 +9,10 @@ missing images) are bad samples like undecodable images.
 class-names file does, so a validation split gets training's label ids whatever classes it holds; an input
 whose class is not in that list is a bad input (listed and counted), never a new class.
 
+Shards hold about ``--shard-size`` MiB of input each (default 1 GiB: about 138 shards for ImageNet-1K's
+train split), or ``--num-shards N`` gives exactly N shards of about equal bytes, e.g. a multiple of the
+extraction workers (one shard is one extraction work unit and one cache file); the two are exclusive.
+
 Re-running with the same arguments keeps the shards an earlier run finished. Files that cannot be
 decoded are listed in ``bad_files.tsv`` and counted in the manifest; the command exits 2 when their
 fraction exceeds ``--max-bad-fraction``.
@@ -26,6 +30,8 @@ from itpn_ds.data.preprocess import PreprocessOptions
 from itpn_ds.data.shards import ShardError, SourceItem, write_shards
 from itpn_ds.data.sources import image_folder_items, renumber, shuffled, table_items
 
+DEFAULT_SHARD_MIB = 1024.0
+
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("source", type=Path, help="ImageFolder root (<class>/<image>) or a .csv/.tsv of path,label; "
@@ -41,8 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "(one per line) does; inputs of other classes are bad inputs")
     parser.add_argument("--reduce-zero-label", action="store_true",
                         help="segmentation: raw label 0 is ignored and raw v is class v - 1 (ADE20K)")
-    parser.add_argument("--shard-size", type=float, default=1024.0,
-                        help="target shard size in MiB of input bytes (default 1024)")
+    parser.add_argument("--shard-size", type=float, default=None,
+                        help=f"target shard size in MiB of input bytes (default {DEFAULT_SHARD_MIB:g})")
+    parser.add_argument("--num-shards", type=int, default=None,
+                        help="write exactly this many shards of about equal input bytes instead of a target size "
+                             "(e.g. a multiple of the extraction workers and training ranks)")
     parser.add_argument("--max-short-side", type=int, default=0,
                         help="re-encode images whose shorter side exceeds this many px down to it (0 = keep)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
@@ -92,11 +101,23 @@ def list_inputs(args: argparse.Namespace) -> Inputs:
     return Inputs(items, classes, DenseSpec(DETECTION, len(classes), category_ids=tuple(category_ids)))
 
 
+def shard_target(args: argparse.Namespace) -> tuple[int, int]:
+    """(target shard bytes, shard count) of the command line: one of ``--shard-size`` and ``--num-shards``."""
+    if args.shard_size is not None and args.num_shards is not None:
+        raise ShardError("--shard-size and --num-shards both given: give one (a size per shard, or a shard count)")
+    if args.num_shards is not None and args.num_shards < 1:
+        raise ShardError(f"--num-shards {args.num_shards}: give a count >= 1")
+    if args.shard_size is not None and args.shard_size <= 0:
+        raise ShardError(f"--shard-size {args.shard_size:g}: give a size > 0 (MiB)")
+    return int((args.shard_size or DEFAULT_SHARD_MIB) * (1 << 20)), args.num_shards or 0
+
+
 def main(args: argparse.Namespace) -> int:
+    target_bytes, num_shards = shard_target(args)
     inputs = list_inputs(args)
     options = PreprocessOptions(args.max_short_side, args.quality, args.reencode_all)
     manifest = write_shards(shuffled(inputs.items, args.seed), args.out, inputs.classes, str(args.source), options,
-                            target_shard_bytes=int(args.shard_size * (1 << 20)), num_workers=args.workers,
+                            target_shard_bytes=target_bytes, num_shards=num_shards, num_workers=args.workers,
                             progress=not args.quiet, spec=inputs.spec, rejected=inputs.rejected)
     total = len(manifest) + manifest.num_bad
     print(f"{len(manifest)} samples in {len(manifest.shards)} shards, {manifest.num_classes} classes ({manifest.kind}), "

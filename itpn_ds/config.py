@@ -33,7 +33,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 CHECKPOINTING_POLICIES = ("off", "every", "every_k")
 ATTENTION_BACKENDS = ("sdpa", "flex")
 COMPILE_MODES = ("off", "on")
-OPTIMIZERS = ("auto", "adamw", "fused_adam", "cpu_adam")
+OPTIMIZERS = ("auto", "adamw", "adamw_fused", "fused_adam", "cpu_adam")
 RESUME_POLICIES = ("auto", "never")
 LR_SCHEDULES = ("cosine", "poly", "step")
 # the model's own layers, or the published dense constructors' (det/ and seg/mmcv_custom of sunsmarterjie/iTPN)
@@ -170,8 +170,9 @@ class OptimConfig:
     ``layer_decay_rule`` ``mmdet_beit`` / ``mmseg_itpn`` (dense task models) replaces the model's layers by the
     published dense constructors' with their ``num_layers`` = ``layer_decay_layers`` (``engine/optim.py``,
     docs/dense.md "Layer decay"); ``layer_decay_depth`` is then unused. ``clip_grad`` 0 disables clipping.
-    ``optimizer`` ``auto`` picks FusedAdam on CUDA, DeepSpeedCPUAdam with optimizer offload, torch AdamW
-    otherwise.
+    ``optimizer`` ``auto`` picks torch's fused AdamW on CUDA (no compiler needed), DeepSpeedCPUAdam with
+    optimizer offload, torch AdamW otherwise; ``fused_adam`` (DeepSpeed's, built with ``nvcc``) only when asked
+    (``itpn_ds.engine.optim``).
     """
 
     optimizer: str = "auto"

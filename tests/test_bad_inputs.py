@@ -358,6 +358,12 @@ CASES: list[Case] = [
          "was not trained on ('rocket_renamed'"),
     Case("segment with a validation class training lacks",
          lambda ws: segment(ws, f"data.val_shards={ws.extra['seg_renamed']}"), "was not trained on ('blob'"),
+    Case("make-shards with both a shard size and a shard count",
+         lambda ws: ["make-shards", str(ws.images), str(ws.run), "--shard-size", "64", "--num-shards", "3"],
+         "--shard-size and --num-shards both given"),
+    Case("make-shards with more shards than images",
+         lambda ws: ["make-shards", str(ws.images), str(ws.run), "--num-shards", "1000"],
+         "--num-shards 1000 is more than the 40 input images"),
     Case("make-shards numbered as a missing list",
          lambda ws: ["make-shards", str(ws.images), str(ws.run), "--classes-from", str(ws.tmp / "nolist")],
          "no such shard directory or class-names file"),
@@ -436,6 +442,8 @@ CASES: list[Case] = [
     # --- planners
     Case("plan-scaling of an unknown model", lambda ws: ["plan-scaling", "--model", "itpn_huge"], "itpn_huge"),
     Case("plan-cache for zero nodes", lambda ws: ["plan-cache", "--nodes", "0"], "--nodes >= 1"),
+    Case("plan-cache of a directory without shards", lambda ws: ["plan-cache", "--shards", str(ws.tmp)],
+         "manifest not found"),
 ]
 
 

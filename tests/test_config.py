@@ -8,7 +8,7 @@ from torch import nn
 
 from itpn_ds.config import ConfigError, RECIPES_DIR, load_config, save_config
 from itpn_ds.engine.ds_config import auto_bucket_size, build_ds_config
-from itpn_ds.engine.optim import choose_optimizer, param_groups
+from itpn_ds.engine.optim import build_optimizer, choose_optimizer, param_groups
 from itpn_ds.engine.schedule import CosineSchedule, batch_plan
 
 
@@ -145,11 +145,32 @@ def test_param_groups_exclude_norms_biases_and_pos_embed_from_decay_and_decay_lr
 
 def test_optimizer_choice_follows_device_and_offload():
     cfg = load_config("tiny_pretrain_cpu").optim
-    assert choose_optimizer(cfg, offload=False, cuda=False) == "adamw"
-    assert choose_optimizer(cfg, offload=False, cuda=True) == "fused_adam"
-    assert choose_optimizer(cfg, offload=True, cuda=True) == "cpu_adam"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert choose_optimizer(cfg, offload=False, device=cpu) == "adamw"
+    assert choose_optimizer(cfg, offload=False, device=cuda) == "adamw_fused"  # torch's own: no nvcc needed
+    assert choose_optimizer(cfg, offload=True, device=cuda) == "cpu_adam"
+    deepspeeds = load_config("tiny_pretrain_cpu", ["optim.optimizer=fused_adam"]).optim
+    assert choose_optimizer(deepspeeds, offload=False, device=cuda) == "fused_adam"  # only when asked
     with pytest.raises(ConfigError, match="needs CUDA"):
-        choose_optimizer(load_config("tiny_pretrain_cpu", ["optim.optimizer=fused_adam"]).optim, False, False)
+        choose_optimizer(deepspeeds, False, cpu)
+
+
+def test_fused_adamw_is_torchs_fused_kernel_and_steps_as_adamw():
+    """``adamw_fused`` is ``torch.optim.AdamW(fused=True)`` (its CPU kernel here): the same update as the
+    for-each AdamW, to rounding."""
+    cfg = load_config("tiny_pretrain_cpu").optim
+    stepped = {}
+    for kind in ("adamw", "adamw_fused"):
+        torch.manual_seed(0)
+        model = nn.Linear(8, 4)
+        optimizer = build_optimizer(param_groups(model), cfg, kind)
+        assert optimizer.defaults["fused"] is (kind == "adamw_fused")
+        for _ in range(3):
+            model(torch.randn(16, 8)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        stepped[kind] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(stepped["adamw_fused"], stepped["adamw"])
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr_and_sets_group_scales():

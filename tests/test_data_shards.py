@@ -4,11 +4,13 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from itpn_ds.cli import main as cli_main
 from itpn_ds.data.class_map import read_class_list
 from itpn_ds.data.preprocess import BadImage, PreprocessOptions, prepare_image
 from itpn_ds.data.shards import Manifest, ShardError, ShardReader, write_shards
@@ -149,3 +151,20 @@ def test_inputs_that_map_to_the_same_key_are_rejected_before_writing(demo_image_
     with pytest.raises(ShardError, match=f"both map to sample key 'coffee/{clash.stem}'"):
         write_shards(items, tmp_path / "out", classes, str(root), progress=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_make_shards_with_a_shard_count_writes_that_many_of_about_equal_bytes(demo_image_folder, tmp_path):
+    """``make-shards --num-shards 4`` on the 40 demo photos: 4 shards, every image once, and each shard's input
+    bytes within one image of a quarter of the total (the cut falls before the image that crosses it)."""
+    out = tmp_path / "shards"
+    assert cli_main(["make-shards", str(demo_image_folder), str(out), "--num-shards", "4", "--quiet"]) == 0
+    manifest = Manifest.load(out)
+    assert len(manifest.shards) == 4 and len(manifest) == 40
+    items = {item.key: item.path for item in image_folder_items(demo_image_folder)[0]}
+    per_shard, start = [], 0
+    for shard in manifest.shards:
+        keys = manifest.keys[start:start + shard.num_samples]
+        per_shard.append(sum(Path(items[k]).stat().st_size for k in keys))
+        start += shard.num_samples
+    largest_image = max(Path(p).stat().st_size for p in items.values())
+    assert max(abs(b - sum(per_shard) / 4) for b in per_shard) <= largest_image, per_shard

@@ -1,7 +1,10 @@
 """The whole chain on the CPU with real components: demo shards -> CLIP targets extracted into an Arrow cache
 -> iTPN pre-training from the cache on 2 DeepSpeed ZeRO-2 ranks -> fine-tuning from that checkpoint ->
 export -> the export loaded through timm scores what the engine's evaluation of the checkpoint reports."""
+import json
 import re
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -11,7 +14,7 @@ import itpn_ds  # noqa: F401
 from itpn_ds.data import build_eval_loader
 from itpn_ds.engine.tasks import evaluate_classifier
 from itpn_ds.teacher.extract import ExtractConfig, extract_cache
-from tests.fixtures.cli import itpn_ds_cli, itpn_ds_in_process, losses_by_step, run_in_process
+from tests.fixtures.cli import REPO, itpn_ds_cli, itpn_ds_in_process, losses_by_step, run_in_process
 from tests.fixtures.teacher import write_tiny_clip_checkpoint
 
 pytestmark = pytest.mark.dist
@@ -47,8 +50,6 @@ def test_finetuning_from_our_pretraining_checkpoint_beats_chance(chain):
 
 
 def test_export_loads_in_timm_and_scores_like_the_checkpoint(chain):
-    import json
-
     export = chain["root"] / "export"
     meta = json.loads((export / "config.json").read_text())
     model = timm.create_model(meta["architecture"], pretrained=True,
@@ -88,3 +89,37 @@ def test_pretraining_refuses_a_cache_made_with_another_teacher(chain, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "itpn-ds pretrain:" in proc.stderr and "checkpoint_sha256" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_finetuning_on_two_ranks_reads_the_pretraining_checkpoint_once(chain):
+    """Rank 0 reads (and consolidates) the ZeRO-2 pre-training checkpoint; rank 1 receives the loaded weights."""
+    readers = re.findall(r"itpn_ds\.engine: rank (\d+) read .*/pretrain: ", chain["finetune"])
+    assert readers == ["0"], readers
+    assert "rank 1 received the initial weights of" in chain["finetune"]
+
+
+def test_broadcast_start_up_gives_each_rank_the_weights_a_rank_reading_itself_gets(chain, tmp_path):
+    """benchmarks/startup.py on 2 ranks from the chain's ZeRO-2 run, rank 0 reading and broadcasting: both ranks
+    end with, bit for bit, the weights of a model initialised here by reading the checkpoint itself (the path
+    every rank took before); rank 1 reads next to nothing (its process's own read count, /proc/self/io)."""
+    from benchmarks.startup import weights_digest
+    from itpn_ds.config import load_config
+    from itpn_ds.engine import components
+    from itpn_ds.engine.commands import load_on_this_rank
+    from itpn_ds.engine.runtime import seed_everything
+
+    run = chain["root"] / "pretrain"
+    out = tmp_path / "startup.json"
+    proc = subprocess.run([sys.executable, "benchmarks/startup.py", "--checkpoint", str(run), "--finetune-recipe",
+                           "tiny_finetune_cpu", "--strategies", "broadcast", "--work", str(tmp_path), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.findall(r"itpn_ds\.engine: rank (\d+) read ", proc.stdout) == ["0"]
+    cfg = load_config("tiny_finetune_cpu", ["tracking.enabled=false"])
+    seed_everything(cfg.schedule.seed)
+    model = components.build_model(cfg)
+    load_on_this_rank(model, str(run), strict=False, new_head=False)
+    result = json.loads(out.read_text())
+    assert [r["weights_sha256"] for r in result["records"]] == [weights_digest(model)] * 2
+    read = result["strategies"]["broadcast"]["bytes_read_by_rank"]
+    assert read["0"] >= result["checkpoint_bytes"] and read["1"] < 0.05 * read["0"], read

@@ -176,5 +176,5 @@ def test_online_clip_teacher_trains_and_times_the_teacher(demo_shards, tiny_clip
 
 def test_zero3_with_optimizer_offload_trains_with_deepspeed_cpu_adam(demo_shards, demo_cache, tmp_path):
     out = succeeded(pretrain(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero3_offload", "schedule.max_steps=3"))
-    assert "ZeRO stage 3, bf16, optimizer DeepSpeedCPUAdam" in out
+    assert "ZeRO stage 3, bf16, optimizer cpu_adam (DeepSpeedCPUAdam)" in out
     assert sorted(losses_by_step(out)) == [1, 2, 3]

@@ -87,7 +87,7 @@ def test_smoke_runs_its_variants_through_itpn_ds_pretrain(smoke):
     for name in ("zero2-cache-eager-sdpa", "zero3-online-eager-sdpa"):
         record = variants[name]
         assert_sensible(record, timed_steps=2)
-        assert record["engine"] == "deepspeed"
+        assert record["engine"] == "deepspeed" and record["optimizer_used"] == "adamw"  # the engine's CPU choice
         assert record["attention_kernel"] in SDPA_KERNELS, record["attention_ops"]
         # one call per attention layer of the student's forward; the online teacher's calls are not in it
         assert record["attention_ops"]["aten::scaled_dot_product_attention"] == attention_layers(), record

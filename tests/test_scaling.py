@@ -222,7 +222,8 @@ def test_plan_states_the_cache_read_bandwidth_at_its_own_rate(capsys):
     teacher's 123.3 GFLOPs per image: 123.3e9 x 953 = 118 TFLOP/s per GPU, 30 % of 989 x 40 %."""
     code, out, _ = run_cli(capsys, "--model", "clip_tpn_large_2240_patch16_224", "--gpus", "64", "--show", "best")
     assert code == 0
-    assert "| 64 | 8 | 7,622 | 2.30 | 1.15 | 18.4 | 9.2 | 118 | 30% |" in out.split("Teacher cache reads")[1]
+    # the shards: 147.9 GB / 1,281,167 images = 115.4 KB per image (ImageNet-1K, assumed) x 7,622 = 0.88 GB/s
+    assert "| 64 | 8 | 7,622 | 0.88 | 2.30 | 1.15 | 18.4 | 9.2 | 118 | 30% |" in out.split("Teacher cache reads")[1]
     code, out, _ = run_cli(capsys, "--model", "clip_tpn_large_2240_patch16_224", "--gpus", "64", "--show", "best",
                            "--teacher", "online")
     assert code == 0 and "Teacher cache reads" not in out  # no cache to read
@@ -235,3 +236,24 @@ def test_plan_refuses_blocks_outside_its_activation_model(capsys):
     code, _, err = run_cli(capsys, "--model", "fast_clip_tpn_tiny_1112_patch16_224", "--gpus", "8")
     assert code == 2
     assert "blocks.0 is a ConvMlpBlock with a ConvMlp" in err
+
+
+def test_cli_plans_the_epoch_and_reads_of_a_real_shard_directory(capsys, tmp_path, demo_shards):
+    """``--shards DIR``: the epoch is the manifest's 40 images (3 steps of 16) and the shards' read rate per node
+    is its bytes per image at the row's rate; ``--train-images`` as well is refused in one line."""
+    from itpn_ds.data.shards import ShardLayout
+
+    out_json = tmp_path / "plan.json"
+    code, out, _ = run_cli(capsys, *SMALL, "--gpus", "8", "--global-batch", "16", "--micro-batch", "2", "--show",
+                           "best", "--shards", str(demo_shards), "--json", str(out_json))
+    assert code == 0
+    import json
+
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert row["steps_per_epoch"] == 3 and "300 epochs of 40 images" in out
+    layout = ShardLayout.of(demo_shards)
+    assert f"40 images in {layout.shards} shards" in out
+    cache_row = out.split("Teacher cache reads")[1].splitlines()[-1].split(" | ")
+    assert cache_row[3] == f"{row['images_per_s'] * layout.bytes_per_image / 1e9:.2f}"  # one node of 8 GPUs
+    code, _, err = run_cli(capsys, *SMALL, "--shards", str(demo_shards), "--train-images", "100")
+    assert code == 2 and "drop --train-images" in err

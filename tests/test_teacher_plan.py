@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from itpn_ds.cli import main as cli_main
-from itpn_ds.data.shards import Manifest
+from itpn_ds.data.shards import Manifest, ShardLayout
 from itpn_ds.teacher.cache import TeacherCache
 import pytest
 
@@ -72,3 +72,26 @@ def test_planned_node_rate_is_the_scaling_plans():
     (row,) = best_rows(all_rows(student_spec("clip_tpn_large_2240_patch16_224", 224), GPUS["h100-80gb"], grid,
                                 Assumptions()))
     assert round(row.images_per_s / 8) == PLANNED_IMAGES_PER_S_PER_NODE
+
+
+def test_plan_cache_reads_the_shard_layout_of_a_shard_directory(demo_shards, capsys):
+    """``plan-cache --shards DIR``: images, files (one cache file per shard) and shard bytes from the manifest,
+    not the ImageNet-1K assumption; with --images / --files as well, one error line."""
+    manifest = Manifest.load(demo_shards)
+    shard_bytes = sum(s.bytes for s in manifest.shards)
+    assert cli_main(["plan-cache", "--shards", str(demo_shards), "--dtype", "fp16", "--num-views", "2",
+                     "--node-images-per-s", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert f"from {demo_shards}/manifest.json): 40 images in {len(manifest.shards)} shards" in out
+    assert f"shards read at {1000 * shard_bytes / 40 / 1e9:.2f} GB/s per node" in out
+    planned = plan_for_teacher("ViT-L-14", ShardLayout.of(demo_shards), num_views=2)
+    assert planned.files == len(manifest.shards) == 3 and planned.num_images == 40
+    assert f"{planned.total_bytes / 1e12:.3f}TB" in out
+    assert cli_main(["plan-cache", "--shards", str(demo_shards), "--files", "1024"]) == 2
+    assert "drop --images / --files" in capsys.readouterr().err
+
+
+def test_without_shards_the_plan_assumes_imagenet_in_make_shards_default_shards(capsys):
+    assert cli_main(["plan-cache", "--dtype", "fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "assumed: ImageNet-1K train in make-shards' default 1 GiB shards): 1,281,167 images in 138 shards" in out

@@ -19,8 +19,10 @@ Keys are the source paths relative to the input root without extension, with eve
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -188,6 +190,25 @@ class Sample:
     data: bytes
     label: int
     size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """What a plan needs of a shard set: its images, shard files and their bytes (tar files)."""
+
+    images: int
+    shards: int
+    bytes: int
+
+    @property
+    def bytes_per_image(self) -> float:
+        return self.bytes / max(self.images, 1)
+
+    @classmethod
+    def of(cls, directory: str | Path) -> "ShardLayout":
+        """The layout ``directory``'s manifest records (``ShardError`` naming it when there is none)."""
+        manifest = Manifest.load(directory)
+        return cls(len(manifest), len(manifest.shards), sum(s.bytes for s in manifest.shards))
 
 
 def read_index(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
@@ -456,19 +477,39 @@ def _shard_intact(tar: Path, info: ShardInfo) -> bool:
     return tar.is_file() and tar.stat().st_size == info.bytes and sha256_file(tar) == info.sha256
 
 
-def plan_shards(items: Sequence[SourceItem], target_bytes: int) -> list[list[SourceItem]]:
-    """Consecutive groups whose input files add up to about ``target_bytes`` (at least one item each).
-    The target applies to input bytes: re-encoding with a size cap makes the shards smaller."""
+def plan_shards(items: Sequence[SourceItem], target_bytes: int = 1 << 30, num_shards: int = 0
+                ) -> list[list[SourceItem]]:
+    """Consecutive groups of ``items``: with ``num_shards`` > 0 exactly that many, cut where the input bytes
+    reach each 1/num_shards of the total (at least one item each); else groups whose input files add up to
+    about ``target_bytes``. Sizes are of the input files: re-encoding with a size cap makes shards smaller."""
+    sizes = [os.path.getsize(item.path) if os.path.exists(item.path) else 0 for item in items]
+    if num_shards > 0:
+        return _groups_by_count(items, sizes, num_shards)
     groups: list[list[SourceItem]] = [[]]
     total = 0
-    for item in items:
-        size = os.path.getsize(item.path) if os.path.exists(item.path) else 0
+    for item, size in zip(items, sizes):
         if groups[-1] and total + size > target_bytes:
             groups.append([])
             total = 0
         groups[-1].append(item)
         total += size
     return [g for g in groups if g]
+
+
+def _groups_by_count(items: Sequence[SourceItem], sizes: Sequence[int], num_shards: int) -> list[list[SourceItem]]:
+    """``num_shards`` consecutive non-empty groups of about equal input bytes: group i starts at the first item
+    with i/num_shards of the total bytes before it, moved just enough to leave every group one item."""
+    if num_shards > len(items):
+        raise ShardError(f"--num-shards {num_shards} is more than the {len(items)} input images: give at most "
+                         f"{len(items)}")
+    scaled_before = [b * num_shards for b in itertools.accumulate(sizes, initial=0)][:-1]  # bytes before each item
+    total = sum(sizes)
+    starts = [0]
+    for i in range(1, num_shards):
+        ideal = bisect.bisect_left(scaled_before, i * total) if total else i * len(items) // num_shards
+        starts.append(min(max(ideal, starts[-1] + 1), len(items) - (num_shards - i)))
+    bounds = [*starts, len(items)]
+    return [list(items[bounds[i]:bounds[i + 1]]) for i in range(num_shards)]
 
 
 def _write_job(job: tuple[Path, int, list[SourceItem], PreprocessOptions, DenseSpec | None]
@@ -483,9 +524,10 @@ def _write_job(job: tuple[Path, int, list[SourceItem], PreprocessOptions, DenseS
 def write_shards(items: Sequence[SourceItem], out_dir: str | Path, classes: dict[str, int], source: str,
                  options: PreprocessOptions = PreprocessOptions(), target_shard_bytes: int = 1 << 30,
                  num_workers: int = 1, progress: bool = True, spec: DenseSpec | None = None,
-                 rejected: Sequence[tuple[str, str]] = ()) -> Manifest:
+                 rejected: Sequence[tuple[str, str]] = (), num_shards: int = 0) -> Manifest:
     """Write ``items`` as shards under ``out_dir`` with ``num_workers`` processes; shards finished by an
-    earlier run with the same plan are kept. Writes ``bad_files.tsv`` and ``manifest.json``.
+    earlier run with the same plan are kept. The shards hold about ``target_shard_bytes`` of input each, or
+    with ``num_shards`` > 0 there are exactly that many (``plan_shards``). Writes ``bad_files.tsv`` and ``manifest.json``.
     ``spec``: a segmentation or detection shard's annotation rules (None: classification); ``classes``
     then maps names to training ids and must hold ``spec.num_classes`` entries. ``rejected``: (path, reason) of
     inputs refused before writing (a class outside the list), reported and counted with the bad files."""
@@ -497,9 +539,9 @@ def write_shards(items: Sequence[SourceItem], out_dir: str | Path, classes: dict
     if spec is not None and len(classes) != spec.num_classes:
         raise ShardError(f"{source}: {len(classes)} class names for {spec.num_classes} classes")
     _check_unique_keys(items, source)
+    groups = plan_shards(items, target_shard_bytes, num_shards)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = plan_shards(items, target_shard_bytes)
     jobs = [(out_dir, n, g, options, spec) for n, g in enumerate(groups)]
     results: dict[int, ShardResult] = {}
     started, done = time.monotonic(), 0

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from itpn_ds.config import ConfigError, RunConfig, load_config, save_config, to_dict
 from itpn_ds.data.class_map import ClassMap
 from itpn_ds.engine import components
+from itpn_ds.engine.broadcast import SOURCE_RANK, ReadMeter, broadcast_module, on_source_rank
 from itpn_ds.engine.checkpoint import (CheckpointError, CheckpointManager, CheckpointRef, needs_universal,
                                       read_checkpoint)
 from itpn_ds.engine.ds_config import build_ds_config, zero_stage
@@ -253,10 +255,27 @@ def init_from(model: torch.nn.Module, source: str, strict: bool = False, new_hea
     ``.safetensors`` file, or an official ``.pth``, by the one loading rule of ``itpn_ds.models.loading``:
     pre-training-only parts dropped, a classifier's new head left at init (``new_head``: also one of the same
     shape, trained on other classes), position tables resized, anything else that does not fit refused.
-    ``strict`` (evaluation): every model weight must come from ``source``. Logs the ``LoadReport``; raises
-    ``CheckpointError`` naming ``source``, the keys and the fix.
+    ``strict`` (evaluation): every model weight must come from ``source``. Raises ``CheckpointError`` naming
+    ``source``, the keys and the fix, on every rank.
+
+    One read per job: rank 0 reads ``source`` and loads it (logging what it read and the ``LoadReport``), the
+    other ranks receive the loaded weights by broadcast (``itpn_ds.engine.broadcast``).
     """
-    state = read_weights(Path(source))
+    report = on_source_rank(lambda: load_on_this_rank(model, source, strict, new_head))
+    with ReadMeter() as meter:
+        received = broadcast_module(model)
+    if received and dist.get_rank() != SOURCE_RANK:
+        log.info("rank %d received the initial weights of %s from rank %d: %.1f MB in %.2f s", dist.get_rank(),
+                 source, SOURCE_RANK, received / 1e6, meter.seconds)
+    return report
+
+
+def load_on_this_rank(model: torch.nn.Module, source: str, strict: bool, new_head: bool) -> LoadReport:
+    """``init_from``'s read and load, on the calling rank alone."""
+    with ReadMeter() as meter:
+        state = read_weights(Path(source))
+    log.info("rank %d read %s: %s in %.1f s", dist.get_rank() if dist.is_initialized() else 0, source,
+             "?" if meter.bytes < 0 else f"{meter.bytes / 1e6:.1f} MB", meter.seconds)
     target = load_target(model, state)  # a dense task model takes a pre-training run into its backbone
     if strict and target is not model:
         raise CheckpointError(f"{source}: holds no {type(model).__name__} (its heads would stay at their "

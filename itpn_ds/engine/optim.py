@@ -7,8 +7,16 @@ lr decay (fine-tuning) one group per (layer, decay) pair, layer ids from the mod
 ``itpn_ds.models.dense.DenseTaskModel``).
 Each group carries ``lr_scale`` and ``wd_scale``, which the schedule multiplies in every step.
 
-Optimizer: FusedAdam on CUDA, DeepSpeedCPUAdam when ZeRO offloads the optimizer, torch AdamW otherwise
-(the CPU); ``optim.optimizer`` forces one.
+Optimizer (``optim.optimizer``, ``auto`` by :func:`choose_optimizer`):
+
+* ``adamw_fused``: PyTorch's own ``AdamW(fused=True)``, one kernel per parameter group, prebuilt in the torch
+  wheel (no compiler on the compute nodes); ``auto``'s choice on CUDA. DeepSpeed takes it as a client
+  optimizer (type ``torch.optim.AdamW``, which ZeRO supports) and steps it on its fp32 master weights.
+* ``fused_adam``: DeepSpeed's FusedAdam, JIT-compiled on first use, which needs the CUDA compiler ``nvcc``
+  on every node (cached in ``TORCH_EXTENSIONS_DIR`` afterwards); CUDA only, never chosen by ``auto``.
+* ``cpu_adam``: DeepSpeedCPUAdam, ``auto``'s choice (and the only one allowed) when ZeRO offloads the
+  optimizer to the CPU.
+* ``adamw``: torch AdamW (for-each implementation); ``auto``'s choice on the CPU.
 """
 from __future__ import annotations
 
@@ -89,8 +97,10 @@ def _is_no_decay(name: str, param: torch.Tensor, skip: set[str]) -> bool:
     return param.ndim <= 1 or name in skip or leaf in skip or leaf.startswith("gamma")
 
 
-def choose_optimizer(cfg: OptimConfig, offload: bool, cuda: bool) -> str:
-    """``adamw`` | ``fused_adam`` | ``cpu_adam`` for this run (see the module docstring)."""
+def choose_optimizer(cfg: OptimConfig, offload: bool, device: torch.device) -> str:
+    """``adamw`` | ``adamw_fused`` | ``fused_adam`` | ``cpu_adam`` for a run whose parameters live on
+    ``device`` (see the module docstring)."""
+    cuda = device.type == "cuda"
     if cfg.optimizer != "auto":
         if offload and cfg.optimizer != "cpu_adam":
             raise ConfigError(f"optim.optimizer={cfg.optimizer} cannot run with ZeRO optimizer offload; use cpu_adam "
@@ -100,15 +110,15 @@ def choose_optimizer(cfg: OptimConfig, offload: bool, cuda: bool) -> str:
         return cfg.optimizer
     if offload:
         return "cpu_adam"
-    return "fused_adam" if cuda else "adamw"
+    return "adamw_fused" if cuda else "adamw"
 
 
 def build_optimizer(groups: Iterable[dict[str, Any]], cfg: OptimConfig, kind: str) -> torch.optim.Optimizer:
     """The optimizer over ``groups``; lr and weight decay are set by the schedule before every step."""
     groups = list(groups)
     common = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if kind == "adamw":
-        return torch.optim.AdamW(groups, **common)
+    if kind in ("adamw", "adamw_fused"):
+        return torch.optim.AdamW(groups, fused=kind == "adamw_fused", **common)
     if kind == "fused_adam":
         from deepspeed.ops.adam import FusedAdam
 

@@ -88,7 +88,7 @@ def build_engine(model: nn.Module, cfg: RunConfig, runtime: Runtime, ds_config: 
         raise ConfigError("deepspeed.precision=fp32 with ZeRO stage 0 has no non-finite gradient check in "
                           "DeepSpeed, so bad steps could not be skipped; use bf16/fp16 or ZeRO stage >= 1")
     check_precision_supported(cfg.deepspeed.precision)
-    kind = choose_optimizer(cfg.optim, offloads_optimizer(ds), runtime.device.type == "cuda")
+    kind = choose_optimizer(cfg.optim, offloads_optimizer(ds), runtime.device)
     o = cfg.optim
     groups = param_groups(model, o.layer_decay, o.layer_decay_depth, o.layer_decay_rule, o.layer_decay_layers)
     optimizer = build_optimizer(groups, cfg.optim, kind)
@@ -99,8 +99,9 @@ def build_engine(model: nn.Module, cfg: RunConfig, runtime: Runtime, ds_config: 
         raise ConfigError(f"deepspeed.config={cfg.deepspeed.config}: {'.'.join(map(str, first['loc']))}: "
                           f"{first['msg']} ({exc.error_count()} problem(s)); fix the DeepSpeed JSON") from exc
     if runtime.rank == 0:
-        log.info("engine: ZeRO stage %d, %s, optimizer %s over %d parameter groups, %d ranks", stage,
-                 cfg.deepspeed.precision, type(optimizer).__name__, len(optimizer.param_groups), runtime.world_size)
+        log.info("engine: ZeRO stage %d, %s, optimizer %s (%s) over %d parameter groups, %d ranks", stage,
+                 cfg.deepspeed.precision, kind, type(optimizer).__name__, len(optimizer.param_groups),
+                 runtime.world_size)
     return engine
 
 

@@ -13,12 +13,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from itpn_ds.data.shards import ShardError, ShardLayout
 from itpn_ds.scaling.activations import CheckpointPolicy
 from itpn_ds.scaling.memory import GIB, GPU, GPUS, ZERO_STAGES, DeepSpeedBuffers
 from itpn_ds.scaling.plan import IMAGENET_1K_TRAIN_IMAGES, Assumptions, Config, Row
 from itpn_ds.scaling.search import Grid, all_rows, best_rows, largest_micro_batch
 from itpn_ds.scaling.spec import ModelSpec, student_spec, teacher_spec
-from itpn_ds.teacher.plan import cache_reads, plan_for_teacher
+from itpn_ds.teacher.plan import IMAGENET_1K_LAYOUT, cache_reads, plan_for_teacher
 
 DEFAULT_MODEL = "clip_tpn_large_2240_patch16_224"
 SHOW = ("all", "best", "largest")
@@ -53,7 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--network-efficiency", type=float, default=0.8,
                         help="achieved collective bus bandwidth / link bandwidth")
     parser.add_argument("--epochs", type=int, default=300)
-    parser.add_argument("--train-images", type=int, default=IMAGENET_1K_TRAIN_IMAGES)
+    parser.add_argument("--train-images", type=int, default=None,
+                        help=f"images per epoch (default ImageNet-1K, {IMAGENET_1K_TRAIN_IMAGES:,})")
+    parser.add_argument("--shards", type=Path, help="a make-shards output directory: its manifest gives the images "
+                                                    "per epoch and the shard layout the cache and read figures use")
     parser.add_argument("--show", choices=SHOW, default="all",
                         help="all: every configuration; best: fastest fitting one per GPU count; largest: the "
                              "largest micro-batch that fits per GPU count, ZeRO stage and checkpoint policy")
@@ -62,8 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
+        layout = _shard_layout(args)
         gpu = _gpu(args)
-        assumptions = _assumptions(args)
+        assumptions = _assumptions(args, layout)
         grid = Grid(
             gpus=args.gpus,
             zero_stages=args.zero,
@@ -75,15 +80,17 @@ def main(args: argparse.Namespace) -> int:
         grid.check()
         spec = student_spec(args.model, args.image_size, teacher=teacher_spec() if grid.online_teacher else None)
         rows = _rows(args.show, spec, gpu, grid, assumptions)
-    except ValueError as error:
+    except (ValueError, ShardError) as error:
         print(f"itpn-ds plan-scaling: error: {error}", file=sys.stderr)
         return 2
     print(header(spec, gpu, assumptions, args.global_batch, args.teacher))
     print(table(rows))
     if args.teacher == "cached":
-        print("\nTeacher cache reads at these rates (ImageNet-1K, ViT-L-14 targets, one view per image) and the "
-              "teacher compute they save:\n")
-        print(cache_read_table(rows, gpu, assumptions))
+        source = f"{args.shards}" if args.shards else "ImageNet-1K in make-shards' default 1 GiB shards, assumed"
+        print(f"\nTeacher cache reads and shard reads at these rates ({layout.images:,} images in {layout.shards} shards "
+              f"of {layout.bytes_per_image / 1e3:.0f} KB per image: {source}; ViT-L-14 targets, one view per image) "
+              "and the teacher compute they save:\n")
+        print(cache_read_table(rows, gpu, assumptions, layout))
     if args.json:
         payload = {"model": spec.name, "params": spec.n_params, "gpu": gpu.name, "rows": [r.to_dict() for r in rows]}
         args.json.write_text(json.dumps(payload, indent=2))
@@ -100,8 +107,20 @@ def _gpu(args: argparse.Namespace) -> GPU:
     return replace(preset, memory_bytes=memory, peak_bf16_flops=peak, nic_bits_per_s=nic)
 
 
-def _assumptions(args: argparse.Namespace) -> Assumptions:
-    if args.epochs < 1 or args.train_images < 1 or args.global_batch < 1:
+def _shard_layout(args: argparse.Namespace) -> ShardLayout:
+    """``--shards``' manifest, or the ImageNet-1K assumption (with ``--train-images`` as its image count)."""
+    if args.shards is None:
+        if args.train_images is None:
+            return IMAGENET_1K_LAYOUT
+        return replace(IMAGENET_1K_LAYOUT, images=args.train_images,
+                       bytes=round(args.train_images * IMAGENET_1K_LAYOUT.bytes_per_image))
+    if args.train_images is not None:
+        raise ValueError(f"--shards {args.shards} gives the images per epoch: drop --train-images")
+    return ShardLayout.of(args.shards)
+
+
+def _assumptions(args: argparse.Namespace, layout: ShardLayout) -> Assumptions:
+    if args.epochs < 1 or layout.images < 1 or args.global_batch < 1:
         raise ValueError("epochs, training images and global batch must be >= 1")
     return Assumptions(
         hfu=args.utilization,
@@ -110,7 +129,7 @@ def _assumptions(args: argparse.Namespace) -> Assumptions:
         grad_bytes=4 if args.grad_accum_dtype == "fp32" else 2,
         buffers=DeepSpeedBuffers(reduce_bucket_elements=int(args.reduce_bucket), overlap_comm=args.overlap_comm),
         epochs=args.epochs,
-        train_images=args.train_images,
+        train_images=layout.images,
     )
 
 
@@ -166,23 +185,25 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-CACHE_COLUMNS = ("GPUs", "nodes", "img/s per node", "fp16 GB/s per node", "int8 GB/s per node", "fp16 GB/s cluster",
-                 "int8 GB/s cluster", "teacher TFLOP/s saved per GPU", "GPUs' time saved")
+CACHE_COLUMNS = ("GPUs", "nodes", "img/s per node", "shards GB/s per node", "fp16 GB/s per node", "int8 GB/s per node",
+                 "fp16 GB/s cluster", "int8 GB/s cluster", "teacher TFLOP/s saved per GPU", "GPUs' time saved")
 
 
-def cache_read_table(rows: Sequence[Row], gpu: GPU, assumptions: Assumptions) -> str:
-    """Per row: the ViT-L-14 cache's read bandwidth (fp16 and int8) per node and for the cluster at the row's
-    rate, and the teacher forward FLOP/s it replaces (per GPU, and as the share of the GPUs' time at the
-    plan's utilization that running the teacher online would take)."""
+def cache_read_table(rows: Sequence[Row], gpu: GPU, assumptions: Assumptions, layout: ShardLayout) -> str:
+    """Per row: the shards' read bandwidth per node (``layout``'s bytes per image at the row's rate), the
+    ViT-L-14 cache's (fp16 and int8) per node and for the cluster, and the teacher forward FLOP/s it replaces
+    (per GPU, and as the share of the GPUs' time at the plan's utilization that running the teacher online
+    would take)."""
     lines = ["| " + " | ".join(CACHE_COLUMNS) + " |", "|" + "---|" * len(CACHE_COLUMNS)]
-    plans = {dtype: plan_for_teacher("ViT-L-14", dtype=dtype) for dtype in ("fp16", "int8")}
+    plans = {dtype: plan_for_teacher("ViT-L-14", layout, dtype=dtype) for dtype in ("fp16", "int8")}
     for row in rows:
         gpus = row.config.gpus
         per_node = row.images_per_s / gpus * min(gpus, gpu.gpus_per_node)
         nodes = -(-gpus // gpu.gpus_per_node)
         fp16, int8 = (cache_reads(plans[d], per_node, nodes, "ViT-L-14") for d in ("fp16", "int8"))
         teacher_per_gpu = fp16.teacher_flops_per_image * row.images_per_s / gpus
-        cells = (gpus, nodes, f"{per_node:,.0f}", f"{fp16.node_bytes_per_s / 1e9:.2f}",
+        cells = (gpus, nodes, f"{per_node:,.0f}", f"{per_node * layout.bytes_per_image / 1e9:.2f}",
+                 f"{fp16.node_bytes_per_s / 1e9:.2f}",
                  f"{int8.node_bytes_per_s / 1e9:.2f}", f"{fp16.cluster_bytes_per_s / 1e9:.1f}",
                  f"{int8.cluster_bytes_per_s / 1e9:.1f}", f"{teacher_per_gpu / 1e12:.0f}",
                  f"{teacher_per_gpu / (gpu.peak_bf16_flops * assumptions.hfu):.0%}")

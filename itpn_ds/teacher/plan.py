@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from itpn_ds.data.shards import ShardLayout
 from itpn_ds.scaling.throughput import CLIP_B16_224, CLIP_L14_196, ViTSpec, vit_forward_flops
 from itpn_ds.teacher.cache_format import DTYPES, JITTER_FIELDS
 
@@ -25,6 +26,9 @@ TEACHER_SHAPES = {name: (vit.patches, vit.out_dim) for name, vit in TEACHER_VITS
 # 64 H100s at 40 % utilization (docs/scaling.md), 953 per GPU: 60,980 / 8 per node of 8 GPUs.
 PLANNED_IMAGES_PER_S_PER_NODE = 7_622
 IMAGENET_1K_IMAGES = 1_281_167
+# Assumed when no shard directory is given: ImageNet-1K's train split (ILSVRC2012_img_train.tar, 147,897,477,120
+# bytes of JPEGs) through make-shards' default 1 GiB shards, which cut it into about 138.
+IMAGENET_1K_LAYOUT = ShardLayout(images=IMAGENET_1K_IMAGES, shards=138, bytes=147_897_477_120)
 FILE_OVERHEAD_BYTES = 4096      # schema + metadata + footer, generous
 BATCH_OVERHEAD_BYTES = 1024     # record-batch message header + buffer padding, generous
 SAMPLES_PER_BATCH = 64          # CacheFileWriter's default
@@ -65,13 +69,14 @@ def plan_cache(num_images: int, num_views: int, dtype: str, num_tokens: int, dim
     return CachePlan(num_images, num_views, dtype, num_tokens, dim, files, round(per_row), round(total))
 
 
-def plan_for_teacher(arch: str, num_images: int = IMAGENET_1K_IMAGES, num_views: int = 8, dtype: str = "fp16",
-                     files: int = 1024) -> CachePlan:
-    """``plan_cache`` with a named teacher's (tokens, dim) from ``TEACHER_SHAPES``."""
+def plan_for_teacher(arch: str, layout: ShardLayout = IMAGENET_1K_LAYOUT, num_views: int = 8,
+                     dtype: str = "fp16") -> CachePlan:
+    """``plan_cache`` over ``layout``'s images and shards (one cache file per shard) with a named teacher's
+    (tokens, dim) from ``TEACHER_SHAPES``."""
     if arch not in TEACHER_SHAPES:
         raise ValueError(f"unknown teacher {arch!r}; known: {sorted(TEACHER_SHAPES)} (or call plan_cache)")
     tokens, dim = TEACHER_SHAPES[arch]
-    return plan_cache(num_images, num_views, dtype, tokens, dim, files)
+    return plan_cache(layout.images, num_views, dtype, tokens, dim, layout.shards)
 
 
 @dataclass(frozen=True)
