@@ -124,9 +124,9 @@ class KnnProbe:
         metrics: dict[str, float] = {}
         for feature in bank:
             shard, shard_labels = bank[feature][bank_valid], bank_labels[bank_valid]
-            mine = _all_gather(queries[feature])[query_valid]
+            all_queries = _all_gather(queries[feature])[query_valid]
             chunk = knn.chunk_rows(len(shard), int(self.cfg.chunk_mib * MIB))
-            sims, labels = knn.shard_topk(mine, shard, shard_labels, max(self.cfg.ks), chunk)
+            sims, labels = knn.shard_topk(all_queries, shard, shard_labels, max(self.cfg.ks), chunk)
             sims, labels = knn.merge_topk(torch.cat(_all_gather_list(sims), 1), torch.cat(_all_gather_list(labels), 1),
                                           max(self.cfg.ks))
             for k, hits in knn.knn_hits(sims, labels, targets, self.num_classes, self.cfg.ks,
