@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("itpn_ds.engine.commands", "fine-tune UperNet semantic segmentation on DeepSpeed"),
     "evaluate": ("itpn_ds.engine.commands", "evaluate a checkpoint: top-1/top-5, mIoU or COCO AP, by the recipe's task"),
     "export": ("itpn_ds.engine.commands", "export a checkpoint to one safetensors file + JSON metadata"),
+    "probe": ("itpn_ds.engine.probe_command", "k-NN probe of a checkpoint's frozen features on labelled shards"),
 }
 
 

@@ -21,6 +21,7 @@ from typing import Any, Union
 
 import yaml
 
+from itpn_ds.engine.probe import ProbeConfig
 from itpn_ds.errors import UserError
 from itpn_ds.tracking.config import TrackingConfig
 
@@ -480,6 +481,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # k-NN probe of pre-training (engine/probe.py)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)

@@ -2,9 +2,10 @@
 
 images (a training and a held-out split, ``data_tools.demo_images.make_demo_splits``) -> shards
 (`make-shards`, `verify-shards`) -> CLIP targets for K views per image in an Arrow cache (`extract-teacher`)
--> iTPN pre-training from the cache on 2 CPU ranks with DeepSpeed ZeRO-2 (`pretrain`) -> classifier
-fine-tuning from that checkpoint (`finetune`) -> evaluation (`evaluate`) -> one safetensors file
-(`export`) that `timm.create_model` loads; both runs tracked in one MLflow store.
+-> iTPN pre-training from the cache on 2 CPU ranks with DeepSpeed ZeRO-2 (`pretrain`), watched by the k-NN
+probe on the held-out split -> the same probe of its checkpoint and of a random initialisation (`probe`)
+-> classifier fine-tuning from that checkpoint (`finetune`) -> evaluation (`evaluate`) -> one safetensors
+file (`export`) that `timm.create_model` loads; both runs tracked in one MLflow store.
 
 The held-out images come from the half of each photo that no training image was cropped from; they are
 not sharded with the training images, so pre-training, the teacher cache and fine-tuning never see them.
@@ -30,7 +31,7 @@ from itpn_ds.teacher.clip import load_clip_teacher
 from itpn_ds.teacher.random_clip import write_random_clip_checkpoint
 
 RANKS = 2
-STAGES = 8
+STAGES = 9
 
 
 def stage(number: int, title: str) -> None:
@@ -52,11 +53,12 @@ def itpn_ds(*args: str, ranks: int = 1, capture: bool = False) -> str:
     return done.stdout or ""
 
 
-def printed_metrics(stdout: str) -> dict[str, float]:
-    """The metrics ``itpn-ds evaluate`` prints as its last ``top1 ...`` line (``name value`` pairs)."""
-    lines = [line.split() for line in stdout.splitlines() if line.startswith("top1 ")]
+def printed_metrics(stdout: str, first: str = "top1 ") -> dict[str, float]:
+    """The metrics ``itpn-ds evaluate`` (or ``itpn-ds probe``) prints as its last line starting with ``first``
+    (``name value`` pairs)."""
+    lines = [line.split() for line in stdout.splitlines() if line.startswith(first)]
     if not lines:
-        raise RuntimeError(f"itpn-ds evaluate printed no metrics line:\n{stdout}")
+        raise RuntimeError(f"itpn-ds printed no metrics line starting {first!r}:\n{stdout}")
     words = lines[-1]
     return {name: float(value) for name, value in zip(words[::2], words[1::2])}
 
@@ -113,17 +115,30 @@ def main(argv: list[str] | None = None) -> int:
     itpn_ds("extract-teacher", "--shards", str(train_shards), "--out", str(cache), "--teacher-checkpoint",
             str(teacher), "--num-views", "4")
 
-    stage(4, f"iTPN pre-training from the cache: DeepSpeed ZeRO-2, {RANKS} CPU ranks")
+    stage(4, f"iTPN pre-training from the cache: DeepSpeed ZeRO-2, {RANKS} CPU ranks; a k-NN probe of its "
+             "features on the held-out images every 10 steps")
+    k = min(20, args.per_class)  # DINO's k = 10 and 20, fewer where a class has fewer training images
+    probe = [f"probe.train_shards={train_shards}", f"probe.val_shards={held_out_shards}",
+             f"probe.ks=[{min(10, k)}, {k}]"]
     itpn_ds("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(pretrain_dir),
-            f"data.shards={train_shards}", f"teacher.cache={cache}", *student, *tracking, ranks=RANKS)
+            f"data.shards={train_shards}", f"teacher.cache={cache}", *student, *tracking, *probe,
+            "probe.every_steps=10", ranks=RANKS)
 
-    stage(5, "fine-tuning a classifier from the pre-training checkpoint, same engine; evaluated on held-out")
+    stage(5, "the same k-NN probe of the pre-trained checkpoint and of the model at its random initialisation")
+    knn = {name: printed_metrics(itpn_ds("probe", *source, *student, *probe, capture=True), "backbone_")
+           for name, source in (("pre-trained", ["--checkpoint", str(pretrain_dir)]),
+                                ("random init", ["--config", "tiny_pretrain_cpu"]))}
+    for name, metrics in knn.items():
+        print(f"k-NN (k={k}) top-1 on the held-out images, {name}: backbone {metrics[f'backbone_k{k}_top1']:.1f}%, "
+              f"pyramid {metrics[f'pyramid_k{k}_top1']:.1f}%")
+
+    stage(6, "fine-tuning a classifier from the pre-training checkpoint, same engine; evaluated on held-out")
     itpn_ds("finetune", "--config", "tiny_finetune_cpu", "--run-dir", str(finetune_dir),
             f"data.shards={train_shards}", f"data.val_shards={held_out_shards}", f"finetune.init={pretrain_dir}",
             f"finetune.num_classes={classes}", f"model.kwargs.num_classes={classes}", student[0], *tracking,
             ranks=RANKS)
 
-    stage(6, "evaluation of the fine-tuned checkpoint on the held-out images")
+    stage(7, "evaluation of the fine-tuned checkpoint on the held-out images")
     metrics = printed_metrics(itpn_ds(
         "evaluate", "--config", "tiny_finetune_cpu", "--checkpoint", str(finetune_dir),
         f"data.val_shards={held_out_shards}", f"finetune.num_classes={classes}",
@@ -132,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(train_manifest)} training images, {classes} classes); chance: "
           f"{chance_top1(held_out_manifest):.1f}%")
 
-    stage(7, "export: one safetensors file + JSON metadata, loadable by timm")
+    stage(8, "export: one safetensors file + JSON metadata, loadable by timm")
     itpn_ds("export", "--checkpoint", str(finetune_dir), "--out", str(export_dir))
 
-    stage(8, "where everything is")
+    stage(9, "where everything is")
     print(f"shards:        {train_shards} (training)\n               {held_out_shards} (held out)\n"
           f"teacher cache: {cache}\nruns:          {pretrain_dir}\n               {finetune_dir}\n"
           f"exported:      {export_dir / 'model.safetensors'} (+ config.json)\n"

@@ -10,13 +10,26 @@ import torch
 
 from itpn_ds.data.batch import Batch
 from itpn_ds.data.shard_loader import FixedPass, ShardLoader, student_output
-from itpn_ds.data.views import CropView
+from itpn_ds.data.views import CropView, key_hash
 
 
 def center_crop_view(width: int, height: int, crop_pct: float) -> CropView:
     """Square box of side crop_pct x shorter side, centered (source pixels)."""
     side = max(1, round(min(width, height) * crop_pct))
     return CropView((width - side) // 2, (height - side) // 2, side, side, False)
+
+
+def per_class_subset(keys: list[str], labels: list[int], per_class: int, seed: int = 0) -> np.ndarray:
+    """Sample indices, ascending, of at most ``per_class`` samples of each label (0: all): those of the lowest
+    ``key_hash(seed, key)``, so the choice depends on the keys alone, not on the shards' order or the ranks."""
+    if per_class <= 0:
+        return np.arange(len(keys))
+    by_label: dict[int, list[int]] = {}
+    for index in sorted(range(len(keys)), key=lambda i: key_hash("per-class-subset", seed, keys[i])):
+        chosen = by_label.setdefault(labels[index], [])
+        if len(chosen) < per_class:
+            chosen.append(index)
+    return np.array(sorted(i for chosen in by_label.values() for i in chosen), dtype=np.int64)
 
 
 class EvalLoader(FixedPass, ShardLoader):

@@ -51,15 +51,17 @@ def student_output(img_size: int, normalize: str = "imagenet") -> ViewOutput:
 
 
 class EpochLoader:
-    """The Loader protocol over a shard directory: this rank's share of each epoch (``DistributedOrder``),
-    a background thread decoding the next batch, and ``state_dict`` = the global epoch position.
+    """The Loader protocol over a shard directory (or the subset ``samples`` of its sample indices): this rank's
+    share of each epoch (``DistributedOrder``), a background thread decoding the next batch, and ``state_dict`` =
+    the global epoch position.
     Subclasses turn one step's sample indices into a batch (``_load``)."""
 
     def __init__(self, shards: str | Path, micro_batch: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, samples: np.ndarray | None = None) -> None:
         self.reader = ShardReader(shards)
         self.manifest = self.reader.manifest
-        self.order = DistributedOrder(len(self.reader), micro_batch, rank, world_size, seed)
+        self.samples = np.arange(len(self.reader)) if samples is None else np.asarray(samples, dtype=np.int64)
+        self.order = DistributedOrder(len(self.samples), micro_batch, rank, world_size, seed)
         self.seed = seed
         self.epoch = 0
         self.offset = 0
@@ -87,7 +89,7 @@ class EpochLoader:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-loader") as prefetch:
             pending = None
             for step in self.order(self.epoch, self.offset):
-                ahead = (prefetch.submit(self._load, step.indices, step.valid), step.next_offset)
+                ahead = (prefetch.submit(self._load, self.samples[step.indices], step.valid), step.next_offset)
                 if pending is not None:
                     yield self._hand_out(*pending)
                 pending = ahead
@@ -135,12 +137,13 @@ class ShardLoader(EpochLoader):
     def __init__(self, shards: str | Path, decoder_outputs: list[ViewOutput], micro_batch: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2, device: str = "auto",
                  on_corrupt: str = "skip", augment: SampleAugment | None = None, backend: str = "dali",
-                 torch_resize: bool = True, color_jitter: bool = False, decode: str = "roi") -> None:
+                 torch_resize: bool = True, color_jitter: bool = False, decode: str = "roi",
+                 samples: np.ndarray | None = None) -> None:
         if on_corrupt not in ("skip", "raise"):
             raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        super().__init__(shards, micro_batch, rank, world_size, seed)
+        super().__init__(shards, micro_batch, rank, world_size, seed, samples)
         self.backend = backend
         decoder_cls = ViewDecoder if backend == "dali" else PILViewDecoder
         self.decoder = decoder_cls(decoder_outputs, device=device, batch_size=micro_batch, num_threads=num_threads,

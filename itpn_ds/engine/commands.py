@@ -94,6 +94,7 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     require_writable_dir(run_dir)
     components.check_trainable_here(cfg, runtime.device)
     model = family.prepare_model(components.build_model(cfg), runtime, train=True)
+    probe = components.build_probe(cfg, runtime.rank, runtime.world_size, runtime.device, model)
     require_free_space(run_dir, checkpoint_bytes_estimate(model), "a checkpoint of this model")
     if family.init_source and resume is None:
         init_from(model, family.init_source, new_head=family.init_has_other_classes())
@@ -127,7 +128,7 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
                       schedule=build_schedule(cfg.optim, steps_per_epoch, total),
                       checkpoints=checkpoints, tracker=tracker, device=runtime.device, total_steps=total,
                       flops_per_image=flops, ema=ema, best_metric=family.best_metric,
-                      eval_every_epochs=family.eval_every_epochs, classes=family.classes)
+                      eval_every_epochs=family.eval_every_epochs, classes=family.classes, probe=probe)
     if eval_loader is not None:
         parts.evaluate = family.evaluator(engine, eval_loader, runtime.device, _input_dtype(engine), ema)
         parts.on_best = lambda metrics, step: _export_live(engine, cfg, run_dir / "best", metrics, step, runtime.rank,

@@ -6,6 +6,7 @@ Each builder takes the run configuration and returns the real component from its
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,13 @@ import torch
 from torch import nn
 
 from itpn_ds.config import ConfigError, RunConfig
+from itpn_ds.data.annotations import CLASSIFICATION
 from itpn_ds.data.batch import Loader
+from itpn_ds.data.class_map import ClassMap, align
+from itpn_ds.data.eval_pipeline import per_class_subset
+from itpn_ds.data.shards import Manifest
+from itpn_ds.engine.probe import MIB, KnnProbe, held_bytes, metric_name
+from itpn_ds.models.pooled import BACKBONE, PYRAMID
 from itpn_ds.tracking import build_tracker
 from itpn_ds.tracking.base import Tracker
 
@@ -147,6 +154,61 @@ def build_classification_loaders(cfg: RunConfig, rank: int, world_size: int, tra
     return train_loader, eval_loader
 
 
+def build_probe(cfg: RunConfig, rank: int, world_size: int, device: torch.device, model: nn.Module) -> KnnProbe | None:
+    """The k-NN probe of ``probe.*`` over evaluation loaders of its two shard sets (None: ``probe.train_shards``
+    is empty). Refused, before any work, naming the key: no ``probe.val_shards``, shards that are not
+    classification shards, a validation class the bank lacks (by name), a bank class with fewer images than the
+    largest k, a model without pooled features, features beyond ``probe.max_bank_mib`` on one rank."""
+    p = cfg.probe
+    if not p.enabled:
+        return None
+    if not p.val_shards:
+        raise ConfigError(f"probe.train_shards={p.train_shards} is set but probe.val_shards is empty: give the "
+                          "held-out classification shards the probe classifies (make-shards --classes-from "
+                          "TRAIN_SHARDS), or unset probe.train_shards")
+    manifests = {key: Manifest.load(getattr(p, key)) for key in ("train_shards", "val_shards")}
+    for key, manifest in manifests.items():
+        if manifest.kind != CLASSIFICATION:
+            raise ConfigError(f"probe.{key}={getattr(p, key)} holds {manifest.kind} shards; the probe needs "
+                              "labelled classification shards (itpn-ds make-shards IMAGES OUT)")
+    bank_map = ClassMap.of_manifest(manifests["train_shards"])
+    alignment = align(bank_map, ClassMap.of_manifest(manifests["val_shards"]), f"probe.val_shards={p.val_shards}",
+                      f"probe.train_shards={p.train_shards}")
+    subsets = {key: per_class_subset(m.keys, m.labels, p.max_per_class, cfg.schedule.seed)
+               for key, m in manifests.items()}
+    _check_probe_counts(cfg, manifests["train_shards"], subsets["train_shards"], bank_map)
+    try:
+        held = held_bytes(len(subsets["train_shards"]), len(subsets["val_shards"]), model, cfg.data.micro_batch,
+                          world_size)
+    except ValueError as exc:
+        raise ConfigError(f"probe.train_shards is set but model.name={cfg.model.name!r}: {exc}") from None
+    if held > p.max_bank_mib * MIB:
+        raise ConfigError(f"probe: {len(subsets['train_shards'])} bank and {len(subsets['val_shards'])} query images "
+                          f"on {world_size} rank(s) hold {held / MIB:.0f} MiB of features per rank, more than "
+                          f"probe.max_bank_mib={p.max_bank_mib:g}: lower probe.max_per_class or raise the bound")
+    data = _import("itpn_ds.data", "probe")
+    options = _loader_options(cfg, rank, world_size)
+    crop_pct = eval_crop_pct(cfg.data.crop_pct, options["img_size"])
+    bank_loader, query_loader = (data.build_eval_loader(getattr(p, key), crop_pct=crop_pct, samples=subsets[key],
+                                                        **options) for key in ("train_shards", "val_shards"))
+    table = alignment.label_table(max(alignment.index, default=0) + 1)
+    return KnnProbe(p, bank_loader, query_loader, table, max(bank_map.ids.values()) + 1, device, rank)
+
+
+def _check_probe_counts(cfg: RunConfig, manifest: Manifest, subset: Any, bank_map: ClassMap) -> None:
+    """Every class of the probe's bank has at least the largest k of ``probe.ks`` images."""
+    p, k = cfg.probe, max(cfg.probe.ks)
+    counts = {label: 0 for label in bank_map.ids.values()}
+    for index in subset:
+        counts[manifest.labels[index]] += 1
+    for name, label in bank_map.ids.items():
+        if counts[label] < k:
+            cap = f" (probe.max_per_class={p.max_per_class})" if p.max_per_class else ""
+            raise ConfigError(f"probe.train_shards={p.train_shards}: class {name!r} has {counts[label]} image(s){cap}, "
+                              f"fewer than k={k} (probe.ks={list(p.ks)}): give every class at least {k} images or "
+                              "lower probe.ks")
+
+
 def check_label_range(cfg: RunConfig, manifests: dict[str, Any]) -> None:
     """Fine-tuning: every label of the shards ``manifests`` (``data.<key>`` -> ``Manifest``) must be below
     ``finetune.num_classes``."""
@@ -213,4 +275,10 @@ def build_mixup(cfg: RunConfig) -> Any:
 
 
 def tracker_for(cfg: RunConfig, rank: int, run_dir: Path, dist_env: Any) -> Tracker:
-    return build_tracker(cfg.tracking, rank, run_dir, dist_env)
+    """The run's tracker (``itpn_ds.tracking``); with the probe on, its top-1 curves are drawn beside the loss."""
+    tracking = cfg.tracking
+    if cfg.probe.enabled:
+        k = max(cfg.probe.ks)
+        tracking = replace(tracking, curve_metrics=(*tracking.curve_metrics, *(metric_name(feature, k, 1)
+                                                                                for feature in (BACKBONE, PYRAMID))))
+    return build_tracker(tracking, rank, run_dir, dist_env)

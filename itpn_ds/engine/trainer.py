@@ -35,6 +35,7 @@ from itpn_ds.engine.checkpoint import CheckpointManager, CheckpointRef, set_rng_
 from itpn_ds.engine.ema import WeightEma
 from itpn_ds.engine.memory import StateBytes, model_state_bytes
 from itpn_ds.engine.preemption import PreemptionFlag
+from itpn_ds.engine.probe import KnnProbe
 from itpn_ds.engine.runtime import seed_everything
 from itpn_ds.engine.schedule import CosineSchedule
 from itpn_ds.engine.tasks import Task
@@ -66,6 +67,7 @@ class TrainState:
     evaluated_epochs:      epochs whose evaluation ran (fine-tuning).
     best_score:            best value of the task's selection metric seen (``LoopParts.best_metric``: top-1,
                            mIoU or box AP), -1 before the first evaluation.
+    probed_step:           step of the last k-NN probe (``engine/probe.py``); probe_best: its best top-1s so far.
     """
 
     step: int = 0
@@ -76,6 +78,8 @@ class TrainState:
     skip_steps: list[int] = field(default_factory=list)
     evaluated_epochs: int = 0
     best_score: float = -1.0
+    probed_step: int = 0
+    probe_best: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "TrainState":
@@ -105,6 +109,7 @@ class LoopParts:
     best_metric: str = "top1"      # the evaluation metric that selects ``on_best`` (higher is better)
     eval_every_epochs: int = 1
     classes: ClassMap | None = None  # the class map trained, stored in every checkpoint (None: pre-training)
+    probe: KnnProbe | None = None    # the k-NN probe of pre-training (engine/probe.py)
 
 
 class Trainer:
@@ -194,6 +199,8 @@ class Trainer:
                     raise Preempted(self.state.step)
                 self._maybe_kill()
                 rolled_back = self._train_step(engine)
+                if not rolled_back:
+                    self._maybe_probe()
                 if not rolled_back and every and self.state.step % every == 0 and self.state.step < self.p.total_steps:
                     self.save()
                 self._maybe_evaluate()
@@ -304,6 +311,16 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------------------------ evaluation
+    def _maybe_probe(self) -> None:
+        """The k-NN probe every ``probe.every_steps`` and after the last step, before that step's checkpoint
+        (which then holds its best values)."""
+        probe, final = self.p.probe, self.state.step >= self.p.total_steps
+        if probe is None or self.state.probed_step == self.state.step or not (final or probe.due(self.state.step)):
+            return
+        self.state.probed_step = self.state.step
+        metrics = probe.run(self.p.engine.module, self.state.step, self.state.probe_best, self.p.tracker, final)
+        self.last_metrics = {**self.last_metrics, **metrics}
+
     def _maybe_evaluate(self, final: bool = False) -> None:
         if self.p.evaluate is None:
             return

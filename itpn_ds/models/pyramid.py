@@ -71,11 +71,21 @@ class FeaturePyramid:
     def forward_pyramid(self, x: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Tokens (B, N, D) + [stage-1 map (B, N, 4, 4, D/4), stage-2 map (B, N, 2, 2, D/2)]
         -> [(B, N, 1, 1, F), (B, N, 2, 2, F), (B, N, 4, 4, F)][:num_outs]."""
+        outs = [self._coarsest_input(x)]
         x = x[..., None, None, :]
-        outs = [x if self.align_dim_16tofpn is None else self.align_dim_16tofpn(x)]
         x = self.block_16to8(self.split_16to8(x) + self.align_dim_16to8(features[1]))
         outs.append(x)
         if self.num_outs > 2:
             x = self.block_8to4(self.split_8to4(x) + self.align_dim_8to4(features[0]))
             outs.append(x)
         return [self.run_block(i, blk, out) for i, (blk, out) in enumerate(zip(self.fpn_modules, outs))]
+
+    def forward_coarsest_level(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, D) -> the coarsest level alone, (B, N, 1, 1, F): ``forward_pyramid``'s first output
+        without computing the finer ones."""
+        return self.run_block(0, self.fpn_modules[0], self._coarsest_input(x))
+
+    def _coarsest_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, D) -> (B, N, 1, 1, F), the input of the coarsest level's block."""
+        x = x[..., None, None, :]
+        return x if self.align_dim_16tofpn is None else self.align_dim_16tofpn(x)
