@@ -4,7 +4,7 @@ saves.
 
 The shard layout (images, shard files = cache files, shard bytes) is read from ``--shards DIR``'s manifest
 when given; otherwise ``--images`` / ``--files`` or, by default, the layout assumed for ImageNet-1K through
-make-shards' default 1 GiB shards (``itpn_ds.teacher.plan.IMAGENET_1K_LAYOUT``), said in the first line."""
+make-shards' default 1 GiB shards (``itpn_ds.scaling.cache_plan.IMAGENET_1K_LAYOUT``), said in the first line."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from itpn_ds.data.shards import ShardError, ShardLayout
 from itpn_ds.teacher.cache_format import DTYPES
-from itpn_ds.teacher.plan import (IMAGENET_1K_LAYOUT, PLANNED_IMAGES_PER_S_PER_NODE, TEACHER_SHAPES, cache_reads,
+from itpn_ds.scaling.cache_plan import (IMAGENET_1K_LAYOUT, PLANNED_IMAGES_PER_S_PER_NODE, TEACHER_SHAPES, cache_reads,
                                   plan_cache)
 
 

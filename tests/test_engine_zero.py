@@ -8,6 +8,7 @@ tiny iTPN on the demo shards:
 * the pixel objective and the online CLIP teacher train (one rank, in the test process: no rank is involved).
 """
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -54,12 +55,22 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return consolidated_state_dict(read_checkpoint(run_dir))
 
 
+def probe_args(shards) -> tuple[str, ...]:
+    """The k-NN probe (engine/probe.py) at steps 5 and 10 on the demo probe shards, its bank sharded over the ranks."""
+    return (f"probe.train_shards={shards.train}", f"probe.val_shards={shards.held_out}", "probe.ks=[5, 10]",
+            "probe.every_steps=5")
+
+
+def probes_by_step(stdout: str) -> dict[int, str]:
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"probe at step (\d+): (.*) \(", stdout)}
+
+
 @pytest.fixture(scope="module")
-def zero1_run(demo_shards, demo_cache, tmp_path_factory):
-    """The reference: ZeRO-1, checkpoints at steps 5 and 10."""
+def zero1_run(demo_shards, demo_cache, demo_probe_shards, tmp_path_factory):
+    """The reference: ZeRO-1, checkpoints at steps 5 and 10, the k-NN probe before each."""
     run_dir = tmp_path_factory.mktemp("zero1")
     out = succeeded(pretrain(run_dir, demo_shards, demo_cache, "deepspeed.config=zero1", "checkpoint.every_steps=5",
-                             "checkpoint.keep_last=3", GLOBAL_BATCH))
+                             "checkpoint.keep_last=3", GLOBAL_BATCH, *probe_args(demo_probe_shards)))
     return run_dir, out
 
 
@@ -82,9 +93,11 @@ def test_zero1_pretraining_from_the_cache_lowers_the_loss(zero1_run):
     assert_loss_falls(out)
 
 
-def test_sigkilled_rank_resumes_itpn_with_dali_to_bitwise_identical_weights(zero1_run, demo_shards, demo_cache, tmp_path):
+def test_sigkilled_rank_resumes_itpn_with_dali_to_bitwise_identical_weights_and_probe_numbers(
+        zero1_run, demo_shards, demo_cache, demo_probe_shards, tmp_path):
     ref_dir, ref_out = zero1_run
-    args = ("deepspeed.config=zero1", "checkpoint.every_steps=5", "checkpoint.keep_last=3")
+    args = ("deepspeed.config=zero1", "checkpoint.every_steps=5", "checkpoint.keep_last=3",
+            *probe_args(demo_probe_shards))
     killed = pretrain(tmp_path, demo_shards, demo_cache, *args, "debug.kill_at_step=[1, 8]")
     assert killed.returncode != 0
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000005"
@@ -96,6 +109,11 @@ def test_sigkilled_rank_resumes_itpn_with_dali_to_bitwise_identical_weights(zero
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
+    reference, probed = probes_by_step(ref_out), probes_by_step(resumed)
+    assert sorted(reference) == [5, 10] and sorted(probed) == [10]  # step 5's probe came before its checkpoint
+    assert probed[10] == reference[10]
+    best = read_checkpoint(tmp_path).meta["trainer"]["probe_best"]
+    assert best and best == read_checkpoint(ref_dir).meta["trainer"]["probe_best"]
 
 
 def copy_checkpoint(run_dir: Path, tag: str, dest: Path) -> None:

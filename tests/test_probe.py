@@ -1,15 +1,14 @@
 """The k-NN probe (itpn_ds/engine/probe.py): the pooled features it reads, its per-class subsets read once over
 ranks, the probe inside a pre-training (periodic, at the end, tracked, its best in the checkpoint), the same
-probe as ``itpn-ds probe`` over a run, its export and a random initialisation, and a pre-training SIGKILLed
-and resumed giving the uninterrupted run's probe numbers (2 ranks: the bank sharded, the candidates gathered).
+probe as ``itpn-ds probe`` over a run, its export and a random initialisation. A pre-training SIGKILLed and
+resumed giving the uninterrupted run's probe numbers on 2 ranks (the bank sharded, the candidates gathered) is
+test_engine_zero.py's SIGKILL test.
 The k-NN arithmetic itself is tested in test_knn.py; the refusals in test_bad_inputs.py."""
 from __future__ import annotations
 
 import re
 from collections import Counter
-from pathlib import Path
 
-import pytest
 import timm
 import torch
 
@@ -22,7 +21,7 @@ from itpn_ds.engine.export import export_checkpoint
 from itpn_ds.models.pooled import pooled_features
 from itpn_ds.tracking.curves import metric_history
 from itpn_ds.tracking.journal import Journal
-from tests.fixtures.cli import itpn_ds_in_process, run_cli, succeeded
+from tests.fixtures.cli import itpn_ds_in_process
 
 PROBE_LINE = re.compile(r"probe at step (\d+): (.*) \(")
 SMALL_KS = "probe.ks=[5, 10]"
@@ -111,23 +110,3 @@ def test_probe_command_gives_a_run_and_its_export_the_same_numbers(demo_probe_sh
     for value in (v for metrics in (run, random_init) for n, v in metrics.items() if n != "seconds"):
         hits = value * queries / 100  # printed to 4 decimals
         assert 0 <= value <= 100 and abs(hits - round(hits)) < 1e-3
-
-
-@pytest.mark.dist
-def test_a_sigkilled_pretraining_resumes_to_the_uninterrupted_probe_numbers(demo_probe_shards, demo_shards, demo_cache,
-                                                                           tmp_path):
-    def pretrain(run_dir: Path, *overrides: str):
-        return run_cli("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(run_dir),
-                       f"data.shards={demo_shards}", f"teacher.cache={demo_cache}", "model.kwargs.teacher_dim=32",
-                       "data.micro_batch=4", "schedule.max_steps=5", "checkpoint.every_steps=2", "tracking.enabled=false",
-                       *probe_args(demo_probe_shards), SMALL_KS, "probe.every_steps=2", *overrides, ranks=2)
-
-    reference = probes_by_step(succeeded(pretrain(tmp_path / "uninterrupted")))
-    killed = pretrain(tmp_path / "killed", "debug.kill_at_step=[1, 4]")
-    assert killed.returncode != 0 and "SIGKILL" in killed.stdout + killed.stderr
-    resumed_out = succeeded(pretrain(tmp_path / "killed"))
-    resumed = probes_by_step(resumed_out)
-    assert sorted(reference) == [2, 4, 5] and sorted(resumed) == [4, 5]  # resumed from step 2
-    assert all(resumed[step] == reference[step] for step in resumed), (resumed, reference)
-    best = read_checkpoint(tmp_path / "killed").meta["trainer"]["probe_best"]
-    assert best == read_checkpoint(tmp_path / "uninterrupted").meta["trainer"]["probe_best"]

@@ -19,7 +19,7 @@ from itpn_ds.scaling.memory import GIB, GPU, GPUS, ZERO_STAGES, DeepSpeedBuffers
 from itpn_ds.scaling.plan import IMAGENET_1K_TRAIN_IMAGES, Assumptions, Config, Row
 from itpn_ds.scaling.search import Grid, all_rows, best_rows, largest_micro_batch
 from itpn_ds.scaling.spec import ModelSpec, student_spec, teacher_spec
-from itpn_ds.teacher.plan import IMAGENET_1K_LAYOUT, cache_reads, plan_for_teacher
+from itpn_ds.scaling.cache_plan import IMAGENET_1K_LAYOUT, cache_reads, plan_for_teacher
 
 DEFAULT_MODEL = "clip_tpn_large_2240_patch16_224"
 SHOW = ("all", "best", "largest")

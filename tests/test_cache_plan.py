@@ -10,7 +10,7 @@ from itpn_ds.data.shards import Manifest, ShardLayout
 from itpn_ds.teacher.cache import TeacherCache
 import pytest
 
-from itpn_ds.teacher.plan import PLANNED_IMAGES_PER_S_PER_NODE, cache_reads, plan_cache, plan_for_teacher, row_bytes
+from itpn_ds.scaling.cache_plan import PLANNED_IMAGES_PER_S_PER_NODE, cache_reads, plan_cache, plan_for_teacher, row_bytes
 
 
 def test_byte_model_matches_a_written_cache(demo_cache, demo_shards):

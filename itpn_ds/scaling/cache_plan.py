@@ -3,7 +3,7 @@
 Byte model per row (one view of one sample): the targets (T*D x 2 bytes fp16, or T*D x 1 + T x 4 bytes of
 scales int8), the key (its UTF-8 bytes + a 4-byte offset), view (2), box (16), flip (1 bit) and the
 colour-jitter factors (3 x 4) and the row's CRC32 (4). Arrow adds a little per record batch and per file;
-``tests/test_teacher_plan.py`` checks the model against a written file.
+``tests/test_cache_plan.py`` checks the model against a written file.
 
 Read bandwidth: training reads one view (one row) per image it trains on, so a node consuming ``r``
 images/s reads ``r x bytes_per_view`` bytes/s of targets (random rows within each file), and the cluster
