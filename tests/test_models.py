@@ -59,7 +59,7 @@ PUBLISHED_COUNTS = {
     "fast_itpn_tiny_1112_patch16_224": 24_219_976,
     "fast_itpn_small_2220_patch16_224": 39_902_920,
     "fast_itpn_base_3324_patch16_224": 84_825_192,
-    "fast_itpn_large_2240_patch16_256": 312_017_320,
+    "fast_itpn_large_2240_patch16_256": 312_063_400,  # at the name's 256 px (its timm cfg's fixed input size)
     # pixel models: all parameters, as ``count_on_meta`` counts, the fixed decoder position embedding included
     "itpn_base_dec512d8b": 108_493_344,
     "itpn_large_dec512d8b": 318_339_808,

@@ -270,6 +270,9 @@ def create_classifier(name: str, pretrained: bool = False, **kwargs) -> nn.Modul
     (every level unless ``out_indices``), whose input is any multiple of its coarsest stride."""
     cls, arch = CLASSIFIER_CONFIGS[name]
     kwargs = {**arch, **TAG_MODEL_ARGS.get(resolved_tag(name, kwargs.get("pretrained_cfg")), {}), **kwargs}
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if overlay.get("file"):  # timm resets custom_load for a file overlay: keep it, the file goes through our rule
+        kwargs["pretrained_cfg_overlay"] = {"custom_load": True, **overlay}
     if not kwargs.get("features_only"):
         return build_model_with_cfg(cls, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
     keep = ("features_only", "out_indices", "feature_cls", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
