@@ -171,7 +171,7 @@ def test_pixel_pretraining_loads_into_the_dense_backbone_of_its_name(tmp_path):
     file = tmp_path / "pixel.pth"
     torch.save({"model": pixel.state_dict()}, file)
     features = create_model("itpn_base_dec512d8b", features_only=True, pretrained=True, mlp_depth=1,
-                                 pretrained_cfg_overlay=dict(file=str(file)), **config)
+                            pretrained_cfg_overlay=dict(file=str(file)), **config)
     report = load_weights(features.model, pixel.state_dict())
     assert not report.fresh and all(k.startswith(("decoder_", "mask_token")) for k in report.dropped)
     assert [lvl.shape[1] for lvl in features(torch.randn(1, 3, 64, 96))] == [48, 64, 96, 96]
@@ -307,7 +307,7 @@ def test_mask_rcnn_transform_pads_to_the_coarsest_stride_and_resizes_only_when_a
     batch, _ = pad_only.transform(images, targets)
     assert batch.image_sizes == [(100, 140), (120, 90)] and batch.tensors.shape == (2, 3, 128, 192)
     resizing = create_model("mask_rcnn_itpn_base_3324", num_classes=4, resize=True, min_size=200,
-                                 max_size=400, **HIVIT).eval()
+                            max_size=400, **HIVIT).eval()
     batch, _ = resizing.transform(images, targets)
     assert batch.image_sizes == [(200, 280), (266, 200)] and batch.tensors.shape == (2, 3, 320, 320)
 
@@ -360,7 +360,7 @@ def test_export_of_a_dense_model_loads_back_as_features_only(task, tmp_path):
     out = write_export(model.state_dict(), {"architecture": name, "model_kwargs": kwargs}, tmp_path / "export")
     file = str(out / "model.safetensors")
     features = create_model(name, features_only=True, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=file), **kwargs).eval()
+                            pretrained_cfg_overlay=dict(file=file), **kwargs).eval()
     x = torch.randn(1, 3, 128, 64)
     with torch.no_grad():
         for got, expected in zip(features(x), model.dense_backbone(x)):
@@ -368,7 +368,7 @@ def test_export_of_a_dense_model_loads_back_as_features_only(task, tmp_path):
     # the backbone's own name with the task's layout takes the same file
     layout = "segmentation" if task == "segmentation" else "detection"
     again = create_model("clip_tpn_base_3324_patch16_224", features_only=True, pretrained=True, layout=layout,
-                              pretrained_cfg_overlay=dict(file=file), **HIVIT).eval()
+                         pretrained_cfg_overlay=dict(file=file), **HIVIT).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x)[0], model.dense_backbone(x)[0])
     report = load_weights(dense_backbone("itpn", layout), model.state_dict())
@@ -382,6 +382,6 @@ def test_task_model_takes_a_pretraining_checkpoint_into_its_backbone(tmp_path):
     file = tmp_path / "pretrain.pth"
     torch.save({"model": pretrained.state_dict()}, file)
     model = create_model("upernet_itpn_base_3324_patch16_512", pretrained=True, num_classes=5, channels=16,
-                              aux_channels=8, pretrained_cfg_overlay=dict(file=str(file)), **HIVIT)
+                         aux_channels=8, pretrained_cfg_overlay=dict(file=str(file)), **HIVIT)
     for k in ("patch_embed.proj.weight", "blocks.4.attn.qkv.weight", "fpn_modules.2.mlp.fc2.weight"):
         torch.testing.assert_close(model.backbone.state_dict()[k], pretrained.state_dict()[k], msg=k)

@@ -165,8 +165,8 @@ def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_
     meta = json.loads((export / "config.json").read_text())
     assert meta["architecture"] == "mask_rcnn_itpn_base_3324" and meta["task"] == "detect"
     features = create_model(meta["architecture"], features_only=True, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")),
-                                 **meta["model_kwargs"]).eval()
+                            pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")),
+                            **meta["model_kwargs"]).eval()
     from safetensors.torch import load_file
 
     weights = load_file(str(export / "model.safetensors"))

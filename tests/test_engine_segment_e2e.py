@@ -117,9 +117,9 @@ def test_export_loads_back_as_features_only_and_evaluates_as_trained(chain):
     meta = json.loads((root / "export" / "config.json").read_text())
     file = str(root / "export" / "model.safetensors")
     features = create_model(meta["architecture"], features_only=True, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=file), **meta["model_kwargs"]).eval()
+                            pretrained_cfg_overlay=dict(file=file), **meta["model_kwargs"]).eval()
     full = create_model(meta["architecture"], pretrained=True, pretrained_cfg_overlay=dict(file=file),
-                             **meta["model_kwargs"]).eval()
+                        **meta["model_kwargs"]).eval()
     assert features.feature_info.channels() == [48, 64, 96, 96]  # F + D/4, F + D/2, F + D, F + D
     images = torch.randn(2, 3, 64, 96)
     with torch.no_grad():

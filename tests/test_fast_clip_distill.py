@@ -43,7 +43,7 @@ def test_outputs_are_per_token_teacher_predictions():
     assert model.aux_block_index == 3 and len(model.cls_pt_layers) == 2
     with pytest.raises(ValueError, match="bool_masked_pos must be"):
         model(torch.randn(2, 3, 80, 80), torch.zeros(2, N - 1, dtype=torch.bool))
-    with pytest.raises(ValueError, match="position embedding is for 80 px"):
+    with pytest.raises(ValueError, match="built for 80 px inputs"):
         model(torch.randn(1, 3, 96, 96), torch.zeros(1, 36, dtype=torch.bool))
     with pytest.raises(ValueError, match="2 or 3 levels"):
         tiny_model(num_outs=1)

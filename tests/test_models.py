@@ -337,13 +337,13 @@ def test_timm_pretrained_loads_an_official_file(tmp_path):
     overrides = dict(img_size=64, embed_dim=64, mlp_depth1=1, mlp_depth2=1, depth=2, num_heads=2, num_classes=10,
                      init_values=0.1)
     model = create_model("itpn_base_3324_patch16_224", pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(path)), **overrides).eval()
+                         pretrained_cfg_overlay=dict(file=str(path)), **overrides).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(fx["input"]), fx["output"], atol=1e-5, rtol=0)
     with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
         create_model("itpn_base_3324_patch16_224", pretrained=True,
-                          pretrained_cfg_overlay=dict(file=str(tmp_path / "missing.pth")), **overrides)
-    with pytest.raises(ValueError, match="needs a local file"):
+                     pretrained_cfg_overlay=dict(file=str(tmp_path / "missing.pth")), **overrides)
+    with pytest.raises(RuntimeError, match="No pretrained weights exist"):  # nothing to download
         create_model("itpn_base_3324_patch16_224", pretrained=True, **overrides)
 
 
@@ -352,7 +352,7 @@ def test_timm_pretrained_classifier_starts_from_a_published_pretraining_file(tmp
     path = published_pretraining_file(tmp_path / "checkpoint-299.pth", fx["state_dict"])
     overrides = {k: v for k, v in fx["config"].items() if k not in (*CLIP_FIXTURE_BACKBONE, "num_outs")}
     model = create_model("itpn_base_3324_patch16_224", pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(path)), num_classes=7, **overrides)
+                         pretrained_cfg_overlay=dict(file=str(path)), num_classes=7, **overrides)
     for name, value in model.state_dict().items():
         if name in fx["state_dict"]:
             assert torch.equal(value, fx["state_dict"][name]), name
