@@ -93,7 +93,7 @@ def benchmarked_models(batch: int) -> dict[str, tuple[Callable[[], nn.Module], C
 
 def plain_math_sdpa(self, q, k, v, rpe_index, token_grid=None):
     """``Attention.sdpa`` computed as the explicit softmax(q·kᵀ + bias)·v (``layers.attention_math``)."""
-    return layers.attention_math(q, k, v, self.position_bias(rpe_index, token_grid))
+    return layers.attention_math(q, k, v, self.position_bias(rpe_index, q.shape[2], token_grid))
 
 
 @contextlib.contextmanager
