@@ -29,7 +29,7 @@ from torch import nn
 
 import itpn_ds  # noqa: F401  (registers the iTPN names)
 from itpn_ds.data.masking import BlockMaskGenerator
-from itpn_ds.models import layers
+from itpn_ds.models import create_model, layers
 from itpn_ds.models.compile import compile_repeated_blocks
 from itpn_ds.models.flops import forward_flops
 
@@ -82,9 +82,9 @@ def benchmarked_models(batch: int) -> dict[str, tuple[Callable[[], nn.Module], C
     images = torch.randn(batch, 3, IMG_SIZE, IMG_SIZE)
     mask = BlockMaskGenerator(IMG_SIZE // 16, IMG_SIZE // 16).batch(seed=0, epoch=0, indices=list(range(batch)))
     return {
-        "itpn_base": (lambda: timm.create_model("itpn_base_3324_patch16_224", num_classes=1000),
+        "itpn_base": (lambda: create_model("itpn_base_3324_patch16_224", num_classes=1000),
                       compile_repeated_blocks, (images,)),
-        "clip_tpn_base_3324_patch16_224 (mask)": (lambda: timm.create_model("clip_tpn_base_3324_patch16_224"),
+        "clip_tpn_base_3324_patch16_224 (mask)": (lambda: create_model("clip_tpn_base_3324_patch16_224"),
                                                   compile_repeated_blocks, (images, mask)),
         "vit_base_patch16_224": (lambda: timm.create_model("vit_base_patch16_224", num_classes=1000),
                                  compile_vit_blocks, (images,)),
@@ -93,7 +93,7 @@ def benchmarked_models(batch: int) -> dict[str, tuple[Callable[[], nn.Module], C
 
 def plain_math_sdpa(self, q, k, v, rpe_index, token_grid=None):
     """``Attention.sdpa`` computed as the explicit softmax(q·kᵀ + bias)·v (``layers.attention_math``)."""
-    return layers.attention_math(q, k, v, self.position_bias(rpe_index, token_grid))
+    return layers.attention_math(q, k, v, self.position_bias(rpe_index, q.shape[2], token_grid))
 
 
 @contextlib.contextmanager
@@ -110,7 +110,7 @@ def plain_math_attention() -> Iterator[None]:
 def plain_math_images_per_second(batch: int, iters: int) -> float:
     """Eager iTPN-B images/s with plain-math attention (``plain_math_attention``) in place of SDPA."""
     torch.manual_seed(0)
-    itpn = timm.create_model("itpn_base_3324_patch16_224", num_classes=1000)
+    itpn = create_model("itpn_base_3324_patch16_224", num_classes=1000)
     with plain_math_attention():
         return batch / seconds_per_step(itpn, (torch.randn(batch, 3, IMG_SIZE, IMG_SIZE),), iters)[1]
 
@@ -137,7 +137,7 @@ def main() -> None:
         "itpn_b_time_per_image_vs_vit_b_compiled": vit["compiled_images_per_s"] / itpn["compiled_images_per_s"],
         "sdpa_speedup_over_math": rows["itpn_base (SDPA)"] / rows["itpn_base (plain-math attention)"],
         "forward_gflops_per_image": {"itpn_base": forward_flops(
-            timm.create_model("itpn_base_3324_patch16_224", num_classes=1000)) / 1e9},
+            create_model("itpn_base_3324_patch16_224", num_classes=1000)) / 1e9},
         "load_average": {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()},
     }
     result["attention_backends_ms"] = attention_backend_ms()

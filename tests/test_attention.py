@@ -26,7 +26,7 @@ def reference(attn: Attention, x: torch.Tensor, index: torch.Tensor) -> torch.Te
     """The module's output with plain-math attention in place of its backend."""
     B, N, C = x.shape
     q, k, v = attn.qkv_heads(x)
-    return attn.proj(attention_math(q, k, v, attn.position_bias(index)).transpose(1, 2).reshape(B, N, C))
+    return attn.proj(attention_math(q, k, v, attn.position_bias(index, N)).transpose(1, 2).reshape(B, N, C))
 
 
 def per_sample_index(grid: int) -> torch.Tensor:
@@ -80,7 +80,7 @@ def test_flex_score_mod_adds_the_dense_bias_and_its_gradient():
     b, h, q, k = torch.meshgrid(torch.arange(BATCH), torch.arange(HEADS), torch.arange(n), torch.arange(n),
                                 indexing="ij")
     added = attn.position_score_mod(index, BATCH)(torch.zeros(BATCH, HEADS, n, n), b, h, q, k)
-    dense = attn.position_bias(index)
+    dense = attn.position_bias(index, n)
     torch.testing.assert_close(added, dense, atol=0, rtol=0)
     weights = torch.randn(BATCH, HEADS, n, n)
     table = attn.relative_position_bias_table

@@ -1,13 +1,12 @@
 """Dense transfer models: the dense backbones (timm features_only, layouts, rectangular inputs), loading a
 pre-training checkpoint, UperNet, Mask R-CNN on torchvision, layer decay and export (docs/dense.md)."""
 import pytest
-import timm
 import torch
 
 import itpn_ds  # noqa: F401  (registers the timm names)
 from itpn_ds.engine.export import write_export
 from itpn_ds.engine.optim import param_groups
-from itpn_ds.models import ITPN, FastITPNClipDistill, ITPNClipDistill, ITPNPixelMAE, load_weights
+from itpn_ds.models import create_model, ITPN, FastITPNClipDistill, ITPNClipDistill, ITPNPixelMAE, load_weights
 from itpn_ds.models.dense import LAYOUTS, DenseFastITPN, DenseITPN
 from itpn_ds.models.detection import LEVEL_NAMES, PyramidBackbone
 from itpn_ds.models.layers import Attention, relative_position_index
@@ -41,7 +40,7 @@ def randomise_position_tables(model: torch.nn.Module) -> None:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_features_only_levels_match_feature_info(family, layout):
     name, config = FAMILIES[family]
-    model = timm.create_model(name, features_only=True, layout=layout, **config).eval()
+    model = create_model(name, features_only=True, layout=layout, **config).eval()
     H, W = SIZES[layout]
     with torch.no_grad():
         levels = model(torch.randn(2, 3, H, W))
@@ -54,7 +53,7 @@ def test_features_only_levels_match_feature_info(family, layout):
     expected = [F + D // 4, F + D // 2, F + D, F + D] if layout == "segmentation" else [F] * 5
     assert info.channels() == expected
 
-    some = timm.create_model(name, features_only=True, layout=layout, out_indices=(1, -1), **config).eval()
+    some = create_model(name, features_only=True, layout=layout, out_indices=(1, -1), **config).eval()
     some.load_state_dict(model.state_dict())
     with torch.no_grad():
         picked = some(torch.zeros(2, 3, H, W))
@@ -68,7 +67,7 @@ def test_features_only_levels_match_feature_info(family, layout):
                                            ("upernet_itpn_large_2240_patch16_512", [448, 640, 1024, 1024])])
 def test_segmentation_layout_has_the_published_channels(name, expected):
     with torch.device("meta"):
-        model = timm.create_model(name)
+        model = create_model(name)
     assert [i["num_chs"] for i in model.backbone.feature_info] == expected
     assert [i["reduction"] for i in model.backbone.feature_info] == [4, 8, 16, 32]
     assert [conv[0].in_channels for conv in model.decode_head.lateral_convs] == expected[:3]
@@ -80,7 +79,7 @@ def test_segmentation_layout_has_the_published_channels(name, expected):
 
 def test_detection_layout_is_five_levels_of_256_channels_with_average_pooled_extras():
     with torch.device("meta"):
-        model = timm.create_model("mask_rcnn_itpn_base_3324")
+        model = create_model("mask_rcnn_itpn_base_3324")
     assert model.backbone.out_channels == 256 and model.backbone.strides == (4, 8, 16, 32, 64)
     assert len(model.backbone.body.block_16to8) == 1
     backbone = dense_backbone("itpn", "detection").eval()
@@ -131,8 +130,9 @@ def test_relative_position_index_of_a_rectangular_grid_and_its_resampled_table()
     assert torch.equal(relative_position_index(4), relative_position_index((4, 4)))
     attn = Attention(dim=8, num_heads=2, rpe_grid=4)
     torch.nn.init.normal_(attn.relative_position_bias_table)
-    assert attn.bias_table((4, 4)) is attn.relative_position_bias_table
-    table = attn.bias_table((h, w))
+    own = attn.relative_position_bias_table
+    assert attn.bias_table(own, (4, 4)) is own and attn.bias_table(own) is own
+    table = attn.bias_table(own, (h, w))
     assert table.shape == ((2 * h - 1) * (2 * w - 1), 2)
     table.sum().backward()
     assert attn.relative_position_bias_table.grad.abs().sum() > 0
@@ -170,8 +170,8 @@ def test_pixel_pretraining_loads_into_the_dense_backbone_of_its_name(tmp_path):
     pixel = ITPNPixelMAE(mlp_depth=1, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, **config)
     file = tmp_path / "pixel.pth"
     torch.save({"model": pixel.state_dict()}, file)
-    features = timm.create_model("itpn_base_dec512d8b", features_only=True, pretrained=True, mlp_depth=1,
-                                 pretrained_cfg_overlay=dict(file=str(file)), **config)
+    features = create_model("itpn_base_dec512d8b", features_only=True, pretrained=True, mlp_depth=1,
+                            pretrained_cfg_overlay=dict(file=str(file)), **config)
     report = load_weights(features.model, pixel.state_dict())
     assert not report.fresh and all(k.startswith(("decoder_", "mask_token")) for k in report.dropped)
     assert [lvl.shape[1] for lvl in features(torch.randn(1, 3, 64, 96))] == [48, 64, 96, 96]
@@ -181,7 +181,7 @@ def tiny_upernet(family: str = "itpn", **kwargs) -> SegmentationModel:
     name = "upernet_itpn_base_3324_patch16_512" if family == "itpn" else "upernet_fast_itpn_base_3324_patch16_512"
     config = HIVIT if family == "itpn" else FAST
     torch.manual_seed(0)
-    return timm.create_model(name, num_classes=5, channels=16, aux_channels=8, **{**config, **kwargs})
+    return create_model(name, num_classes=5, channels=16, aux_channels=8, **{**config, **kwargs})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -239,7 +239,7 @@ def test_mask_rcnn_trains_and_detects_on_images_of_two_sizes():
     torch.manual_seed(0)
     few = dict(rpn_post_nms_top_n_train=200, rpn_post_nms_top_n_test=100, box_batch_size_per_image=64,
                box_detections_per_img=10)  # fewer proposals and detections: a fast CPU test
-    model = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, detector_kwargs=few, **HIVIT)
+    model = create_model("mask_rcnn_itpn_base_3324", num_classes=4, detector_kwargs=few, **HIVIT)
     assert isinstance(model.backbone, PyramidBackbone)
     assert model.rpn.anchor_generator.num_anchors_per_location() == [3] * 5
     assert model.roi_heads.box_roi_pool.featmap_names == list(LEVEL_NAMES[:4])
@@ -269,7 +269,7 @@ def test_mask_rcnn_trains_on_a_batch_with_an_image_left_without_instances():
     is a background-only sample, and its empty target still trains (a finite loss that reaches the backbone)."""
     torch.manual_seed(0)
     few = dict(rpn_post_nms_top_n_train=100, box_batch_size_per_image=32)
-    model = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, detector_kwargs=few, **HIVIT).train()
+    model = create_model("mask_rcnn_itpn_base_3324", num_classes=4, detector_kwargs=few, **HIVIT).train()
     images, targets = detection_batch()
     images.append(torch.rand(3, 64, 128))
     targets.append(dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64),
@@ -286,8 +286,8 @@ def test_mask_rcnn_detections_do_not_depend_on_the_first_image_it_saw():
     ``itpn-ds evaluate`` of a detector scored near 0 AP against its training run's evaluation so)."""
     few = dict(rpn_post_nms_top_n_test=50, box_detections_per_img=10, box_score_thresh=0.0)
     torch.manual_seed(0)
-    reference = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, detector_kwargs=few, **HIVIT).eval()
-    primed = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, detector_kwargs=few, **HIVIT).eval()
+    reference = create_model("mask_rcnn_itpn_base_3324", num_classes=4, detector_kwargs=few, **HIVIT).eval()
+    primed = create_model("mask_rcnn_itpn_base_3324", num_classes=4, detector_kwargs=few, **HIVIT).eval()
     primed.load_state_dict(reference.state_dict())
     image = detection_batch()[0][0]  # 100 x 140, padded to 128 x 192
     with torch.no_grad():
@@ -303,11 +303,11 @@ def test_mask_rcnn_detections_do_not_depend_on_the_first_image_it_saw():
 
 def test_mask_rcnn_transform_pads_to_the_coarsest_stride_and_resizes_only_when_asked():
     images, targets = detection_batch()
-    pad_only = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, **HIVIT).eval()
+    pad_only = create_model("mask_rcnn_itpn_base_3324", num_classes=4, **HIVIT).eval()
     batch, _ = pad_only.transform(images, targets)
     assert batch.image_sizes == [(100, 140), (120, 90)] and batch.tensors.shape == (2, 3, 128, 192)
-    resizing = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, resize=True, min_size=200,
-                                 max_size=400, **HIVIT).eval()
+    resizing = create_model("mask_rcnn_itpn_base_3324", num_classes=4, resize=True, min_size=200,
+                            max_size=400, **HIVIT).eval()
     batch, _ = resizing.transform(images, targets)
     assert batch.image_sizes == [(200, 280), (266, 200)] and batch.tensors.shape == (2, 3, 320, 320)
 
@@ -329,7 +329,7 @@ def test_bad_inputs_name_the_size_and_the_stride():
 
 def test_layer_decay_keeps_the_backbone_layers_and_puts_every_head_last():
     seg = tiny_upernet()
-    det = timm.create_model("mask_rcnn_itpn_base_3324", num_classes=4, **HIVIT)
+    det = create_model("mask_rcnn_itpn_base_3324", num_classes=4, **HIVIT)
     for model, prefix in ((seg, "backbone."), (det, "backbone.body.")):
         backbone = model.dense_backbone
         top = backbone.num_lr_layers - 1
@@ -355,20 +355,20 @@ def test_export_of_a_dense_model_loads_back_as_features_only(task, tmp_path):
     else:
         name, kwargs = "mask_rcnn_itpn_base_3324", dict(num_classes=4, **HIVIT)
     torch.manual_seed(0)
-    model = timm.create_model(name, **kwargs).eval()
+    model = create_model(name, **kwargs).eval()
     randomise_position_tables(model)
     out = write_export(model.state_dict(), {"architecture": name, "model_kwargs": kwargs}, tmp_path / "export")
     file = str(out / "model.safetensors")
-    features = timm.create_model(name, features_only=True, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=file), **kwargs).eval()
+    features = create_model(name, features_only=True, pretrained=True,
+                            pretrained_cfg_overlay=dict(file=file), **kwargs).eval()
     x = torch.randn(1, 3, 128, 64)
     with torch.no_grad():
         for got, expected in zip(features(x), model.dense_backbone(x)):
             torch.testing.assert_close(got, expected)
     # the backbone's own name with the task's layout takes the same file
     layout = "segmentation" if task == "segmentation" else "detection"
-    again = timm.create_model("clip_tpn_base_3324_patch16_224", features_only=True, pretrained=True, layout=layout,
-                              pretrained_cfg_overlay=dict(file=file), **HIVIT).eval()
+    again = create_model("clip_tpn_base_3324_patch16_224", features_only=True, pretrained=True, layout=layout,
+                         pretrained_cfg_overlay=dict(file=file), **HIVIT).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x)[0], model.dense_backbone(x)[0])
     report = load_weights(dense_backbone("itpn", layout), model.state_dict())
@@ -381,7 +381,7 @@ def test_task_model_takes_a_pretraining_checkpoint_into_its_backbone(tmp_path):
     pretrained = ITPNClipDistill(teacher_dim=24, **HIVIT)
     file = tmp_path / "pretrain.pth"
     torch.save({"model": pretrained.state_dict()}, file)
-    model = timm.create_model("upernet_itpn_base_3324_patch16_512", pretrained=True, num_classes=5, channels=16,
-                              aux_channels=8, pretrained_cfg_overlay=dict(file=str(file)), **HIVIT)
+    model = create_model("upernet_itpn_base_3324_patch16_512", pretrained=True, num_classes=5, channels=16,
+                         aux_channels=8, pretrained_cfg_overlay=dict(file=str(file)), **HIVIT)
     for k in ("patch_embed.proj.weight", "blocks.4.attn.qkv.weight", "fpn_modules.2.mlp.fc2.weight"):
         torch.testing.assert_close(model.backbone.state_dict()[k], pretrained.state_dict()[k], msg=k)

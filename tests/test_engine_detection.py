@@ -9,10 +9,10 @@ import re
 
 import numpy as np
 import pytest
-import timm
 import torch
 from pycocotools import mask as mask_utils
 
+from itpn_ds.models import create_model
 from itpn_ds.cli import main as cli
 from itpn_ds.config import load_config
 from itpn_ds.data import build_detection_loader
@@ -165,9 +165,9 @@ def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_
     itpn_ds_in_process("export", "--checkpoint", str(pretrained), "--out", str(export))
     meta = json.loads((export / "config.json").read_text())
     assert meta["architecture"] == "mask_rcnn_itpn_base_3324" and meta["task"] == "detect"
-    features = timm.create_model(meta["architecture"], features_only=True, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")),
-                                 **meta["model_kwargs"]).eval()
+    features = create_model(meta["architecture"], features_only=True, pretrained=True,
+                            pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")),
+                            **meta["model_kwargs"]).eval()
     from safetensors.torch import load_file
 
     weights = load_file(str(export / "model.safetensors"))

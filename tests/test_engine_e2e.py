@@ -1,6 +1,6 @@
 """The whole chain on the CPU with real components: demo shards -> CLIP targets extracted into an Arrow cache
 -> iTPN pre-training from the cache on 2 DeepSpeed ZeRO-2 ranks -> fine-tuning from that checkpoint ->
-export -> the export loaded through timm scores what the engine's evaluation of the checkpoint reports."""
+export -> the export loaded as timm's ``local-dir:`` scores what the engine's evaluation of the checkpoint reports."""
 import json
 import re
 import subprocess
@@ -52,9 +52,8 @@ def test_finetuning_from_our_pretraining_checkpoint_beats_chance(chain):
 def test_export_loads_in_timm_and_scores_like_the_checkpoint(chain):
     export = chain["root"] / "export"
     meta = json.loads((export / "config.json").read_text())
-    model = timm.create_model(meta["architecture"], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")),
-                              **meta["model_kwargs"])
+    model = timm.create_model(f"local-dir:{export}", pretrained=True)  # timm's local-dir format
+    assert model.num_classes == meta["num_classes"] and model.img_size == meta["img_size"]
     loader = build_eval_loader(chain["shards"], micro_batch=8, img_size=meta["img_size"], num_threads=1)
     exported = evaluate_classifier(model, loader, torch.device("cpu"), None)
     printed = itpn_ds_in_process("evaluate", "--config", "tiny_finetune_cpu", "--checkpoint",

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 
 import pytest
-import timm
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from itpn_ds.models import create_model
 import itpn_ds.models  # noqa: F401 - registers the names
 from itpn_ds.config import load_config
 from itpn_ds.data.batch import Batch
@@ -25,7 +25,7 @@ TINY = dict(img_size=64, embed_dim=64, mlp_depth1=1, mlp_depth2=1, depth=4, num_
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return timm.create_model("upernet_itpn_base_3324_patch16_512", **TINY).eval()
+    return create_model("upernet_itpn_base_3324_patch16_512", **TINY).eval()
 
 
 def test_poly_schedule_is_mmseg_poly_times_the_warmup_ramp():
@@ -125,7 +125,7 @@ def test_sync_batchnorm_has_no_cpu_kernel_so_cpu_ranks_keep_plain_batchnorm(mode
             dist.destroy_process_group()
     kept = sync_batch_norm(model, cfg.segment.sync_bn, world_size=2, device=torch.device("cpu"), option="segment.sync_bn")
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in kept.modules())
-    converted = sync_batch_norm(timm.create_model("upernet_itpn_base_3324_patch16_512", **TINY), cfg.segment.sync_bn,
+    converted = sync_batch_norm(create_model("upernet_itpn_base_3324_patch16_512", **TINY), cfg.segment.sync_bn,
                                 world_size=2, device=torch.device("cuda"), option="segment.sync_bn")
     norms = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert norms and all(isinstance(m, nn.SyncBatchNorm) for m in norms)

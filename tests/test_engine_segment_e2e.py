@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
+from itpn_ds.models import create_model
 import itpn_ds.models  # noqa: F401 - registers the names
 from itpn_ds.cli import main as cli_main
 from itpn_ds.config import load_config
@@ -116,10 +116,10 @@ def test_export_loads_back_as_features_only_and_evaluates_as_trained(chain):
     itpn_ds_in_process("export", "--checkpoint", str(root / "pretrained"), "--out", str(root / "export"))
     meta = json.loads((root / "export" / "config.json").read_text())
     file = str(root / "export" / "model.safetensors")
-    features = timm.create_model(meta["architecture"], features_only=True, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=file), **meta["model_kwargs"]).eval()
-    full = timm.create_model(meta["architecture"], pretrained=True, pretrained_cfg_overlay=dict(file=file),
-                             **meta["model_kwargs"]).eval()
+    features = create_model(meta["architecture"], features_only=True, pretrained=True,
+                            pretrained_cfg_overlay=dict(file=file), **meta["model_kwargs"]).eval()
+    full = create_model(meta["architecture"], pretrained=True, pretrained_cfg_overlay=dict(file=file),
+                        **meta["model_kwargs"]).eval()
     assert features.feature_info.channels() == [48, 64, 96, 96]  # F + D/4, F + D/2, F + D, F + D
     images = torch.randn(2, 3, 64, 96)
     with torch.no_grad():

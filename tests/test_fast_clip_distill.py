@@ -1,12 +1,11 @@
 """Fast-iTPN CLIP pre-training model (ours): layout, masking, gradients, counts, metadata, engine checks."""
 import pytest
-import timm
 import torch
 
 import itpn_ds  # noqa: F401  (registers the timm names)
 from itpn_ds.config import ConfigError, load_config
 from itpn_ds.engine import components
-from itpn_ds.models import MODEL_CONFIGS, FastITPN, FastITPNClipDistill
+from itpn_ds.models import create_model, MODEL_CONFIGS, FastITPN, FastITPNClipDistill
 from itpn_ds.models.fast_itpn import ConvStem
 from itpn_ds.models.flops import forward_flops
 from itpn_ds.models.itpn import tokens_to_map
@@ -44,7 +43,7 @@ def test_outputs_are_per_token_teacher_predictions():
     assert model.aux_block_index == 3 and len(model.cls_pt_layers) == 2
     with pytest.raises(ValueError, match="bool_masked_pos must be"):
         model(torch.randn(2, 3, 80, 80), torch.zeros(2, N - 1, dtype=torch.bool))
-    with pytest.raises(ValueError, match="position embedding is for 80 px"):
+    with pytest.raises(ValueError, match="built for 80 px inputs"):
         model(torch.randn(1, 3, 96, 96), torch.zeros(1, 36, dtype=torch.bool))
     with pytest.raises(ValueError, match="2 or 3 levels"):
         tiny_model(num_outs=1)
@@ -129,8 +128,8 @@ COUNTS = {
 def test_registered_pretraining_models_hold_the_whole_fast_itpn_backbone(size):
     expected, classifier_kwargs, classifier_count = COUNTS[size]
     with torch.device("meta"):
-        pretrain = timm.create_model(f"fast_clip_tpn_{size}").state_dict()
-        classifier = timm.create_model(f"fast_itpn_{size}", **classifier_kwargs).state_dict()
+        pretrain = create_model(f"fast_clip_tpn_{size}").state_dict()
+        classifier = create_model(f"fast_itpn_{size}", **classifier_kwargs).state_dict()
     assert sum(v.numel() for v in pretrain.values()) == expected
     assert sum(v.numel() for v in classifier.values()) == classifier_count
     backbone = {k: v for k, v in classifier.items() if not k.startswith(("head.", "norm."))}
@@ -158,8 +157,8 @@ def test_optimizer_metadata_covers_the_pretraining_parts():
 
 def test_forward_flops_cover_backbone_pyramid_and_heads():
     with torch.device("meta"):
-        pretrain = timm.create_model("fast_clip_tpn_base_3324_patch16_224")
-        classifier = timm.create_model("fast_itpn_base_3324_patch16_224")
+        pretrain = create_model("fast_clip_tpn_base_3324_patch16_224")
+        classifier = create_model("fast_itpn_base_3324_patch16_224")
     D, tokens = 512, 196
     block = 2 * tokens * (13 * D ** 2 + 2 * tokens * D)  # q, k, v, proj + SwiGLU (3 x D x 3D), attention
     assert 24 * block < forward_flops(classifier) < 1.2 * 24 * block

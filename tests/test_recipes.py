@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import yaml
 
+from itpn_ds.models import create_model
 from itpn_ds.config import RECIPES_DIR, load_config
 from itpn_ds.engine import components
 from itpn_ds.engine.optim import param_groups
@@ -88,7 +88,7 @@ def dense_backbone(name: str, layout: str = "segmentation", img_size: int = 512,
     import itpn_ds.models  # noqa: F401
 
     with torch.device("meta"):
-        model = timm.create_model(name, features_only=True, layout=layout, img_size=img_size, **kwargs)
+        model = create_model(name, features_only=True, layout=layout, img_size=img_size, **kwargs)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -130,7 +130,7 @@ def pretraining_only_params(name: str) -> int:
 
     heads = ("mask_token", "lm_head", "lm_cls_head", "norm.", "norm_cls", "cls_pt_layers", "decoder_embed")
     with torch.device("meta"):
-        model = timm.create_model(name)
+        model = create_model(name)
     return sum(p.numel() for n, p in model.named_parameters() if n.startswith(heads))
 
 

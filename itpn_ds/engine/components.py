@@ -33,18 +33,18 @@ def _import(module: str, what: str) -> Any:
 
 
 def build_model(cfg: RunConfig) -> nn.Module:
-    """``timm.create_model(model.name, drop_path_rate, **model.kwargs)``, the checkpointing policy, the attention
-    backend, then (with ``model.compile=on``) regional compilation of the repeated blocks
-    (``itpn_ds.models.compile``: compiled blocks run inside the policy's checkpoints)."""
-    import timm
-
+    """``itpn_ds.models.create_model(model.name, drop_path_rate, **model.kwargs)`` (our pre-training and task
+    names, timm's classifiers), the checkpointing policy, the attention backend, then (with
+    ``model.compile=on``) regional compilation of the repeated blocks (``itpn_ds.models.compile``: compiled
+    blocks run inside the policy's checkpoints)."""
     _import("itpn_ds.models", "model.name")  # registers the timm names
     from itpn_ds.models.layers import set_attention_backend
+    from itpn_ds.models.registry import create_model
 
     _check_model_kwargs(cfg)
     try:
-        model = timm.create_model(cfg.model.name, drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
-    except (RuntimeError, TypeError, ValueError) as exc:  # ValueError: a head option out of its choices
+        model = create_model(cfg.model.name, drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
+    except (RuntimeError, TypeError, ValueError) as exc:  # ValueError: an option out of its choices (a head, a pool)
         raise ConfigError(f"model.name={cfg.model.name!r} with model.kwargs={cfg.model.kwargs}: {exc}") from exc
     policy = cfg.model.grad_checkpointing
     if policy != "off":

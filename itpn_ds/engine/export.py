@@ -3,18 +3,21 @@
 Any ZeRO stage and world size: the fp32 weights are consolidated from the checkpoint's optimizer
 partitions (DeepSpeed's ``zero_to_fp32``), or read from the model-states file for ZeRO stage 0.
 
-Output (``OUT`` is a directory):
+Output (``OUT`` is a directory, timm's ``local-dir`` format for the classifiers):
     OUT/model.safetensors   fp32 state dict under the model's own parameter names
-    OUT/config.json         {"architecture": timm name, "model_kwargs": {...}, "img_size", "patch_size",
+    OUT/config.json         {"architecture": model name, "model_kwargs": {...}, "img_size", "patch_size",
                              "num_classes", "teacher": {...} | null, "task", "step", "source", and for a
-                             task model its class map: "classes" {name: label id}, "category_ids" (detection)}
+                             task model its class map: "classes" {name: label id}, "category_ids" (detection);
+                             for a timm classifier also timm's "model_args" and "pretrained_cfg" (the published
+                             evaluation at the exported size, the class names as "label_names")}
 
 Loading::
 
-    import itpn_ds, json, timm
-    meta = json.load(open("OUT/config.json"))
-    model = timm.create_model(meta["architecture"], checkpoint_path="OUT/model.safetensors",
-                              **meta["model_kwargs"])
+    import itpn_ds, timm
+    model = timm.create_model("local-dir:OUT", pretrained=True)        # a classifier: size, classes, weights
+    model = itpn_ds.models.create_model(meta["architecture"], pretrained=True,   # any export
+                                        pretrained_cfg_overlay=dict(file="OUT/model.safetensors"),
+                                        **meta["model_kwargs"])
 """
 from __future__ import annotations
 
@@ -63,7 +66,12 @@ def _read_model_states(ref: CheckpointRef) -> dict[str, torch.Tensor]:
 def model_metadata(name: str, kwargs: dict[str, Any], task: str | None, teacher: dict[str, Any] | None, step: int,
                    source: Path, **extra: Any) -> dict[str, Any]:
     """``config.json`` of an export (see the module docstring); ``extra`` adds keys (e.g. ``metrics``)."""
+    from itpn_ds.models.registry import local_dir_config
+
+    classes = extra.get("classes")
+    label_names = sorted(classes, key=classes.__getitem__) if classes else None
     return {
+        **local_dir_config(name, kwargs, label_names),
         "architecture": name,
         "model_kwargs": dict(kwargs),
         "img_size": kwargs.get("img_size", 224),
@@ -139,11 +147,10 @@ def live_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
 
 
 def load_exported(out_dir: str | Path) -> torch.nn.Module:
-    """Build the exported model through timm (``import itpn_ds`` registers the names)."""
-    import timm
-
-    import itpn_ds.models  # noqa: F401 - registers the timm names
+    """Build the exported model (``itpn_ds.models.create_model``: timm's classifiers and our names)."""
+    from itpn_ds.models.registry import create_model
 
     out = Path(out_dir)
     meta = json.loads((out / METADATA).read_text())
-    return timm.create_model(meta["architecture"], checkpoint_path=str(out / WEIGHTS), **meta["model_kwargs"])
+    return create_model(meta["architecture"], pretrained=True, pretrained_cfg_overlay=dict(file=str(out / WEIGHTS)),
+                        **meta["model_kwargs"])

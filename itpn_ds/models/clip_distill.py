@@ -104,11 +104,10 @@ class ITPNClipDistill(ClipDistillHeads, HiViT):
     def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor
                          ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """-> (pyramid levels [(B, N, s, s, F)], aux tokens (B, N, D)); masked patches get ``mask_token``."""
-        grid = x.shape[-1] // self.patch_size
         tokens, features = self.forward_stages(x)
         tokens = self.mask_patches(tokens, bool_masked_pos)
         rpe_index = self.rpe_index()
-        tokens, aux = self.forward_main(self.add_position(tokens, grid), rpe_index, self.aux_block_index)
+        tokens, [aux] = self.forward_main(self.add_position(tokens), rpe_index, collect=[self.aux_block_index])
         return self.forward_pyramid(tokens, features), self.forward_aux(aux, rpe_index)
 
     def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

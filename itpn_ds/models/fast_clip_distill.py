@@ -43,7 +43,7 @@ class FastITPNClipDistill(FeaturePyramid, ClipDistillHeads, FastITPNBackbone):
         """-> (pyramid levels [(B, N, s, s, F)], aux tokens (B, N, D)); masked patches get ``mask_token``."""
         tokens, maps = self.forward_stages(x)
         tokens = self.mask_patches(tokens, bool_masked_pos)
-        tokens, aux = self.forward_main(self.add_position(tokens), self.aux_block_index)
+        tokens, [aux] = self.forward_main(self.add_position(tokens), collect=[self.aux_block_index])
         features = [patch_maps_from_nchw(m, self.grid) for m in maps]
         return self.forward_pyramid(tokens, features), self.forward_aux(aux)
 

@@ -15,12 +15,13 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
 from timm.layers import trunc_normal_
 
-from itpn_ds.models.layers import (PatchEmbed, PatchMerge, as_hw, attention_block, check_image_batch,
+from itpn_ds.models.layers import (PatchEmbed, PatchMerge, attention_block, built_for_message, check_image_batch,
                                    init_linear_and_norm_, mlp_block, relative_position_index,
-                                   resize_position_embedding)
+                                   resize_position_embedding, square_size)
 from itpn_ds.models.pyramid import FeaturePyramid
 
 
@@ -32,18 +33,25 @@ def drop_path_rates(total: int, max_rate: float) -> list[float]:
 
 
 class GradCheckpointing:
-    """Activation-checkpointing policy shared by every block loop: off, every block, or every k-th block."""
+    """Activation-checkpointing policy shared by every block loop: off, every block, or every k-th block.
 
-    grad_ckpt_every: int = 0
+    The host sets ``grad_ckpt_every = 0`` in its ``__init__`` (an instance attribute, as TorchScript needs).
+    Loops that TorchScript compiles call their blocks directly and checkpoint only outside scripting
+    (``if self.checkpoints(i) and not torch.jit.is_scripting()``); the others use ``run_block``.
+    """
 
     def set_grad_checkpointing(self, enable: bool = True, every_k: int = 1) -> None:
         if every_k < 1:
             raise ValueError(f"every_k must be >= 1, got {every_k}")
         self.grad_ckpt_every = every_k if enable else 0
 
+    def checkpoints(self, index: int) -> bool:
+        """Whether block number ``index`` runs under activation checkpointing now (training only)."""
+        return self.grad_ckpt_every > 0 and self.training and index % self.grad_ckpt_every == 0
+
     def run_block(self, index: int, block: nn.Module, *args):
         """Call ``block(*args)``, checkpointed when the policy selects block number ``index``."""
-        if self.grad_ckpt_every and self.training and index % self.grad_ckpt_every == 0:
+        if self.checkpoints(index):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
@@ -52,11 +60,14 @@ EMBEDDING_PREFIXES = ("patch_embed", "absolute_pos_embed", "pos_embed", "mask_to
 
 
 class StagedBlocks:
-    """``blocks`` holds the early stages (MLP or conv blocks and merges) and then ``num_main_blocks``
-    attention blocks, as the published models list them."""
+    """``blocks`` holds the early stages (MLP or conv blocks and merges: ``num_stage_entries`` entries) and then
+    ``num_main_blocks`` attention blocks, as the published models list them.
 
-    blocks: nn.ModuleList
-    num_main_blocks: int
+    TorchScript: the block counts are module constants (``__constants__`` of the host class), so scripted
+    loops slice ``blocks`` directly; these properties are Python-only.
+    """
+
+    __jit_unused_properties__ = ["stage_blocks", "main_blocks", "num_lr_layers"]
 
     @property
     def stage_blocks(self) -> nn.ModuleList:
@@ -76,8 +87,7 @@ class OptimizerMetadata:
     (``itpn_clip/utils/lr_decay.py``) give a PatchMerge the layer of the block before it.
     """
 
-    blocks: nn.ModuleList
-    merges_without_layer: tuple[type[nn.Module], ...] = ()
+    merges_without_layer: tuple[type[nn.Module], ...] = ()  # (no annotation: TorchScript reads class annotations)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names without weight decay: position embeddings, mask tokens, RPE tables, norms, biases."""
@@ -106,18 +116,50 @@ class OptimizerMetadata:
         return self.num_lr_layers - 1
 
 
-class HiViT(FeaturePyramid, StagedBlocks, GradCheckpointing, OptimizerMetadata, nn.Module):
-    """HiViT backbone (+ iTPN pyramid when ``num_outs`` > 1). Input (B, 3, H, W), H = W = ``img_size``."""
+class SizedInput:
+    """The input-size policy of both backbones: square images at ``img_size``, or with ``dynamic_img_size``
+    any sides that are multiples of the patch size (position embeddings resampled to the grid at run time)."""
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` fits the model (``check_image_size``); skipped while TorchScript
+        compiles or FX traces the model (the checks read the input's shape)."""
+        if not torch.jit.is_scripting():
+            if not is_fx_symbolic_tracing():
+                self.check_image_size(x)
+
+    def check_image_size(self, x: torch.Tensor) -> None:
+        """Images (B, C, H, W), sides multiples of the patch size; square at the model's size unless
+        ``dynamic_img_size`` (dense backbones override this to take any multiple of their coarsest stride)."""
+        check_image_batch(x, self.patch_embed.proj.in_channels, self.patch_size, "patch size")
+        H, W = x.shape[-2:]
+        if not self.dynamic_img_size and (H != self.img_size or W != self.img_size):
+            raise ValueError(built_for_message(self.img_size, H, W))
+
+    def token_grid(self, x: torch.Tensor) -> tuple[int, int] | None:
+        """The (H/16, W/16) token grid of images ``x`` with ``dynamic_img_size``; None (the model's own grid,
+        no shape-dependent code for FX and TorchScript) otherwise."""
+        if self.dynamic_img_size:
+            return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        return None
+
+
+class HiViT(SizedInput, FeaturePyramid, StagedBlocks, GradCheckpointing, OptimizerMetadata, nn.Module):
+    """HiViT backbone (+ iTPN pyramid when ``num_outs`` > 1). Input (B, 3, H, W), H = W = ``img_size``; with
+    ``dynamic_img_size`` any H, W that are multiples of the patch size (the position embedding and the
+    relative-position tables resampled to the token grid at run time, as the dense backbones do)."""
+
+    __constants__ = ["num_stage_entries", "ape", "rpe", "dynamic_img_size"]
     merges_without_layer = (PatchMerge,)
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 512,
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 512,
                  mlp_depth1: int = 3, mlp_depth2: int = 3, depth: int = 24, num_heads: int = 8,
                  bridge_mlp_ratio: float = 3.0, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  init_values: float | None = None, ape: bool = True, rpe: bool = True, patch_norm: bool = True,
-                 num_outs: int = 1, fpn_dim: int = 256, fpn_depth: int = 1, layernorm_eps: float = 1e-6):
+                 num_outs: int = 1, fpn_dim: int = 256, fpn_depth: int = 1, layernorm_eps: float = 1e-6,
+                 dynamic_img_size: bool = False):
         super().__init__()
+        img_size = square_size(img_size)
         if img_size % patch_size or patch_size % 4:
             raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}, itself a multiple of 4")
         if num_outs not in (1, 2, 3):
@@ -126,7 +168,8 @@ class HiViT(FeaturePyramid, StagedBlocks, GradCheckpointing, OptimizerMetadata, 
         self.num_features = embed_dim
         self.depth, self.num_main_blocks, self.num_outs = depth, depth, num_outs
         self.grid = img_size // patch_size
-        self.ape, self.rpe = ape, rpe
+        self.ape, self.rpe, self.dynamic_img_size = ape, rpe, dynamic_img_size
+        self.grad_ckpt_every = 0
         norm = partial(nn.LayerNorm, eps=layernorm_eps)
         self.norm_layer = norm
         dims = (embed_dim // 4, embed_dim // 2, embed_dim)
@@ -147,24 +190,13 @@ class HiViT(FeaturePyramid, StagedBlocks, GradCheckpointing, OptimizerMetadata, 
             *stage(dims[1], mlp_depth2), PatchMerge(dims[1], norm),
             *[attention_block(embed_dim, num_heads, mlp_ratio, norm, qkv_bias, self.grid if rpe else None,
                               init_values, next(dpr), drop_rate, attn_drop_rate) for _ in range(depth)]])
+        self.num_stage_entries = len(self.blocks) - depth
         if num_outs > 1:
             self.build_pyramid(dims, num_outs, fpn_dim, fpn_depth, mlp_ratio, norm)
 
     def init_weights(self) -> None:
         """Truncated-normal Linear weights, zero biases, unit LayerNorms (as the published models)."""
         init_linear_and_norm_(self)
-
-    # ---- input checks -------------------------------------------------------------------------------------
-    def check_input(self, x: torch.Tensor) -> None:
-        """Square images at the model's size (the classifier and pre-training paths; dense backbones override
-        this to take any sides that are multiples of their coarsest stride)."""
-        check_image_batch(x, self.patch_embed.proj.in_channels, self.patch_size, "patch size")
-        H, W = x.shape[-2:]
-        if H != W:
-            raise ValueError(f"iTPN takes square images, got {H}x{W}")
-        if self.rpe and H // self.patch_size != self.grid:
-            raise ValueError(f"this model has a relative position bias for {self.img_size} px inputs; got {H} px "
-                             f"(rebuild it with img_size={H} and load the checkpoint, which resizes the embeddings)")
 
     # ---- forward pieces -----------------------------------------------------------------------------------
     def forward_stages(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None
@@ -176,21 +208,29 @@ class HiViT(FeaturePyramid, StagedBlocks, GradCheckpointing, OptimizerMetadata, 
         self.check_input(x)
         x = self.patch_embed(x)
         if ids_keep is not None:
-            x = torch.gather(x, 1, ids_keep[:, :, None, None, None].expand(-1, -1, *x.shape[2:]))
-        features = []
-        for i, blk in enumerate(self.stage_blocks):
-            if isinstance(blk, PatchMerge):
+            x = torch.gather(x, 1, ids_keep[:, :, None, None, None].expand(-1, -1, x.shape[2], x.shape[3], x.shape[4]))
+        features: list[torch.Tensor] = []
+        for i, blk in enumerate(self.blocks):  # TorchScript loses the blocks of a sliced ModuleList: no slices
+            if hasattr(blk, "reduction"):  # a merge (see forward_main)
                 features.append(x)
-            x = self.run_block(i, blk, x)
-        return x[..., 0, 0, :], features
+            if i < self.num_stage_entries:
+                if self.checkpoints(i) and not torch.jit.is_scripting():
+                    x = checkpoint(blk, x, use_reentrant=False)
+                else:
+                    x = blk(x)
+        return x[:, :, 0, 0, :], features
 
-    def position_embedding(self, grid: int | tuple[int, int]) -> torch.Tensor:
-        """(1, h·w, D) absolute position embedding for an h×w token grid (an int g: g×g), bicubically resized
-        when the grid is not the model's own."""
+    def position_embedding(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """(1, h·w, D) absolute position embedding for an h×w token ``grid``, bicubically resized when the grid
+        is not the model's own (None: the model's own)."""
+        if grid is None:
+            return self.absolute_pos_embed
         return resize_position_embedding(self.absolute_pos_embed, grid)
 
-    def add_position(self, x: torch.Tensor, grid: int | tuple[int, int], ids_keep: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+    def add_position(self, x: torch.Tensor, grid: tuple[int, int] | None = None,
+                     ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens (B, N, D) + the position embedding of ``grid`` (None: the model's own), of the kept
+        patches ``ids_keep`` (B, N) where given."""
         if self.ape:
             pos = self.position_embedding(grid)
             if ids_keep is not None:
@@ -203,21 +243,27 @@ class HiViT(FeaturePyramid, StagedBlocks, GradCheckpointing, OptimizerMetadata, 
         to that grid, ``Attention.bias_table``); None without RPE."""
         if not self.rpe:
             return None
-        if grid is None or as_hw(grid) == (self.grid, self.grid):
+        if grid is None or (grid[0] == self.grid and grid[1] == self.grid):
             return self.relative_position_index.view(-1)
         return relative_position_index(grid, self.relative_position_index.device).view(-1)
 
-    def forward_main(self, x: torch.Tensor, rpe_index: torch.Tensor | None, capture_after: int | None = None,
-                     token_grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Main attention blocks on tokens (B, N, D); also returns the output of block ``capture_after``.
+    def forward_main(self, x: torch.Tensor, rpe_index: torch.Tensor | None,
+                     token_grid: tuple[int, int] | None = None, collect: list[int] | None = None
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Main attention blocks on tokens (B, N, D) -> (tokens, [output of main block i for i in ``collect``]).
         ``token_grid`` (h, w): the grid ``rpe_index`` was built for (None: the model's own)."""
-        captured = None
-        offset = len(self.stage_blocks)
-        for i, blk in enumerate(self.main_blocks):
-            x = self.run_block(offset + i, blk, x, rpe_index, token_grid)
-            if i == capture_after:
-                captured = x
-        return x, captured
+        collected: list[torch.Tensor] = []
+        for i, blk in enumerate(self.blocks):
+            if hasattr(blk, "reduction"):  # a merge (PatchMerge), a stage entry: TorchScript evaluates hasattr on a
+                pass                         # module statically and compiles no 3-argument call of it (isinstance
+            elif i >= self.num_stage_entries:  # fails on the renamed types TorchScript gives equal classes)
+                if self.checkpoints(i) and not torch.jit.is_scripting():
+                    x = checkpoint(blk, x, rpe_index, token_grid, use_reentrant=False)
+                else:
+                    x = blk(x, rpe_index, token_grid)
+                if collect is not None and i - self.num_stage_entries in collect:
+                    collected.append(x)
+        return x, collected
 
     def forward_pyramid_inputs(self, x: torch.Tensor
                                ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int]]:
@@ -226,5 +272,5 @@ class HiViT(FeaturePyramid, StagedBlocks, GradCheckpointing, OptimizerMetadata, 
         embedding and the relative-position tables are resampled to the grid when it is not the model's own."""
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         tokens, features = self.forward_stages(x)
-        tokens = self.forward_main(self.add_position(tokens, grid), self.rpe_index(grid), token_grid=grid)[0]
+        tokens = self.forward_main(self.add_position(tokens, grid), self.rpe_index(grid), grid)[0]
         return tokens, features, grid

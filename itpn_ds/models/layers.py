@@ -47,10 +47,30 @@ def check_image_batch(x: torch.Tensor, in_chans: int, multiple: int, what: str) 
         raise ValueError(f"image size {H}x{W} is not a multiple of the {what} {multiple}")
 
 
+def square_size(img_size: int | tuple[int, int] | list[int]) -> int:
+    """The side of a square input size given as an int or (H, W) (timm passes its ``input_size[-2:]``)."""
+    if isinstance(img_size, int):
+        return img_size
+    h, w = img_size
+    if h != w:
+        raise ValueError(f"iTPN models are built for square inputs; got img_size {tuple(img_size)}")
+    return int(h)
+
+
+def built_for_message(img_size: int, H: int, W: int) -> str:
+    """The error for an input of another size than a fixed-size model's."""
+    return (f"this model is built for {img_size} px inputs (its position embedding and relative position bias are "
+            f"for that grid); got {H}x{W} px: rebuild it with img_size={H} and load the checkpoint, which resizes "
+            "them, or build it with dynamic_img_size=True")
+
+
 def relative_position_index(grid: int | tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
     """(h·w, h·w) int64 index, for every (query, key) pair of an h×w token grid (row-major; an int g is g×g),
     into a ((2h-1)·(2w-1), heads) bias table: (row offset + h-1)·(2w-1) + (column offset + w-1)."""
-    h, w = as_hw(grid)
+    if isinstance(grid, int):
+        h, w = grid, grid
+    else:
+        h, w = grid
     coords = torch.stack(torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
                                         indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
@@ -60,19 +80,18 @@ def relative_position_index(grid: int | tuple[int, int], device: torch.device | 
 def resample_grid(values: torch.Tensor, size: tuple[int, int], to: tuple[int, int]) -> torch.Tensor:
     """(rows·cols, C) values on a ``size`` = (rows, cols) grid -> (to_rows·to_cols, C) on the ``to`` grid,
     bicubic (align_corners=False), computed in fp32 and returned in the input's dtype (differentiable)."""
-    grid = values.float().T.reshape(1, -1, *size)
+    grid = values.float().transpose(0, 1).reshape(1, -1, size[0], size[1])
     grid = F.interpolate(grid, size=to, mode="bicubic", align_corners=False)
-    return grid.reshape(values.shape[1], -1).T.to(values.dtype).contiguous()
+    return grid.reshape(values.shape[1], -1).transpose(0, 1).to(values.dtype).contiguous()
 
 
-def resize_position_embedding(pos: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
-    """(1, n², D) absolute position embedding on its n×n grid -> (1, h·w, D) for an h×w token grid (bicubic);
-    returned as is when the grid is its own."""
-    h, w = as_hw(grid)
-    n = math.isqrt(pos.shape[1])
-    if (h, w) == (n, n):
+def resize_position_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, n², D) absolute position embedding on its n×n grid -> (1, h·w, D) for an h×w token ``grid``
+    (bicubic); returned as is when the grid is its own."""
+    n = int(math.sqrt(pos.shape[1]))
+    if grid[0] == n and grid[1] == n:
         return pos
-    return resample_grid(pos[0], (n, n), (h, w))[None]
+    return resample_grid(pos[0], (n, n), grid).unsqueeze(0)
 
 
 def init_linear_and_norm_(module: nn.Module) -> None:
@@ -115,8 +134,9 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.attn_drop = attn_drop
         self.backend = "sdpa"
+        self.rpe_side = 2 * rpe_grid - 1 if rpe_grid else 0  # the table's offsets per side, (2g-1)
         self.relative_position_bias_table = (
-            nn.Parameter(torch.zeros((2 * rpe_grid - 1) ** 2, num_heads)) if rpe_grid else None)
+            nn.Parameter(torch.zeros(self.rpe_side ** 2, num_heads)) if rpe_grid else None)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -124,28 +144,30 @@ class Attention(nn.Module):
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, C) -> q, k, v each (B, heads, N, C/heads)."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
-    def bias_table(self, token_grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def bias_table(self, table: torch.Tensor, token_grid: tuple[int, int] | None = None) -> torch.Tensor:
         """The bias table for an h×w token grid ``token_grid``: the module's own ((2g-1)², heads) table, resampled
         per head (bicubic, differentiable) to ((2h-1)·(2w-1), heads) when (h, w) is not (g, g); None: own grid.
 
         This is the resize that loading applies to a table trained at another resolution, done at run time
-        for inputs of any (rectangular) size (dense tasks, ``docs/dense.md``)."""
-        table = self.relative_position_bias_table
-        side = math.isqrt(table.shape[0])
-        offsets = (side, side) if token_grid is None else (2 * token_grid[0] - 1, 2 * token_grid[1] - 1)
+        for inputs of any (rectangular) size (dense tasks, ``docs/dense.md``). ``table``: the module's table."""
+        if token_grid is None:
+            return table
+        side = self.rpe_side
+        offsets = (2 * token_grid[0] - 1, 2 * token_grid[1] - 1)
         return table if offsets == (side, side) else resample_grid(table, (side, side), offsets)
 
-    def position_bias(self, rpe_index: torch.Tensor | None, token_grid: tuple[int, int] | None = None
-                      ) -> torch.Tensor | None:
-        """rpe_index (N²,) or (B, N²) into the table of grid ``token_grid`` (see ``bias_table``) -> bias
-        (1 or B, heads, N, N), or None without a bias table."""
-        if self.relative_position_bias_table is None or rpe_index is None:
+    def position_bias(self, rpe_index: torch.Tensor | None, num_tokens: int,
+                      token_grid: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """rpe_index (N²,) or (B, N²), N = ``num_tokens``, into the table of grid ``token_grid`` (see
+        ``bias_table``) -> bias (1 or B, heads, N, N), or None without a bias table."""
+        table = self.relative_position_bias_table
+        if table is None or rpe_index is None:
             return None
-        n = math.isqrt(rpe_index.shape[-1])
-        bias = self.bias_table(token_grid)[rpe_index.reshape(-1, n * n)]
+        n = num_tokens
+        bias = self.bias_table(table, token_grid)[rpe_index.reshape(-1, n * n)]
         return bias.view(-1, n, n, self.num_heads).permute(0, 3, 1, 2)
 
     def position_score_mod(self, rpe_index: torch.Tensor | None, batch: int,
@@ -154,7 +176,7 @@ class Attention(nn.Module):
         score, reading the table through the index (nothing of size N² per head is built); None without a table."""
         if self.relative_position_bias_table is None or rpe_index is None:
             return None
-        table = self.bias_table(token_grid)
+        table = self.bias_table(self.relative_position_bias_table, token_grid)
         n = math.isqrt(rpe_index.shape[-1])
         index = rpe_index.reshape(-1, n, n).expand(batch, n, n)
 
@@ -166,7 +188,7 @@ class Attention(nn.Module):
     def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpe_index: torch.Tensor | None,
              token_grid: tuple[int, int] | None = None) -> torch.Tensor:
         """q, k, v (B, heads, N, d) -> (B, heads, N, d) through SDPA, the bias as additive mask."""
-        bias = self.position_bias(rpe_index, token_grid)
+        bias = self.position_bias(rpe_index, q.shape[2], token_grid)
         if bias is not None:
             bias = bias.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
@@ -188,8 +210,10 @@ class Attention(nn.Module):
         """x (B, N, C); ``rpe_index`` indexes the bias table of token grid ``token_grid`` (None: the own grid)."""
         B, N, C = x.shape
         q, k, v = self.qkv_heads(x)
-        attend = self.flex if self.backend == "flex" else self.sdpa
-        out = attend(q, k, v, rpe_index, token_grid)
+        if self.backend == "flex" and not torch.jit.is_scripting():  # TorchScript: sdpa only
+            out = self.flex(q, k, v, rpe_index, token_grid)
+        else:
+            out = self.sdpa(q, k, v, rpe_index, token_grid)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 
 
@@ -222,10 +246,13 @@ class SplitQKVAttention(Attention):
         self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, N, C = x.shape
-        heads = lambda t: t.view(B, N, self.num_heads, -1).transpose(1, 2)  # noqa: E731
-        return (heads(F.linear(x, self.q_proj.weight, self.q_bias)), heads(self.k_proj(x)),
-                heads(F.linear(x, self.v_proj.weight, self.v_bias)))
+        return (self.split_heads(F.linear(x, self.q_proj.weight, self.q_bias)), self.split_heads(self.k_proj(x)),
+                self.split_heads(F.linear(x, self.v_proj.weight, self.v_bias)))
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, heads, N, C/heads)."""
+        B, N, C = t.shape
+        return t.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
 
 
 class Mlp(nn.Module):
@@ -276,15 +303,13 @@ class Block(nn.Module):
         self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values))) if use_gamma and attn is not None else None
         self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values))) if use_gamma else None
 
-    @staticmethod
-    def _scale(gamma: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        return x if gamma is None else gamma * x
-
     def forward(self, x: torch.Tensor, rpe_index: torch.Tensor | None = None,
                 token_grid: tuple[int, int] | None = None) -> torch.Tensor:
-        if self.attn is not None:
-            x = x + self.drop_path(self._scale(self.gamma_1, self.attn(self.norm1(x), rpe_index, token_grid)))
-        return x + self.drop_path(self._scale(self.gamma_2, self.mlp(self.norm2(x))))
+        if self.attn is not None and self.norm1 is not None:
+            y = self.attn(self.norm1(x), rpe_index, token_grid)
+            x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
+        y = self.mlp(self.norm2(x))
+        return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
 
 
 def mlp_block(dim: int, mlp_ratio: float, norm_layer: NormLayer, init_values: float | None = None,

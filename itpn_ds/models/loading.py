@@ -139,6 +139,16 @@ def load_weights(model: nn.Module, state_dict: Mapping, strict: bool = False, ne
     ``strict``: every model key must come from the checkpoint (nothing ``fresh`` or ``reinitialised``), as
     evaluation needs. Raises ``CheckpointMismatchError`` naming the keys and the fix.
     """
+    full, report = fit_state_dict(model, state_dict, strict, new_head)
+    model.load_state_dict(full)
+    return report
+
+
+def fit_state_dict(model: nn.Module, state_dict: Mapping, strict: bool = False, new_head: bool = False
+                   ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """The rule without the loading: (a state dict with every key of ``model``, the checkpoint's tensors
+    sorted and resized by the rule and the model's own values where it leaves keys at init, the report).
+    timm's ``pretrained_filter_fn`` (``itpn_ds.models.registry.checkpoint_filter_fn``) returns it."""
     sd = {k: v for k, v in unwrap_state_dict(state_dict).items() if not k.endswith(RPE_INDEX)}
     own = {k: v for k, v in model.state_dict().items() if not k.endswith(RPE_INDEX)}
     sd, task_keys = backbone_of_task_checkpoint(sd, own)
@@ -148,9 +158,8 @@ def load_weights(model: nn.Module, state_dict: Mapping, strict: bool = False, ne
     report.dropped = sorted(report.dropped + task_keys)
     report.resized = resize_to_model(sd, own)
     check_fit(model, sd, own, report, strict)
-    model.load_state_dict(sd, strict=False)
     report.loaded = sorted(sd)
-    return report
+    return {**model.state_dict(), **sd}, report
 
 
 def load_target(model: nn.Module, state_dict: Mapping) -> nn.Module:

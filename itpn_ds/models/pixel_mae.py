@@ -105,7 +105,7 @@ class ITPNPixelMAE(HiViT):
             pos = self.visible_position_embedding(x.shape[-1] // self.patch_size).expand(tokens.shape[0], -1, -1)
             tokens = tokens + torch.gather(pos, 1, ids_keep[:, :, None].expand(-1, -1, pos.shape[-1]))
         tokens = self.pos_drop(tokens)
-        tokens, _ = self.forward_main(tokens, None)
+        tokens = self.forward_main(tokens, None)[0]
         return self.forward_pyramid(tokens, features)
 
     def forward_decoder(self, levels: list[torch.Tensor], ids_restore: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ names are the published top-level ones (``align_dim_16tofpn``, ``fpn_modules``, 
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 from torch import nn
@@ -45,11 +44,8 @@ def tokens_to_map(x: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
 
 
 class FeaturePyramid:
-    """Mixin for an ``nn.Module`` that also provides ``run_block`` (``GradCheckpointing``)."""
-
-    num_outs: int
-    fpn_dim: int
-    run_block: Callable[..., torch.Tensor]
+    """Mixin for an ``nn.Module`` that also provides ``run_block`` (``GradCheckpointing``); it sets ``num_outs``
+    and ``fpn_dim`` (no class-level annotations: TorchScript would read them as the host's attribute types)."""
 
     def build_pyramid(self, dims: tuple[int, int, int], num_outs: int, fpn_dim: int, fpn_depth: int,
                       mlp_ratio: float, norm: NormLayer) -> None:

@@ -7,6 +7,8 @@ token count, width, MLP width, heads and FLOPs. ``teacher_spec`` does the same f
 """
 from __future__ import annotations
 
+import fnmatch
+
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -69,16 +71,18 @@ def teacher_spec(name: str = "ViT-L-14", vit: ViTSpec = CLIP_L14_196) -> Teacher
 
 
 def build_meta(name: str, **kwargs) -> nn.Module:
-    """The registered timm model ``name`` on the meta device (shapes only: no memory, no initialization)."""
+    """The registered model ``name`` (ours or timm's) on the meta device (shapes only: no memory, no
+    initialization)."""
     import timm
 
-    import itpn_ds  # noqa: F401  (registers the iTPN names)
+    from itpn_ds.models.registry import create_model, is_model, list_models
 
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+    if not is_model(name):
+        pattern = f"*{name.split('_')[0]}*"
+        close = [*timm.list_models(pattern), *(n for n in list_models() if fnmatch.fnmatch(n, pattern))][:10]
         raise ValueError(f"unknown model {name!r}" + (f"; similar registered names: {', '.join(close)}" if close else ""))
     with torch.device("meta"):
-        return timm.create_model(name, **kwargs)
+        return create_model(name, **kwargs)
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
