@@ -156,9 +156,8 @@ def main(argv: list[str] | None = None) -> int:
           f"exported:      {export_dir / 'model.safetensors'} (+ config.json)\n"
           f"MLflow store:  {out / 'mlflow.db'}\n"
           f"MLflow UI:     .venv/bin/mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --port 5000\n"
-          f"load in timm:  timm.create_model(<architecture>, pretrained=True, "
-          f"pretrained_cfg_overlay=dict(file='{export_dir / 'model.safetensors'}'), **<model_kwargs>)  "
-          f"(both in config.json; `import itpn_ds` first)")
+          f"load in timm:  timm.create_model('local-dir:{export_dir}', pretrained=True)  "
+          f"(size, classes and weights from the folder; `import itpn_ds` first)")
     return 0
 
 

@@ -7,11 +7,10 @@ import copy
 import math
 
 import pytest
-import timm
 import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 
-import itpn_ds.models  # noqa: F401 - registers the names
+from itpn_ds.models import create_model
 from itpn_ds.models.cascade import GIOU_WEIGHT, MultiStageRoIHeads, RoIStage, Samples
 from itpn_ds.models.detection import LevelRoIAlign
 
@@ -45,7 +44,7 @@ def torchvision_heads(heads: MultiStageRoIHeads) -> RoIHeads:
 
 def test_the_one_stage_head_is_torchvisions_mask_rcnn_head_to_the_bit():
     torch.manual_seed(0)
-    model = timm.create_model("mask_rcnn_itpn_base_3324", **TINY)
+    model = create_model("mask_rcnn_itpn_base_3324", **TINY)
     images, targets = images_and_targets()
     reference = copy.deepcopy(model)
     reference.roi_heads = torchvision_heads(reference.roi_heads)
@@ -155,7 +154,7 @@ def test_aligned_roi_align_samples_at_pixel_centres_on_the_level_of_the_box():
 
 def test_cascade_trains_three_weighted_stages_and_tests_on_the_averaged_scores():
     torch.manual_seed(0)
-    model = timm.create_model("cascade_mask_rcnn_itpn_base_3324", **TINY, box_loss="giou", roi_aligned=True)
+    model = create_model("cascade_mask_rcnn_itpn_base_3324", **TINY, box_loss="giou", roi_aligned=True)
     heads = model.roi_heads
     assert [s.proposal_matcher.high_threshold for s in heads.stages()] == [0.5, 0.6, 0.7]
     assert heads.stage_weights == (1.0, 0.5, 0.25)

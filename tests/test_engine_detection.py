@@ -12,13 +12,13 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from itpn_ds.models import create_model
 from itpn_ds.cli import main as cli
 from itpn_ds.config import load_config
 from itpn_ds.data import build_detection_loader
 from itpn_ds.data.shards import Manifest
 from itpn_ds.engine.detection import coco_detections, coco_ground_truth, coco_metrics
 from itpn_ds.engine.schedule import StepSchedule, build_schedule
+from itpn_ds.models import create_model
 from tests.fixtures.cli import itpn_ds_cli, itpn_ds_in_process, run_in_process
 
 EVAL = re.compile(r"eval after epoch (\d+): (\{.*\})")
@@ -216,9 +216,9 @@ def test_cascade_mask_rcnn_fine_tunes_from_the_same_pretraining_better_than_rand
     itpn_ds_in_process("export", "--checkpoint", str(pretrained), "--out", str(export))
     meta = json.loads((export / "config.json").read_text())
     assert meta["architecture"] == "cascade_mask_rcnn_itpn_base_3324" and meta["model_kwargs"]["roi_head"] == "cascade"
-    features = timm.create_model(meta["architecture"], features_only=True, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")),
-                                 **meta["model_kwargs"]).eval()
+    features = create_model(meta["architecture"], features_only=True, pretrained=True,
+                            pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")),
+                            **meta["model_kwargs"]).eval()
     from safetensors.torch import load_file
 
     weights = load_file(str(export / "model.safetensors"))

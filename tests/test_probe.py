@@ -18,6 +18,7 @@ from itpn_ds.data.eval_pipeline import per_class_subset
 from itpn_ds.data.shards import Manifest
 from itpn_ds.engine.checkpoint import read_checkpoint
 from itpn_ds.engine.export import export_checkpoint
+from itpn_ds.models import create_model
 from itpn_ds.models.pooled import pooled_features
 from itpn_ds.tracking.curves import metric_history
 from itpn_ds.tracking.journal import Journal
@@ -45,7 +46,7 @@ def test_pooled_features_are_the_classifier_pooling_input_and_the_coarsest_pyram
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 64)
     cfg = load_config("tiny_pretrain_cpu")
-    pretrain = timm.create_model(cfg.model.name, **cfg.model.kwargs).eval()
+    pretrain = create_model(cfg.model.name, **cfg.model.kwargs).eval()
     pooled = pooled_features(pretrain, images)
     levels, _ = pretrain.forward_features(images, torch.zeros(2, 16, dtype=torch.bool))
     assert torch.allclose(pooled["pyramid"], levels[0].flatten(1, 3).mean(1), atol=1e-6)
