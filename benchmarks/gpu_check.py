@@ -311,6 +311,7 @@ def overrides(variant: Variant, data: CheckData, scale: Scale, plan: Plan, work:
             f"model.compile={'on' if variant.compiled else 'off'}", f"model.attention={variant.attention}",
             f"deepspeed.config={zero_config}", "deepspeed.precision=bf16", f"optim.optimizer={plan.optimizer}",
             "optim.warmup_steps=1", f"schedule.max_steps={scale.steps}", "schedule.epochs=2",
+            "schedule.global_batch=0",  # a step is one micro-batch per rank: a check, not the recipe's 2048
             "checkpoint.every_steps=0", "checkpoint.keep_last=1", "tracking.enabled=false", "telemetry.log_every=1"]
 
 
