@@ -98,11 +98,12 @@ itpn_requeue() {  # $1: why, $2: the job's status if it is not requeued; never r
     itpn_log "$1; not requeued: $restarts restarts reached ITPN_DS_MAX_REQUEUES=$limit (raise it to allow more)"
     exit "$2"
   fi
+  # Said before the requeue: slurmctld may end this batch script as soon as the job is requeued.
+  itpn_log "$1: requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $limit); it resumes from its newest checkpoint"
   if ! scontrol requeue "$SLURM_JOB_ID"; then
-    itpn_log "$1; scontrol requeue failed: submit the job with --requeue (the scripts' #SBATCH --requeue)"
+    itpn_log "scontrol requeue failed: submit the job with --requeue (the scripts' #SBATCH --requeue)"
     exit "$2"
   fi
-  itpn_log "$1: requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $limit); it resumes from its newest checkpoint"
   exit 0
 }
 
