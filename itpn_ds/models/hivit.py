@@ -254,9 +254,12 @@ class HiViT(SizedInput, FeaturePyramid, StagedBlocks, GradCheckpointing, Optimiz
         ``token_grid`` (h, w): the grid ``rpe_index`` was built for (None: the model's own)."""
         collected: list[torch.Tensor] = []
         for i, blk in enumerate(self.blocks):
-            if hasattr(blk, "reduction"):  # a merge (PatchMerge), a stage entry: TorchScript evaluates hasattr on a
-                pass                         # module statically and compiles no 3-argument call of it (isinstance
-            elif i >= self.num_stage_entries:  # fails on the renamed types TorchScript gives equal classes)
+            # A merge (PatchMerge, a stage entry) does nothing here. The empty branch is for TorchScript: it evaluates
+            # hasattr on a module statically and so compiles no 3-argument call of a merge (neither `continue` here
+            # nor isinstance, which fails on the renamed types TorchScript gives equal classes, scripts).
+            if hasattr(blk, "reduction"):
+                pass
+            elif i >= self.num_stage_entries:
                 if self.checkpoints(i) and not torch.jit.is_scripting():
                     x = checkpoint(blk, x, rpe_index, token_grid, use_reentrant=False)
                 else:
