@@ -36,7 +36,7 @@ from itpn_ds.engine.export import (WEIGHTS, consolidated_state_dict, export_chec
                                    model_metadata, stored_class_map, write_export)
 from itpn_ds.engine.preemption import PREEMPTED_EXIT_CODE
 from itpn_ds.engine.runtime import build_engine, init_distributed, make_deterministic, seed_everything
-from itpn_ds.engine.schedule import batch_plan, build_schedule, with_batch_plan
+from itpn_ds.engine.schedule import BatchPlan, batch_plan, build_schedule, with_batch_plan
 from itpn_ds.engine.trainer import LoopParts, Preempted, Trainer
 from itpn_ds.errors import require_free_space, require_writable_dir
 from itpn_ds.models.loading import (CheckpointMismatchError, LoadReport, load_target, load_weights,
@@ -88,7 +88,7 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last, runtime.rank, runtime.world_size)
     resume = checkpoints.latest()
     family.check(train=True)
-    check_resumable(cfg, run_dir, resume)
+    check_resumable(cfg, run_dir, resume, plan)
     if runtime.rank == 0:
         log.info("batch: %s; optim.lr %g as given (never rescaled with the batch)", plan.describe(), cfg.optim.lr)
     require_writable_dir(run_dir)
@@ -153,7 +153,7 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
         tracker.close(status)
 
 
-def check_resumable(cfg: RunConfig, run_dir: Path, resume: CheckpointRef | None) -> None:
+def check_resumable(cfg: RunConfig, run_dir: Path, resume: CheckpointRef | None, plan: BatchPlan) -> None:
     """Refuse, before anything is written, to continue a run directory that holds another run: its latest
     checkpoint was made for another task or model, or ``checkpoint.resume=never``."""
     if resume is None:
@@ -168,12 +168,10 @@ def check_resumable(cfg: RunConfig, run_dir: Path, resume: CheckpointRef | None)
                           f"{theirs.get('name')} {theirs.get('kwargs')}), not of this one (task {cfg.task}, model "
                           f"{cfg.model.name} {cfg.model.kwargs}): choose a new --run-dir")
     trained = trained_global_batch(resume.meta)
-    if trained is not None and trained != cfg.schedule.global_batch:
-        ranks = cfg.schedule.global_batch // (cfg.data.micro_batch * cfg.schedule.grad_accum)
+    if trained is not None and trained != plan.global_batch:
         raise ConfigError(f"{resume.path} was trained at global batch {trained} ({resume.meta['world_size']} ranks) but "
-                          f"this run takes {cfg.schedule.global_batch} per step ({cfg.data.micro_batch} per rank x "
-                          f"{ranks} ranks x {cfg.schedule.grad_accum} accumulation steps): set schedule.global_batch="
-                          f"{trained} to keep it by gradient accumulation, or start a new --run-dir")
+                          f"this run takes {plan.global_batch} per step ({plan.describe()}): set "
+                          f"schedule.global_batch={trained} to keep it by gradient accumulation, or start a new --run-dir")
 
 
 def trained_global_batch(meta: dict[str, Any]) -> int | None:
