@@ -396,12 +396,12 @@ def attention_kernel(attention: str, ops: dict[str, int]) -> str:
 def flops_per_image(scale: Scale) -> float:
     """Forward FLOPs of one image of the checked model (``forward_flops`` on the meta device: no memory, no time)."""
     from itpn_ds.config import load_config
-    from itpn_ds.engine import components
+    from itpn_ds.engine.model import build_model, forward_flops_per_image
 
     cfg = load_config(RECIPE, [f"model.kwargs.{k}={v}" for k, v in scale.model_kwargs.items()])
     with torch.device("meta"):
-        model = components.build_model(cfg)
-    return components.forward_flops_per_image(model)
+        model = build_model(cfg)
+    return forward_flops_per_image(model)
 
 
 def add_mfu(record: dict[str, Any], flops: float, peak_tflops: float) -> None:
@@ -442,11 +442,12 @@ def child(engine: str, profile_step: int, ops_out: Path, argv: list[str]) -> int
     """One variant: ``itpn-ds pretrain ARGV`` (or its pure-torch steps), the model's forward in ``profile_step``
     profiled; the attention ops go to ``ops_out``."""
     from itpn_ds import cli
-    from itpn_ds.engine import components
+    from itpn_ds.engine import commands, model
 
     probe = AttentionProbe(profile_step)
-    build_model = components.build_model
-    components.build_model = lambda cfg: probe.attach(build_model(cfg))
+    build_model = model.build_model
+    # itpn-ds pretrain (commands) and the pure-torch steps (train_without_deepspeed) build through these names
+    model.build_model = commands.build_model = lambda cfg: probe.attach(build_model(cfg))
     try:
         return cli.main(["pretrain", *argv]) if engine == "deepspeed" else torch_pretrain(argv)
     finally:
@@ -476,16 +477,16 @@ def train_without_deepspeed(cfg: Any) -> None:
     """``schedule.max_steps`` steps of the run's model, loader, task and schedule without DeepSpeed: fp32 weights,
     bf16 autocast, torch AdamW over the project's parameter groups, gradient clipping as configured; each step
     logged as the trainer logs it (``itpn_ds.engine.telemetry``). No checkpoints."""
-    from itpn_ds.engine import components
-    from itpn_ds.engine.families import task_family
+    from itpn_ds.engine import model as run_model
     from itpn_ds.engine.optim import build_optimizer, param_groups
     from itpn_ds.engine.runtime import seed_everything
     from itpn_ds.engine.schedule import CosineSchedule
+    from itpn_ds.engine.tasks import task_family
     from itpn_ds.engine.telemetry import StepTimer, device_peak_tflops, format_metrics, step_metrics as metrics_of
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     seed_everything(cfg.schedule.seed)
-    model = components.build_model(cfg).to(device)
+    model = run_model.build_model(cfg).to(device)
     family = task_family(cfg)
     flops = family.flops_per_image(model)
     loader, _ = family.loaders(rank=0, world_size=1, train=True)

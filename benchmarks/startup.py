@@ -69,7 +69,7 @@ def make_checkpoint(args: argparse.Namespace) -> None:
     import torch
 
     from itpn_ds.config import load_config
-    from itpn_ds.engine import components
+    from itpn_ds.engine.model import build_model
     from itpn_ds.engine.checkpoint import CheckpointManager
     from itpn_ds.engine.ds_config import build_ds_config
     from itpn_ds.engine.runtime import build_engine, init_distributed, seed_everything
@@ -77,7 +77,7 @@ def make_checkpoint(args: argparse.Namespace) -> None:
     cfg = load_config(args.pretrain_recipe, ["data.micro_batch=1", "tracking.enabled=false"])
     runtime = init_distributed()
     seed_everything(CHECKPOINT_SEED)
-    model = components.build_model(cfg)
+    model = build_model(cfg)
     ds_config = build_ds_config(cfg, runtime.world_size, num_params=sum(p.numel() for p in model.parameters()))
     engine = build_engine(model, cfg, runtime, ds_config)
     loss = sum(p.float().sum() for p in engine.module.parameters())
@@ -96,7 +96,7 @@ def measure(args: argparse.Namespace, checkpoint: Path) -> None:
     import torch.distributed as dist
 
     from itpn_ds.config import load_config
-    from itpn_ds.engine import components
+    from itpn_ds.engine.model import build_model
     from itpn_ds.engine.broadcast import ReadMeter
     from itpn_ds.engine.commands import LOG_FORMAT, init_from, load_on_this_rank
     from itpn_ds.engine.runtime import init_distributed, seed_everything
@@ -107,7 +107,7 @@ def measure(args: argparse.Namespace, checkpoint: Path) -> None:
     strategies = {"every_rank": lambda m: load_on_this_rank(m, str(checkpoint), strict=False, new_head=False),
                   "broadcast": lambda m: init_from(m, str(checkpoint))}
     seed_everything(cfg.schedule.seed)
-    model = components.build_model(cfg)
+    model = build_model(cfg)
     rss_before = peak_rss_bytes()
     dist.barrier()
     with ReadMeter() as meter:

@@ -7,7 +7,9 @@ values of the wrong type are rejected with the full dotted key. The resolved con
 into the run directory (``config.yaml``) so a run can be repeated from it alone.
 
 The generic machinery (``from_dict``, ``to_dict``, ``apply_overrides``) works on any dataclass, so the
-components' own configs (``TrackingConfig``) compose in without change.
+components' own configs compose in without change: ``TrackingConfig`` (``itpn_ds.tracking``), ``ProbeConfig``
+(``engine/probe.py``) and the task sections ``pretrain``, ``finetune``, ``segment``, ``detect``, each defined by
+its task module (``itpn_ds.engine.tasks``). This module keeps the run-level sections.
 """
 from __future__ import annotations
 
@@ -22,13 +24,17 @@ from typing import Any, Union
 import yaml
 
 from itpn_ds.engine.probe import ProbeConfig
-from itpn_ds.errors import UserError
+from itpn_ds.engine.tasks import task_names
+from itpn_ds.engine.tasks.classify import FinetuneConfig
+from itpn_ds.engine.tasks.detect import DetectConfig
+from itpn_ds.engine.tasks.pretrain import PretrainConfig
+from itpn_ds.engine.tasks.segment import SegmentConfig
+from itpn_ds.errors import ConfigError, FieldError, check_choice
 from itpn_ds.tracking.config import TrackingConfig
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
-TASKS = ("pretrain", "finetune", "segment", "detect")
-OBJECTIVES = ("clip", "pixel")
+TASKS = task_names()  # each task module of itpn_ds.engine.tasks registers its own
 TEACHER_MODES = ("cache", "online")
 PRECISIONS = ("bf16", "fp16", "fp32")
 CHECKPOINTING_POLICIES = ("off", "every", "every_k")
@@ -39,11 +45,6 @@ RESUME_POLICIES = ("auto", "never")
 LR_SCHEDULES = ("cosine", "poly", "step")
 # the model's own layers, or the published dense constructors' (det/ and seg/mmcv_custom of sunsmarterjie/iTPN)
 LAYER_DECAY_RULES = ("model", "mmdet_beit", "mmseg_itpn")
-SEG_EVAL_MODES = ("slide", "whole")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration that cannot run: names the file or key and what is wrong."""
 
 
 @dataclass
@@ -68,9 +69,9 @@ class ModelConfig:
     compile: str = "off"
 
     def __post_init__(self) -> None:
-        _check_choice("model.grad_checkpointing", self.grad_checkpointing, CHECKPOINTING_POLICIES)
-        _check_choice("model.attention", self.attention, ATTENTION_BACKENDS)
-        _check_choice("model.compile", self.compile, COMPILE_MODES)
+        check_choice("model.grad_checkpointing", self.grad_checkpointing, CHECKPOINTING_POLICIES)
+        check_choice("model.attention", self.attention, ATTENTION_BACKENDS)
+        check_choice("model.compile", self.compile, COMPILE_MODES)
         if self.checkpoint_every_k < 1:
             raise ConfigError(f"model.checkpoint_every_k must be >= 1, got {self.checkpoint_every_k}")
 
@@ -123,16 +124,16 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.micro_batch < 1:
             raise ConfigError(f"data.micro_batch must be >= 1, got {self.micro_batch}")
-        _check_choice("data.device", self.device, ("auto", "cpu", "gpu"))
-        _check_choice("data.decode", self.decode, ("roi", "full"))
-        _check_choice("data.on_corrupt", self.on_corrupt, ("skip", "raise"))
-        _check_choice("data.loader", self.loader, ("dali", "torch"))
+        check_choice("data.device", self.device, ("auto", "cpu", "gpu"))
+        check_choice("data.decode", self.decode, ("roi", "full"))
+        check_choice("data.on_corrupt", self.on_corrupt, ("skip", "raise"))
+        check_choice("data.loader", self.loader, ("dali", "torch"))
         if not 0 <= self.color_jitter < 1:
             raise ConfigError(f"data.color_jitter must be in [0, 1) (0: off), got {self.color_jitter}")
         self.crop_scale = tuple(self.crop_scale)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
-        _check_choice("data.normalize", self.normalize, ("imagenet", "inception", "clip"))
+        check_choice("data.normalize", self.normalize, ("imagenet", "inception", "clip"))
 
 
 @dataclass
@@ -152,7 +153,7 @@ class TeacherConfig:
     resolution: int = 196
 
     def __post_init__(self) -> None:
-        _check_choice("teacher.mode", self.mode, TEACHER_MODES)
+        check_choice("teacher.mode", self.mode, TEACHER_MODES)
 
 
 @dataclass
@@ -196,8 +197,8 @@ class OptimConfig:
     clip_grad: float = 3.0
 
     def __post_init__(self) -> None:
-        _check_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("optim.schedule", self.schedule, LR_SCHEDULES)
+        check_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("optim.schedule", self.schedule, LR_SCHEDULES)
         if not self.poly_power > 0:
             raise ConfigError(f"optim.poly_power must be > 0, got {self.poly_power}")
         if self.schedule == "step" and not (0 < self.lr_step_gamma <= 1 and all(e > 0 for e in self.lr_step_epochs)):
@@ -222,7 +223,7 @@ class OptimConfig:
         if self.layer_decay_depth < 0:
             raise ConfigError(f"optim.layer_decay_depth must be >= 0 (0 = the model's own layers), got "
                               f"{self.layer_decay_depth}")
-        _check_choice("optim.layer_decay_rule", self.layer_decay_rule, LAYER_DECAY_RULES)
+        check_choice("optim.layer_decay_rule", self.layer_decay_rule, LAYER_DECAY_RULES)
         if (self.layer_decay_rule == "model") != (self.layer_decay_layers == 0) or self.layer_decay_layers < 0:
             raise ConfigError(f"optim.layer_decay_rule={self.layer_decay_rule} with optim.layer_decay_layers="
                               f"{self.layer_decay_layers}: the published rules need their num_layers (> 0, e.g. 30 "
@@ -246,7 +247,7 @@ class DeepSpeedConfig:
     zero_stage: int = -1
 
     def __post_init__(self) -> None:
-        _check_choice("deepspeed.precision", self.precision, PRECISIONS)
+        check_choice("deepspeed.precision", self.precision, PRECISIONS)
         if self.zero_stage not in (-1, 0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be -1 (from the JSON) or 0-3, got {self.zero_stage}")
 
@@ -281,145 +282,6 @@ class ScheduleConfig:
 
 
 @dataclass
-class PretrainConfig:
-    """Pre-training objective. ``clip``: SmoothL1 (beta ``smooth_l1_beta``) between teacher targets and
-    both main and auxiliary outputs over all tokens, loss = main + aux_weight x aux. ``pixel``: the pixel
-    model's normalized-pixel loss on masked patches, with MAE-style random masks of ``mask_ratio``
-    (the CLIP objective uses block masks)."""
-
-    objective: str = "clip"
-    smooth_l1_beta: float = 2.0
-    aux_weight: float = 1.0
-    mask_ratio: float = 0.75
-
-    def __post_init__(self) -> None:
-        _check_choice("pretrain.objective", self.objective, OBJECTIVES)
-        if not 0 <= self.mask_ratio < 1:
-            raise ConfigError(f"pretrain.mask_ratio must be in [0, 1), got {self.mask_ratio}")
-
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tuning specifics.
-
-    init:            a checkpoint to start from: a run directory / checkpoint directory of our pre-training
-                     (any ZeRO stage and world size), an exported ``.safetensors``, or an official ``.pth``.
-    mixup, cutmix:   timm Mixup alphas (0 disables); label_smoothing applies with or without them.
-    ema_decay:       0 disables the exponential moving average of the weights; it is evaluated too.
-    eval_every_epochs: top-1/top-5 on ``data.val_shards`` every this many epochs and at the end.
-    """
-
-    init: str = ""
-    num_classes: int = 1000
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    label_smoothing: float = 0.1
-    ema_decay: float = 0.0
-    eval_every_epochs: int = 1
-
-
-@dataclass
-class SegmentConfig:
-    """Semantic segmentation fine-tuning (``task: segment``, ``itpn-ds segment``; docs/dense.md).
-
-    init:            checkpoint to start from, as ``finetune.init`` (a pre-training run: its backbone and
-                     pyramid load, the heads start at init; a segmentation run or export: everything loads).
-    num_classes:     classes of the shards' manifest (ADE20K 150); the model's ``num_classes`` follows it.
-    crop_size:       (h, w) training crop in px; sides multiples of the layout's coarsest stride (32).
-    scale:           (long, short) edge bounds of the keep-ratio rescale, train (times ``ratio_range``) and
-                     evaluation (mmseg ADE20K: 2048, 512).
-    ratio_range, cat_max_ratio, flip_prob, photometric: the rest of the training pipeline (``SegRecipe``).
-    aux_weight:      loss weight of the auxiliary FCN head (published 0.4; 0 leaves it out of the loss).
-    eval_mode:       ``slide`` (windows of ``eval_crop`` every ``eval_stride`` px, logits averaged) or
-                     ``whole`` (the whole rescaled image at once).
-    eval_every_epochs: mIoU on ``data.val_shards`` every this many epochs and at the end; the best is
-                     exported to ``RUN_DIR/best``.
-    sync_bn:         BatchNorm of the heads as SyncBatchNorm over the ranks when there are several and the
-                     device is CUDA (PyTorch's SyncBatchNorm has no CPU kernel: plain BN per rank there).
-    """
-
-    init: str = ""
-    num_classes: int = 150
-    crop_size: tuple[int, int] = (512, 512)
-    scale: tuple[int, int] = (2048, 512)
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75
-    flip_prob: float = 0.5
-    photometric: bool = True
-    aux_weight: float = 0.4
-    eval_mode: str = "slide"
-    eval_crop: tuple[int, int] = (512, 512)
-    eval_stride: tuple[int, int] = (341, 341)
-    eval_every_epochs: int = 1
-    sync_bn: bool = True
-
-    def __post_init__(self) -> None:
-        _check_choice("segment.eval_mode", self.eval_mode, SEG_EVAL_MODES)
-        for key in ("crop_size", "scale", "eval_crop", "eval_stride", "ratio_range"):
-            setattr(self, key, tuple(getattr(self, key)))
-            if len(getattr(self, key)) != 2 or not min(getattr(self, key)) > 0:
-                raise ConfigError(f"segment.{key} must be two positive numbers, got {list(getattr(self, key))}")
-        if self.num_classes < 1:
-            raise ConfigError(f"segment.num_classes must be >= 1, got {self.num_classes}")
-        if self.aux_weight < 0:
-            raise ConfigError(f"segment.aux_weight must be >= 0, got {self.aux_weight}")
-        if any(s > c for s, c in zip(self.eval_stride, self.eval_crop)):
-            raise ConfigError(f"segment.eval_stride {list(self.eval_stride)} must not exceed segment.eval_crop "
-                              f"{list(self.eval_crop)} (windows would leave pixels out)")
-
-
-@dataclass
-class DetectConfig:
-    """Detection / instance-segmentation fine-tuning (``task: detect``, ``itpn-ds detect``; docs/dense.md).
-
-    init:              checkpoint to start from, as ``finetune.init`` (a pre-training run: its backbone and
-                       pyramid load, the heads start at init; a detection run or export: everything loads).
-    short_sides:       training: the shorter side (px) is drawn from these per image and epoch (published
-                       480, 512, ..., 800), the longer capped at ``max_long_side`` (1333), keep ratio.
-    flip_prob:         training horizontal-flip probability.
-    crop_prob:         probability of the published DETR-style crop branch (mmdet's ``AutoAugment`` between its
-                       two policies: 0.5): resize to a shorter side drawn from ``crop_short_sides`` (400, 500,
-                       600), cut a crop whose height and width are drawn from ``crop_size`` [min, max] px (384-600,
-                       each at most the image's), then the multi-scale resize above; 0 keeps only that resize.
-    eval_short_side, eval_max_long_side: evaluation resize (published 800, 1333).
-    eval_every_epochs: COCO box / mask AP on ``data.val_shards`` every this many epochs and at the end; the
-                       best box AP is exported to ``RUN_DIR/best``.
-    sync_bn:           the box head's BatchNorm as SyncBatchNorm over the ranks when there are several and the
-                       device is CUDA (the published SyncBN); elsewhere plain BN per rank, its running
-                       statistics averaged over the ranks after every forward.
-    The model's ``num_classes`` (``model.kwargs.num_classes``, counting the background) must be the shards'
-    categories + 1.
-    """
-
-    init: str = ""
-    short_sides: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
-    max_long_side: int = 1333
-    flip_prob: float = 0.5
-    crop_prob: float = 0.5
-    crop_short_sides: list[int] = field(default_factory=lambda: [400, 500, 600])
-    crop_size: list[int] = field(default_factory=lambda: [384, 600])
-    eval_short_side: int = 800
-    eval_max_long_side: int = 1333
-    eval_every_epochs: int = 1
-    sync_bn: bool = True
-
-    def __post_init__(self) -> None:
-        sides = [*self.short_sides, self.max_long_side, self.eval_short_side, self.eval_max_long_side]
-        if not self.short_sides or min(sides) < 1:
-            raise ConfigError(f"detect.short_sides, detect.max_long_side and detect.eval_* must be positive sizes "
-                              f"in px, got {self.short_sides}, {self.max_long_side}, {self.eval_short_side}, "
-                              f"{self.eval_max_long_side}")
-        if not 0 <= self.flip_prob <= 1:
-            raise ConfigError(f"detect.flip_prob must be in [0, 1], got {self.flip_prob}")
-        if not 0 <= self.crop_prob <= 1:
-            raise ConfigError(f"detect.crop_prob must be in [0, 1], got {self.crop_prob}")
-        if not self.crop_short_sides or min(self.crop_short_sides) < 1:
-            raise ConfigError(f"detect.crop_short_sides must be positive sizes in px, got {self.crop_short_sides}")
-        if len(self.crop_size) != 2 or not 1 <= self.crop_size[0] <= self.crop_size[1]:
-            raise ConfigError(f"detect.crop_size must be [min, max] px with 1 <= min <= max, got {self.crop_size}")
-
-
-@dataclass
 class CheckpointConfig:
     """Checkpoints under ``<run_dir>/checkpoints``: every ``every_steps`` optimizer steps (0: only at the
     end and on preemption), the last ``keep_last`` kept. ``resume``: ``auto`` continues from the latest
@@ -430,7 +292,7 @@ class CheckpointConfig:
     resume: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_choice("checkpoint.resume", self.resume, RESUME_POLICIES)
+        check_choice("checkpoint.resume", self.resume, RESUME_POLICIES)
         if self.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
 
@@ -471,7 +333,8 @@ class DebugConfig:
 
 @dataclass
 class RunConfig:
-    """Everything one ``itpn-ds pretrain|finetune|segment|detect|evaluate`` run needs."""
+    """Everything one ``itpn-ds pretrain|finetune|segment|detect|evaluate`` run needs; ``task`` names the task
+    (a registered one, ``itpn_ds.engine.tasks``) and each task reads its own section (the field of its name)."""
 
     task: str = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -492,7 +355,7 @@ class RunConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("task", self.task, TASKS)
+        check_choice("task", self.task, TASKS)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -582,6 +445,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {name: _coerce(hints[name], value, _join(prefix, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)
+    except FieldError as exc:  # the dataclass names its field, not the section it is configured under
+        raise ConfigError(f"{_join(prefix, exc.field)} {exc.problem}") from None
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
@@ -660,11 +525,6 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         return dict(value)
     return value
-
-
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _join(prefix: str, name: str) -> str:

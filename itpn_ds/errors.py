@@ -12,10 +12,12 @@ write: a full disk reads "no space left on the device", never a serializer's int
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 USER_ERROR_EXIT_CODE = 2
 DEBUG_ENV = "ITPN_DS_DEBUG"
@@ -27,6 +29,35 @@ class UserError(Exception):
 
 class DiskSpaceError(UserError, OSError):
     """Not enough free space for what a run is about to write."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot run: names the file or key and what is wrong."""
+
+
+class FieldError(ConfigError):
+    """A configuration dataclass's value out of its range, raised by the dataclass itself, which knows its field
+    (``field``) but not the section it is configured under: ``itpn_ds.config.from_dict`` reports it under the
+    dotted key (``detect.crop_size must be ...``)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def import_for(module: str, what: str) -> Any:
+    """``importlib.import_module(module)``; refused as a ConfigError naming the configuration ``what`` that
+    needs it when it cannot be imported (an optional dependency missing)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"{what} needs {module}, which cannot be imported: {exc}") from exc
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """Refuse ``value`` of the configuration key ``key`` unless it is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def print_error_line(line: str) -> None:

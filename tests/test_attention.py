@@ -4,7 +4,7 @@ import torch
 
 from itpn_ds import config as run_config
 from itpn_ds.config import ConfigError, load_config
-from itpn_ds.engine.components import build_model
+from itpn_ds.engine.model import build_model
 from itpn_ds.models import layers
 from itpn_ds.models.layers import Attention, attention_math, relative_position_index, set_attention_backend
 from tests.test_models import tiny_models

@@ -164,7 +164,7 @@ def classifier_export(out: Path, answer: int, classes: dict[str, int] | None) ->
     import torch
 
     from itpn_ds.config import load_config
-    from itpn_ds.engine.components import build_model
+    from itpn_ds.engine.model import build_model
     from itpn_ds.engine.export import model_metadata, write_export
 
     cfg = load_config("tiny_finetune_cpu", [])

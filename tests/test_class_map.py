@@ -7,7 +7,7 @@ import torch
 
 from itpn_ds.data.class_map import ClassMap, ClassMapError, align
 from itpn_ds.data.shards import Manifest
-from itpn_ds.engine.detection import split_category_ids
+from itpn_ds.engine.tasks.detect import split_category_ids
 
 TRAINED = ClassMap({"astronaut": 0, "chelsea": 1, "coffee": 2, "rocket": 3})
 

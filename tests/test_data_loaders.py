@@ -163,7 +163,7 @@ def test_sampled_views_follow_the_crop_scale():
 @pytest.mark.parametrize("mode", ["roi", "full"])
 def test_data_decode_reaches_the_loaders_decoder(demo_shards, mode):
     from itpn_ds.config import load_config
-    from itpn_ds.engine.components import build_pretrain_loader
+    from itpn_ds.engine.tasks.pretrain import build_pretrain_loader
 
     cfg = load_config("tiny_pretrain_cpu", [f"data.shards={demo_shards}", "teacher.mode=online",
                                             f"data.decode={mode}", "data.device=cpu"])

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from itpn_ds.config import ConfigError, load_config
-from itpn_ds.engine.components import build_model
+from itpn_ds.engine.model import build_model
 from itpn_ds.models.compile import repeated_blocks
 from itpn_ds.models.pixel_mae import random_masking
 from tests.fixtures.cli import losses_by_step, succeeded, zero3_config_partitioning_all

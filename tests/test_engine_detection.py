@@ -16,7 +16,7 @@ from itpn_ds.cli import main as cli
 from itpn_ds.config import load_config
 from itpn_ds.data import build_detection_loader
 from itpn_ds.data.shards import Manifest
-from itpn_ds.engine.detection import coco_detections, coco_ground_truth, coco_metrics
+from itpn_ds.engine.tasks.detect import coco_detections, coco_ground_truth, coco_metrics
 from itpn_ds.engine.schedule import StepSchedule, build_schedule
 from itpn_ds.models import create_model
 from tests.fixtures.cli import itpn_ds_cli, itpn_ds_in_process, run_in_process

@@ -12,7 +12,7 @@ import torch
 
 import itpn_ds  # noqa: F401
 from itpn_ds.data import build_eval_loader
-from itpn_ds.engine.tasks import evaluate_classifier
+from itpn_ds.engine.tasks.classify import evaluate_classifier
 from itpn_ds.teacher.extract import ExtractConfig, extract_cache
 from tests.fixtures.cli import REPO, itpn_ds_cli, itpn_ds_in_process, losses_by_step, run_in_process
 from tests.fixtures.teacher import write_tiny_clip_checkpoint
@@ -103,7 +103,7 @@ def test_broadcast_start_up_gives_each_rank_the_weights_a_rank_reading_itself_ge
     every rank took before); rank 1 reads next to nothing (its process's own read count, /proc/self/io)."""
     from benchmarks.startup import weights_digest
     from itpn_ds.config import load_config
-    from itpn_ds.engine import components
+    from itpn_ds.engine.model import build_model
     from itpn_ds.engine.commands import load_on_this_rank
     from itpn_ds.engine.runtime import seed_everything
 
@@ -116,7 +116,7 @@ def test_broadcast_start_up_gives_each_rank_the_weights_a_rank_reading_itself_ge
     assert re.findall(r"itpn_ds\.engine: rank (\d+) read ", proc.stdout) == ["0"]
     cfg = load_config("tiny_finetune_cpu", ["tracking.enabled=false"])
     seed_everything(cfg.schedule.seed)
-    model = components.build_model(cfg)
+    model = build_model(cfg)
     load_on_this_rank(model, str(run), strict=False, new_head=False)
     result = json.loads(out.read_text())
     assert [r["weights_sha256"] for r in result["records"]] == [weights_digest(model)] * 2

@@ -1,9 +1,9 @@
-"""Task families (itpn_ds/engine/families.py): every task of the configuration has one, and each reads its
+"""Task families (itpn_ds/engine/tasks/): every task of the configuration has one, and each reads its
 own config section and shard kind."""
 import pytest
 
 from itpn_ds.config import TASKS, load_config
-from itpn_ds.engine.families import FAMILIES, task_family
+from itpn_ds.engine.tasks import FAMILIES, task_family
 
 RECIPES = {"pretrain": "tiny_pretrain_cpu", "finetune": "tiny_finetune_cpu", "segment": "tiny_segment_cpu",
            "detect": "tiny_detect_cpu"}

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from itpn_ds.config import load_config
-from itpn_ds.engine import components
+from itpn_ds.engine.model import build_model
 from itpn_ds.engine.checkpoint import CheckpointError, read_checkpoint
 from itpn_ds.engine.commands import init_from
 from itpn_ds.engine.export import consolidated_state_dict, export_checkpoint
+from itpn_ds.engine.tasks.classify import build_classification_loaders
 from tests.fixtures.cli import itpn_ds_in_process, losses_by_step, run_in_process
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def published_pth(path: Path, state_dict: dict[str, torch.Tensor]) -> Path:
 
 
 def classifier(*overrides: str) -> torch.nn.Module:
-    return components.build_model(load_config("tiny_finetune_cpu", ["task=finetune", *overrides]))
+    return build_model(load_config("tiny_finetune_cpu", ["task=finetune", *overrides]))
 
 
 def source(kind: str, run_dir: Path, pretrained: dict[str, torch.Tensor], tmp_path: Path) -> str:
@@ -106,5 +107,5 @@ def test_evaluation_crop_follows_the_model_size_unless_the_recipe_states_it(img_
     stated_crop = [f"data.crop_pct={stated}"] if stated else []
     cfg = load_config("tiny_finetune_cpu", ["task=finetune", f"data.val_shards={demo_shards}",
                                             f"model.kwargs.img_size={img_size}", *stated_crop])
-    _, loader = components.build_classification_loaders(cfg, rank=0, world_size=1, train=False)
+    _, loader = build_classification_loaders(cfg, rank=0, world_size=1, train=False)
     assert loader.crop_pct == expected

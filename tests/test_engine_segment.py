@@ -15,7 +15,7 @@ from itpn_ds.config import load_config
 from itpn_ds.data.batch import Batch
 from itpn_ds.engine.schedule import PolySchedule, build_schedule
 from itpn_ds.engine.batch_norm import sync_batch_norm
-from itpn_ds.engine.segmentation import SegmentTask, area_counts, slide_logits, summarize, whole_logits, window_boxes
+from itpn_ds.engine.tasks.segment import SegmentTask, area_counts, slide_logits, summarize, whole_logits, window_boxes
 from tests.fixtures.cli import free_port
 
 TINY = dict(img_size=64, embed_dim=64, mlp_depth1=1, mlp_depth2=1, depth=4, num_heads=2, fpn_dim=32, init_values=0.1,

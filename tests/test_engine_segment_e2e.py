@@ -19,7 +19,7 @@ from itpn_ds.models import create_model
 import itpn_ds.models  # noqa: F401 - registers the names
 from itpn_ds.cli import main as cli_main
 from itpn_ds.config import load_config
-from itpn_ds.engine import components
+from itpn_ds.engine.model import build_model
 from itpn_ds.engine.checkpoint import read_checkpoint
 from itpn_ds.engine.export import consolidated_state_dict
 from itpn_ds.models.loading import load_target, load_weights
@@ -70,7 +70,7 @@ def test_the_pretrained_pyramid_segments_clearly_better_than_random_init(chain):
 
 
 def test_pretraining_checkpoint_loads_with_every_pyramid_key_used(chain):
-    model = components.build_model(load_config("tiny_segment_cpu", ["model.kwargs.num_classes=4"]))
+    model = build_model(load_config("tiny_segment_cpu", ["model.kwargs.num_classes=4"]))
     state = consolidated_state_dict(read_checkpoint(chain["pretrain"]))
     report = load_weights(load_target(model, state), state)
     pyramid = [k for k in state if k.startswith(PYRAMID_PREFIXES)]

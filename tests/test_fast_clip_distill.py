@@ -4,7 +4,8 @@ import torch
 
 import itpn_ds  # noqa: F401  (registers the timm names)
 from itpn_ds.config import ConfigError, load_config
-from itpn_ds.engine import components
+from itpn_ds.engine.model import build_model
+from itpn_ds.engine.tasks.pretrain import check_objective
 from itpn_ds.models import create_model, MODEL_CONFIGS, FastITPN, FastITPNClipDistill
 from itpn_ds.models.fast_itpn import ConvStem
 from itpn_ds.models.flops import forward_flops
@@ -167,8 +168,8 @@ def test_forward_flops_cover_backbone_pyramid_and_heads():
 
 def built_for_pretraining(cfg):
     """The model as a pre-training run gets it: built, then checked against the objective."""
-    model = components.build_model(cfg)
-    components.check_objective(cfg, model)
+    model = build_model(cfg)
+    check_objective(cfg, model)
     return model
 
 
@@ -179,7 +180,7 @@ def test_engine_builds_the_model_for_the_clip_objective_only():
     family = r"needs a CLIP-distillation model \(clip_tpn_\*, fast_clip_tpn_\*\).*builds FastITPN"
     with pytest.raises(ConfigError, match=family):
         built_for_pretraining(load_config("tiny_fast_finetune_cpu", ["task=pretrain"]))
-    assert isinstance(components.build_model(load_config("tiny_fast_finetune_cpu", [])), FastITPN)
+    assert isinstance(build_model(load_config("tiny_fast_finetune_cpu", [])), FastITPN)
 
 
 @pytest.mark.parametrize("size, drop_path", [("tiny", 0.1), ("small", 0.1), ("base", 0.1), ("large", 0.2)])

@@ -65,7 +65,7 @@ def assert_sensible(record: dict, timed_steps: int) -> None:
 def attention_layers() -> int:
     """How many attention layers the smoke's tiny model has (main and auxiliary blocks)."""
     from itpn_ds.config import load_config
-    from itpn_ds.engine.components import build_model
+    from itpn_ds.engine.model import build_model
     from itpn_ds.models.layers import Attention
 
     model = build_model(load_config(gpu_check.RECIPE, [f"model.kwargs.{k}={v}" for k, v in gpu_check.SMOKE_MODEL.items()]))

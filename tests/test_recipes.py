@@ -17,7 +17,8 @@ import yaml
 
 from itpn_ds.models import create_model
 from itpn_ds.config import RECIPES_DIR, load_config
-from itpn_ds.engine import components
+from itpn_ds.engine.loader_options import eval_crop_pct
+from itpn_ds.engine.model import build_model
 from itpn_ds.engine.optim import param_groups
 from itpn_ds.engine.schedule import batch_plan
 
@@ -267,7 +268,7 @@ def resolve(recipe: str):
 
 def build_on_meta(cfg) -> torch.nn.Module:
     with torch.device("meta"):
-        return components.build_model(cfg)
+        return build_model(cfg)
 
 
 @pytest.mark.parametrize("recipe", SHIPPED)
@@ -298,7 +299,7 @@ def test_every_expected_recipe_is_shipped():
 def test_finetune_recipe_crop_pct_follows_the_384_px_rule(recipe):
     cfg = resolve(recipe)
     size = cfg.model.kwargs.get("img_size", 224)
-    crop_pct = components.eval_crop_pct(cfg.data.crop_pct, size)  # what the evaluation loader gets
+    crop_pct = eval_crop_pct(cfg.data.crop_pct, size)  # what the evaluation loader gets
     assert crop_pct == pytest.approx(224 / 256 if size < 384 else 1.0), \
         f"{recipe}: crop_pct {crop_pct} at {size} px (published: 224/256 below 384 px, 1.0 from 384 up)"
 

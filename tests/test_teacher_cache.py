@@ -275,7 +275,7 @@ def test_cli_names_a_corrupt_sample_and_a_missing_checkpoint(demo_shards, tiny_c
 def test_run_refuses_a_cache_drawn_with_another_crop_scale(demo_shards, demo_cache):
     """The cache defines the views: a run whose data.crop_scale differs from the cache's boxes stops."""
     from itpn_ds.config import ConfigError, load_config
-    from itpn_ds.engine.components import build_pretrain_loader
+    from itpn_ds.engine.tasks.pretrain import build_pretrain_loader
 
     overrides = ["task=pretrain", f"data.shards={demo_shards}", f"teacher.cache={demo_cache}",
                  f"teacher.resolution={TINY_RESOLUTION}", f"data.color_jitter={DEMO_CACHE_JITTER}",

@@ -48,6 +48,15 @@ class Batch:
                 moved[name] = value.to(device, non_blocking=non_blocking)
         return replace(self, **moved)
 
+    def for_model(self, device: torch.device | str, dtype: torch.dtype) -> "Batch":
+        """On ``device``, ``images`` in ``dtype`` (the model's parameters': DeepSpeed does not cast inputs);
+        ``teacher_images`` in fp32, the teacher's own dtype."""
+        batch = self.to(device)
+        batch.images = batch.images.to(dtype)
+        if batch.teacher_images is not None:
+            batch.teacher_images = batch.teacher_images.float()
+        return batch
+
 
 class Loader(Protocol):
     """What the engine needs from an input pipeline (DALI or the torch fallback)."""

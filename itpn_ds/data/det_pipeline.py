@@ -31,7 +31,7 @@ from __future__ import annotations
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,21 +43,41 @@ from itpn_ds.data.seg_transforms import nearest_index
 from itpn_ds.data.shard_loader import CorruptSampleError, EpochLoader, FixedPass
 from itpn_ds.data.shards import ShardError
 from itpn_ds.data.views import key_hash
+from itpn_ds.errors import FieldError
 
 
-@dataclass(frozen=True)
+@dataclass
 class DetRecipe:
-    """short_sides: the shorter sides training draws from; max_long_side: cap of the longer side;
+    """The training pipeline's recipe; the ``detect:`` section of a run (``DetectConfig``) is one.
+
+    short_sides: the shorter sides (px) training draws from; max_long_side: cap of the longer side;
     flip_prob: horizontal flip probability; crop_prob: probability of the crop branch, which resizes to a
     shorter side of ``crop_short_sides`` (longer <= ``max_long_side``) and cuts a crop whose height and width
-    are drawn from ``crop_size`` (min, max) px (each at most the resized image's) before the multi-scale resize."""
+    are drawn from ``crop_size`` [min, max] px (each at most the resized image's) before the multi-scale resize.
+    Out-of-range values are refused naming the field (``FieldError``).
+    """
 
-    short_sides: tuple[int, ...] = tuple(range(480, 801, 32))
+    short_sides: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     max_long_side: int = 1333
     flip_prob: float = 0.5
     crop_prob: float = 0.5
-    crop_short_sides: tuple[int, ...] = (400, 500, 600)
-    crop_size: tuple[int, int] = (384, 600)
+    crop_short_sides: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_size: list[int] = field(default_factory=lambda: [384, 600])
+
+    def __post_init__(self) -> None:
+        self.short_sides, self.crop_short_sides = list(self.short_sides), list(self.crop_short_sides)
+        self.crop_size = list(self.crop_size)
+        for key in ("short_sides", "crop_short_sides"):
+            sides = getattr(self, key)
+            if not sides or min(sides) < 1:
+                raise FieldError(key, f"must be positive sizes in px, got {sides}")
+        if self.max_long_side < 1:
+            raise FieldError("max_long_side", f"must be a positive size in px, got {self.max_long_side}")
+        for key in ("flip_prob", "crop_prob"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise FieldError(key, f"must be in [0, 1], got {getattr(self, key)}")
+        if len(self.crop_size) != 2 or not 1 <= self.crop_size[0] <= self.crop_size[1]:
+            raise FieldError("crop_size", f"must be [min, max] px with 1 <= min <= max, got {self.crop_size}")
 
 
 @dataclass(frozen=True)
@@ -93,6 +113,11 @@ class DetectionBatch:
         return replace(self, images=[i.to(device, non_blocking=non_blocking) for i in self.images],
                        targets=[{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in self.targets],
                        valid=self.valid.to(device, non_blocking=non_blocking))
+
+    def for_model(self, device: torch.device | str, dtype: torch.dtype) -> "DetectionBatch":
+        """On ``device``; the images stay fp32 whatever the model's ``dtype``: a detection model runs in fp32
+        (its anchors, box decoding and NMS) and casts its backbone itself (``backbone_autocast``)."""
+        return self.to(device)
 
 
 def resized_size(width: int, height: int, short_side: int, max_long_side: int) -> tuple[int, int]:
@@ -185,9 +210,9 @@ class _DetectionLoader(EpochLoader):
 class DetTrainLoader(_DetectionLoader):
     """Multi-scale training batches (``recipe``)."""
 
-    def __init__(self, shards: str | Path, micro_batch: int, recipe: DetRecipe = DetRecipe(), **kwargs) -> None:
+    def __init__(self, shards: str | Path, micro_batch: int, recipe: DetRecipe | None = None, **kwargs) -> None:
         super().__init__(shards, micro_batch, **kwargs)
-        self.recipe = recipe
+        self.recipe = recipe or DetRecipe()
 
     def sample_geometry(self, key: str, width: int, height: int) -> SampleGeometry:
         recipe = self.recipe

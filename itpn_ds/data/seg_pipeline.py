@@ -178,14 +178,14 @@ class _SegLoader(EpochLoader):
 class SegTrainLoader(_SegLoader):
     """Training batches of the mmseg ADE20K recipe (``recipe``; crop size, scale, ratio range, ...)."""
 
-    def __init__(self, shards: str | Path, micro_batch: int, recipe: SegRecipe = SegRecipe(), **kwargs) -> None:
+    def __init__(self, shards: str | Path, micro_batch: int, recipe: SegRecipe | None = None, **kwargs) -> None:
+        recipe = recipe or SegRecipe()
         super().__init__(shards, micro_batch, recipe.crop_size, recipe.photometric, **kwargs)
-        if recipe.ignore_index != self.ignore_index:
-            raise ValueError(f"recipe ignore_index {recipe.ignore_index} differs from the shards' {self.ignore_index}")
         self.recipe = recipe
 
     def plans(self, keys: list[str], labels: list[np.ndarray]) -> list[SegPlan]:
-        return [train_plan(self.seed, k, self.epoch, lab, self.recipe) for k, lab in zip(keys, labels)]
+        return [train_plan(self.seed, k, self.epoch, lab, self.recipe, self.ignore_index)
+                for k, lab in zip(keys, labels)]
 
     def _load(self, indices: np.ndarray, valid: np.ndarray) -> Batch:
         keys = [self.manifest.keys[i] for i in indices]

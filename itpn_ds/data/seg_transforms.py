@@ -30,17 +30,22 @@ import numpy as np
 
 from itpn_ds.data.annotations import IGNORE_INDEX
 from itpn_ds.data.views import key_hash
+from itpn_ds.errors import FieldError
 
 ADE20K_SCALE = (2048, 512)  # (long, short) edge bounds of the keep-ratio rescale, train and test
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 
 
-@dataclass(frozen=True)
+@dataclass
 class SegRecipe:
-    """crop_size: (h, w) px of the training crop (mmseg 512 x 512). scale: (long, short) edge bounds of
-    the keep-ratio rescale before ``ratio_range`` scales them. cat_max_ratio: 1 disables the category
-    check. photometric: apply PhotoMetricDistortion."""
+    """The training pipeline's recipe; the ``segment:`` section of a run (``SegmentConfig``) is one.
+
+    crop_size: (h, w) px of the training crop (mmseg 512 x 512). scale: (long, short) edge bounds of the
+    keep-ratio rescale before ``ratio_range`` scales them. cat_max_ratio: 1 disables the category check.
+    flip_prob: horizontal flip probability. photometric: apply PhotoMetricDistortion. Out-of-range values are
+    refused naming the field (``FieldError``).
+    """
 
     crop_size: tuple[int, int] = (512, 512)
     scale: tuple[int, int] = ADE20K_SCALE
@@ -48,15 +53,17 @@ class SegRecipe:
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
     photometric: bool = True
-    ignore_index: int = IGNORE_INDEX
 
     def __post_init__(self) -> None:
-        if min(self.crop_size) < 1 or min(self.scale) < 1:
-            raise ValueError(f"crop_size and scale must be positive, got {self.crop_size}, {self.scale}")
-        if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
-            raise ValueError(f"ratio_range must be 0 < low <= high, got {self.ratio_range}")
+        for key in ("crop_size", "scale", "ratio_range"):
+            value = tuple(getattr(self, key))
+            setattr(self, key, value)
+            if len(value) != 2 or not min(value) > 0:
+                raise FieldError(key, f"must be two positive numbers, got {list(value)}")
+        if not self.ratio_range[0] <= self.ratio_range[1]:
+            raise FieldError("ratio_range", f"must be [low, high] with low <= high, got {list(self.ratio_range)}")
         if not 0 < self.cat_max_ratio <= 1:
-            raise ValueError(f"cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
+            raise FieldError("cat_max_ratio", f"must be in (0, 1] (1: no category check), got {self.cat_max_ratio}")
 
 
 @dataclass(frozen=True)
@@ -131,8 +138,10 @@ def category_ratio_ok(crop: np.ndarray, cat_max_ratio: float, ignore_index: int)
     return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
-def train_plan(seed: int, key: str, epoch: int, labels: np.ndarray, recipe: SegRecipe) -> SegPlan:
-    """A training sample's plan from (seed, key, epoch) and its label map (H, W) of training ids."""
+def train_plan(seed: int, key: str, epoch: int, labels: np.ndarray, recipe: SegRecipe,
+               ignore_index: int = IGNORE_INDEX) -> SegPlan:
+    """A training sample's plan from (seed, key, epoch) and its label map (H, W) of training ids, ``ignore_index``
+    (the shards') left out of the category check."""
     rng = np.random.default_rng(key_hash("segmentation", seed, key, epoch))
     height, width = labels.shape
     ratio = rng.uniform(*recipe.ratio_range)
@@ -147,7 +156,7 @@ def train_plan(seed: int, key: str, epoch: int, labels: np.ndarray, recipe: SegR
     box, tries = draw_box(), 1
     if recipe.cat_max_ratio < 1:
         while tries <= 10 and not category_ratio_ok(crop_labels(labels, size, box), recipe.cat_max_ratio,
-                                                    recipe.ignore_index):
+                                                    ignore_index):
             box, tries = draw_box(), tries + 1
     flip = bool(rng.random() < recipe.flip_prob)
     photometric = Photometric.draw(rng) if recipe.photometric else NO_PHOTOMETRIC

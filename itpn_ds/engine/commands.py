@@ -26,21 +26,24 @@ import torch.distributed as dist
 
 from itpn_ds.config import ConfigError, RunConfig, load_config, save_config, to_dict
 from itpn_ds.data.class_map import ClassMap
-from itpn_ds.engine import components
 from itpn_ds.engine.broadcast import SOURCE_RANK, ReadMeter, broadcast_module, on_source_rank
 from itpn_ds.engine.checkpoint import (CheckpointError, CheckpointManager, CheckpointRef, needs_universal,
                                       read_checkpoint)
 from itpn_ds.engine.ds_config import build_ds_config, zero_stage
-from itpn_ds.engine.families import task_family
 from itpn_ds.engine.export import (WEIGHTS, consolidated_state_dict, export_checkpoint, live_state_dict,
                                    model_metadata, stored_class_map, write_export)
+from itpn_ds.engine.model import build_model, check_trainable_here
 from itpn_ds.engine.preemption import PREEMPTED_EXIT_CODE
+from itpn_ds.engine.probe import build_probe, curve_metrics
 from itpn_ds.engine.runtime import build_engine, init_distributed, make_deterministic, seed_everything
 from itpn_ds.engine.schedule import BatchPlan, batch_plan, build_schedule, with_batch_plan
+from itpn_ds.engine.tasks import evaluated_as, task_family
 from itpn_ds.engine.trainer import LoopParts, Preempted, Trainer
 from itpn_ds.errors import require_free_space, require_writable_dir
 from itpn_ds.models.loading import (CheckpointMismatchError, LoadReport, load_target, load_weights,
                                     read_checkpoint_file)
+from itpn_ds.tracking import build_tracker
+from itpn_ds.tracking.base import Tracker
 
 log = logging.getLogger("itpn_ds.engine")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # every line names its logger
@@ -67,8 +70,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.command == "evaluate":
         cfg = load_config(args.config, args.overrides)
-        if cfg.task == "pretrain":  # a pre-training recipe (or none): evaluate as a classifier
-            cfg = load_config(args.config, ["task=finetune", *args.overrides])
+        task = evaluated_as(cfg.task)  # a pre-training recipe (or none): evaluated as a classifier
+        if task != cfg.task:
+            cfg = load_config(args.config, [f"task={task}", *args.overrides])
         return evaluate(cfg, Path(args.checkpoint))
     cfg = load_config(args.config, [f"task={args.command}", *args.overrides])
     return train(cfg, Path(args.run_dir))
@@ -76,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
 
 def train(cfg: RunConfig, run_dir: Path) -> int:
     """Pre-train or fine-tune into ``run_dir``, resuming from its latest checkpoint; the task's parts come from
-    its family (``itpn_ds.engine.families``)."""
+    its family (``itpn_ds.engine.tasks``)."""
     runtime = init_distributed()
     log_tracking_target(cfg, run_dir, runtime.rank)
     asked = cfg  # config.yaml keeps the recipe's batch settings, which any world size resolves again
@@ -92,9 +96,9 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     if runtime.rank == 0:
         log.info("batch: %s; optim.lr %g as given (never rescaled with the batch)", plan.describe(), cfg.optim.lr)
     require_writable_dir(run_dir)
-    components.check_trainable_here(cfg, runtime.device)
-    model = family.prepare_model(components.build_model(cfg), runtime, train=True)
-    probe = components.build_probe(cfg, runtime.rank, runtime.world_size, runtime.device, model)
+    check_trainable_here(cfg, runtime.device)
+    model = family.prepare_model(build_model(cfg), runtime, train=True)
+    probe = build_probe(cfg, runtime.rank, runtime.world_size, runtime.device, model)
     require_free_space(run_dir, checkpoint_bytes_estimate(model), "a checkpoint of this model")
     if family.init_source and resume is None:
         init_from(model, family.init_source, new_head=family.init_has_other_classes())
@@ -118,7 +122,7 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     checkpoints.remove_incomplete()
     if runtime.rank == 0:
         save_config(asked, run_dir / "config.yaml")
-    tracker = components.tracker_for(cfg, runtime.rank, run_dir, runtime.dist)
+    tracker = run_tracker(cfg, runtime.rank, run_dir, runtime.dist)
     tracker.log_params({**_flat(to_dict(cfg)), **_flat(ds_config, "ds_config.")})  # run config + resolved DeepSpeed JSON
     if runtime.rank == 0:
         tracker.log_artifact(run_dir / "config.yaml")
@@ -224,12 +228,12 @@ def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
                                        curve_metrics=(f"eval/{family.best_metric}",))
         tracked = dataclasses.replace(cfg, tracking=tracking)
         log_tracking_target(tracked, checkpoint, runtime.rank)
-        tracker = components.tracker_for(tracked, runtime.rank, Path(journal), runtime.dist)
+        tracker = run_tracker(tracked, runtime.rank, Path(journal), runtime.dist)
         status = "FAILED"
         try:
             tracker.set_tags({"itpn_ds.command": "evaluate", "checkpoint": str(checkpoint.resolve())})
             tracker.log_params(_flat(to_dict(cfg)))
-            model = family.prepare_model(components.build_model(cfg), runtime, train=False)
+            model = family.prepare_model(build_model(cfg), runtime, train=False)
             init_from(model, str(checkpoint), strict=True)
             model.to(runtime.device)
             _, eval_loader = family.loaders(runtime.rank, runtime.world_size, train=False)
@@ -241,6 +245,12 @@ def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
     if runtime.rank == 0:
         print(family.report(metrics))
     return 0
+
+
+def run_tracker(cfg: RunConfig, rank: int, run_dir: Path, dist_env: Any) -> Tracker:
+    """The run's tracker (``itpn_ds.tracking``); with the probe on, its top-1 curves are drawn beside the loss."""
+    tracking = dataclasses.replace(cfg.tracking, curve_metrics=(*cfg.tracking.curve_metrics, *curve_metrics(cfg.probe)))
+    return build_tracker(tracking, rank, run_dir, dist_env)
 
 
 def log_tracking_target(cfg: RunConfig, run_dir: Path, rank: int) -> None:

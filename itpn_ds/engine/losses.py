@@ -1,14 +1,40 @@
-"""Losses and metrics that respect ``Batch.valid`` (padding of an epoch's last step).
+"""What one micro-batch costs: the result every task's loss returns, and the reductions that respect
+``Batch.valid`` (padding of an epoch's last step).
 
-Every loss here is a per-sample vector reduced by :func:`global_mean`: the sum over this rank's valid
-samples, scaled so that DeepSpeed's average of gradients over ranks equals the mean over all valid samples
-of the step (padding contributes nothing, and ranks with fewer valid samples are not over-weighted).
+A task's loss (:class:`Task`, one per task module of ``itpn_ds.engine.tasks``) turns a micro-batch already on the
+device into a scalar to backpropagate and its named parts for telemetry (:class:`MicroResult`). Every loss here is
+a per-sample vector reduced by :func:`global_mean`: the sum over this rank's valid samples, scaled so that
+DeepSpeed's average of gradients over ranks equals the mean over all valid samples of the step (padding
+contributes nothing, and ranks with fewer valid samples are not over-weighted).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MicroResult:
+    """loss: the scalar to backpropagate; parts: detached per-part means; valid: global valid count;
+    targets_s: seconds spent getting teacher targets."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    valid: torch.Tensor
+    targets_s: float = 0.0
+
+
+class Task(Protocol):
+    """A task's loss of one micro-batch (its task module's ``TaskFamily.loss`` builds it)."""
+
+    name: str
+
+    def forward(self, model: nn.Module, batch: Any) -> MicroResult: ...
 
 
 def valid_mask(valid: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:

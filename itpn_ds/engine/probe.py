@@ -21,17 +21,26 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from itpn_ds.data.annotations import CLASSIFICATION
 from itpn_ds.data.batch import Loader
+from itpn_ds.data.class_map import ClassMap, align
+from itpn_ds.data.eval_pipeline import per_class_subset
+from itpn_ds.data.shards import Manifest
 from itpn_ds.engine import knn
+from itpn_ds.engine.loader_options import eval_crop_pct, loader_options
 from itpn_ds.engine.losses import valid_mask
-from itpn_ds.models.pooled import pooled_dims, pooled_features
+from itpn_ds.errors import ConfigError, import_for
+from itpn_ds.models.pooled import BACKBONE, PYRAMID, pooled_dims, pooled_features
 from itpn_ds.tracking.base import Tracker
+
+if TYPE_CHECKING:  # config.py imports this module (ProbeConfig): no import of config at run time
+    from itpn_ds.config import RunConfig
 
 log = logging.getLogger("itpn_ds.engine")
 
@@ -86,8 +95,16 @@ def metric_name(feature: str, k: int, top: int) -> str:
     return f"probe/{feature}_k{k}_top{top}"
 
 
+def curve_metrics(cfg: ProbeConfig) -> tuple[str, ...]:
+    """The probe's numbers a tracker draws beside the loss: top-1 of each pooled feature at the largest k (none
+    when the probe is off)."""
+    if not cfg.enabled:
+        return ()
+    return tuple(metric_name(feature, max(cfg.ks), 1) for feature in (BACKBONE, PYRAMID))
+
+
 class KnnProbe:
-    """One probe configuration over its two loaders (``itpn_ds.engine.components.build_probe`` builds it).
+    """One probe configuration over its two loaders (:func:`build_probe` builds it).
 
     bank_loader, query_loader: evaluation loaders over this rank's share of ``train_shards`` / ``val_shards``;
     query_table: (n,) int64, a query label -> the bank's id of its class; num_classes: ids of the bank's map.
@@ -223,3 +240,58 @@ def _all_gather_list(tensor: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(out, tensor.contiguous())
     return out
+
+
+def build_probe(cfg: RunConfig, rank: int, world_size: int, device: torch.device, model: nn.Module) -> KnnProbe | None:
+    """The k-NN probe of ``probe.*`` over evaluation loaders of its two shard sets (None: ``probe.train_shards``
+    is empty). Refused, before any work, naming the key: no ``probe.val_shards``, shards that are not
+    classification shards, a validation class the bank lacks (by name), a bank class with fewer images than the
+    largest k, a model without pooled features, features beyond ``probe.max_bank_mib`` on one rank."""
+    p = cfg.probe
+    if not p.enabled:
+        return None
+    if not p.val_shards:
+        raise ConfigError(f"probe.train_shards={p.train_shards} is set but probe.val_shards is empty: give the "
+                          "held-out classification shards the probe classifies (make-shards --classes-from "
+                          "TRAIN_SHARDS), or unset probe.train_shards")
+    manifests = {key: Manifest.load(getattr(p, key)) for key in ("train_shards", "val_shards")}
+    for key, manifest in manifests.items():
+        if manifest.kind != CLASSIFICATION:
+            raise ConfigError(f"probe.{key}={getattr(p, key)} holds {manifest.kind} shards; the probe needs "
+                              "labelled classification shards (itpn-ds make-shards IMAGES OUT)")
+    bank_map = ClassMap.of_manifest(manifests["train_shards"])
+    alignment = align(bank_map, ClassMap.of_manifest(manifests["val_shards"]), f"probe.val_shards={p.val_shards}",
+                      f"probe.train_shards={p.train_shards}")
+    subsets = {key: per_class_subset(m.keys, m.labels, p.max_per_class, cfg.schedule.seed)
+               for key, m in manifests.items()}
+    _check_probe_counts(p, manifests["train_shards"], subsets["train_shards"], bank_map)
+    try:
+        held = held_bytes(len(subsets["train_shards"]), len(subsets["val_shards"]), model, cfg.data.micro_batch,
+                          world_size)
+    except ValueError as exc:
+        raise ConfigError(f"probe.train_shards is set but model.name={cfg.model.name!r}: {exc}") from None
+    if held > p.max_bank_mib * MIB:
+        raise ConfigError(f"probe: {len(subsets['train_shards'])} bank and {len(subsets['val_shards'])} query images "
+                          f"on {world_size} rank(s) hold {held / MIB:.0f} MiB of features per rank, more than "
+                          f"probe.max_bank_mib={p.max_bank_mib:g}: lower probe.max_per_class or raise the bound")
+    data = import_for("itpn_ds.data", "probe")
+    options = loader_options(cfg, rank, world_size)
+    crop_pct = eval_crop_pct(cfg.data.crop_pct, options["img_size"])
+    bank_loader, query_loader = (data.build_eval_loader(getattr(p, key), crop_pct=crop_pct, samples=subsets[key],
+                                                        **options) for key in ("train_shards", "val_shards"))
+    table = alignment.label_table(max(alignment.index, default=0) + 1)
+    return KnnProbe(p, bank_loader, query_loader, table, max(bank_map.ids.values()) + 1, device, rank)
+
+
+def _check_probe_counts(p: ProbeConfig, manifest: Manifest, subset: Any, bank_map: ClassMap) -> None:
+    """Every class of the probe's bank has at least the largest k of ``probe.ks`` images."""
+    k = max(p.ks)
+    counts = {label: 0 for label in bank_map.ids.values()}
+    for index in subset:
+        counts[manifest.labels[index]] += 1
+    for name, label in bank_map.ids.items():
+        if counts[label] < k:
+            cap = f" (probe.max_per_class={p.max_per_class})" if p.max_per_class else ""
+            raise ConfigError(f"probe.train_shards={p.train_shards}: class {name!r} has {counts[label]} image(s){cap}, "
+                              f"fewer than k={k} (probe.ks={list(p.ks)}): give every class at least {k} images or "
+                              "lower probe.ks")

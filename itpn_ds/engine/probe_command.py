@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from itpn_ds.config import ConfigError, RunConfig, load_config
-from itpn_ds.engine import components
 from itpn_ds.engine.checkpoint import CheckpointError, read_meta
 from itpn_ds.engine.commands import LOG_FORMAT, init_from
 from itpn_ds.engine.export import METADATA, WEIGHTS
+from itpn_ds.engine.model import build_model
+from itpn_ds.engine.probe import build_probe
 from itpn_ds.engine.runtime import init_distributed, make_deterministic, seed_everything
 
 
@@ -47,8 +48,8 @@ def main(args: argparse.Namespace) -> int:
     runtime = init_distributed()
     make_deterministic()
     seed_everything(cfg.schedule.seed)
-    model = components.build_model(cfg)
-    probe = components.build_probe(cfg, runtime.rank, runtime.world_size, runtime.device, model)
+    model = build_model(cfg)
+    probe = build_probe(cfg, runtime.rank, runtime.world_size, runtime.device, model)
     if args.checkpoint:
         init_from(model, args.checkpoint, strict=True)
     start = time.perf_counter()

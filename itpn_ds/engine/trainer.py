@@ -33,12 +33,12 @@ from itpn_ds.data.class_map import ClassMap
 from itpn_ds.data.views import key_hash
 from itpn_ds.engine.checkpoint import CheckpointManager, CheckpointRef, set_rng_state
 from itpn_ds.engine.ema import WeightEma
+from itpn_ds.engine.losses import Task
 from itpn_ds.engine.memory import StateBytes, model_state_bytes
 from itpn_ds.engine.preemption import PreemptionFlag
 from itpn_ds.engine.probe import KnnProbe
 from itpn_ds.engine.runtime import seed_everything
 from itpn_ds.engine.schedule import CosineSchedule
-from itpn_ds.engine.tasks import Task
 from itpn_ds.engine.telemetry import StepTimer, device_peak_tflops, format_metrics, step_metrics
 from itpn_ds.errors import UserError
 from itpn_ds.tracking.base import Tracker
@@ -176,13 +176,8 @@ class Trainer:
         return self._prepare(batch)
 
     def _prepare(self, batch: Batch) -> Batch:
-        """Move to the device; images in the model's dtype (DeepSpeed does not cast inputs)."""
-        batch = batch.to(self.p.device)
-        if isinstance(batch.images, torch.Tensor):  # a DetectionBatch holds a list of fp32 images of their own sizes
-            batch.images = batch.images.to(self.model_dtype)
-        if getattr(batch, "teacher_images", None) is not None:
-            batch.teacher_images = batch.teacher_images.float()
-        return batch
+        """On the device, its inputs in the dtype the model takes (the batch decides: DeepSpeed does not cast)."""
+        return batch.for_model(self.p.device, self.model_dtype)
 
     # -------------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, float]:

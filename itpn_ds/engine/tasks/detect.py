@@ -1,9 +1,11 @@
-"""Detection / instance-segmentation fine-tuning on the engine: the Mask R-CNN loss, COCO box and mask AP.
+"""The ``detect`` task: detection / instance-segmentation fine-tuning, the Mask R-CNN loss, COCO box and mask AP.
 
 ``task: detect`` (``itpn-ds detect``): a dense task model (``mask_rcnn_*``, ``itpn_ds.models.detection``) on
 detection shards (``make-shards --kind detection``), batches from ``build_detection_loader``
 (``DetectionBatch``: images of their own sizes, multi-scale resized by the loader).
 
+* :class:`DetectConfig`: the ``detect:`` section, the data pipeline's training recipe (``DetRecipe``) and the
+  task's own keys (evaluation resize, SyncBN).
 * :class:`DetectTask`: the sum of torchvision's five Mask R-CNN losses (RPN objectness and box regression,
   RoI classification and box regression, mask BCE) over this rank's real images; padding images
   (``DetectionBatch.valid`` False) are left out, and each rank's loss is weighted by its share of the
@@ -22,7 +24,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,16 +32,92 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from itpn_ds.config import ConfigError, RunConfig
+from itpn_ds.data.annotations import DETECTION
+from itpn_ds.data.batch import Loader
 from itpn_ds.data.class_map import ClassMap
 from itpn_ds.data.det_pipeline import DetectionBatch, DetRecipe
 from itpn_ds.data.shards import Manifest, ShardReader
 from itpn_ds.engine.batch_norm import RankAveragedStats
-from itpn_ds.engine.losses import global_valid_count
-from itpn_ds.engine.tasks import MicroResult
+from itpn_ds.engine.ema import WeightEma
+from itpn_ds.engine.losses import MicroResult, Task, global_valid_count
+from itpn_ds.engine.tasks.base import DenseFamily, Evaluator, Loaders, global_rank, register_task
+from itpn_ds.errors import ConfigError
+
+if TYPE_CHECKING:  # config.py imports the task modules: no import of config (nor runtime) at run time
+    from itpn_ds.config import RunConfig
+    from itpn_ds.engine.runtime import Runtime
 
 METRICS = ("AP", "AP50", "AP75")  # COCOeval.stats[0:3]: IoU 0.50:0.95, 0.50, 0.75; all areas, 100 detections
 MASK_THRESHOLD = 0.5              # torchvision's / mmdet's mask binarisation of the pasted mask probabilities
+
+
+@dataclass
+class DetectConfig(DetRecipe):
+    """Detection / instance-segmentation fine-tuning (``task: detect``, ``itpn-ds detect``; docs/dense.md): the
+    training pipeline's recipe (:class:`~itpn_ds.data.det_pipeline.DetRecipe`) and the task's keys.
+
+    short_sides:       training: the shorter side (px) is drawn from these per image and epoch (published
+                       480, 512, ..., 800), the longer capped at ``max_long_side`` (1333), keep ratio.
+    flip_prob:         training horizontal-flip probability.
+    crop_prob:         probability of the published DETR-style crop branch (mmdet's ``AutoAugment`` between its
+                       two policies: 0.5): resize to a shorter side drawn from ``crop_short_sides`` (400, 500,
+                       600), cut a crop whose height and width are drawn from ``crop_size`` [min, max] px (384-600,
+                       each at most the image's), then the multi-scale resize above; 0 keeps only that resize.
+    init:              checkpoint to start from, as ``finetune.init`` (a pre-training run: its backbone and
+                       pyramid load, the heads start at init; a detection run or export: everything loads).
+    eval_short_side, eval_max_long_side: evaluation resize (published 800, 1333).
+    eval_every_epochs: COCO box / mask AP on ``data.val_shards`` every this many epochs and at the end; the
+                       best box AP is exported to ``RUN_DIR/best``.
+    sync_bn:           the box head's BatchNorm as SyncBatchNorm over the ranks when there are several and the
+                       device is CUDA (the published SyncBN); elsewhere plain BN per rank, its running
+                       statistics averaged over the ranks after every forward.
+    The model's ``num_classes`` (``model.kwargs.num_classes``, counting the background) must be the shards'
+    categories + 1.
+    """
+
+    init: str = ""
+    eval_short_side: int = 800
+    eval_max_long_side: int = 1333
+    eval_every_epochs: int = 1
+    sync_bn: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.eval_short_side, self.eval_max_long_side) < 1:
+            raise ConfigError(f"detect.eval_short_side and detect.eval_max_long_side must be positive sizes in px, "
+                              f"got {self.eval_short_side} and {self.eval_max_long_side}")
+
+
+@register_task("detect")
+class DetectFamily(DenseFamily):
+    """Detection and instance segmentation (Mask R-CNN): COCO box / mask AP."""
+
+    best_metric = "bbox_AP"
+    shard_kind = DETECTION
+
+    def section(self) -> DetectConfig:
+        return self.cfg.detect
+
+    def check_model(self, model: nn.Module, runtime: Runtime) -> None:
+        check_detection_model(self.cfg, model, self.classes, self.classes_source)
+
+    def flops_per_image(self, model: nn.Module) -> float:
+        return 0.0  # images of their own sizes: no per-image FLOPs, so no MFU
+
+    def loaders(self, rank: int, world_size: int, train: bool) -> Loaders:
+        return build_detection_loaders(self.cfg, rank, world_size, train)
+
+    def loss(self, device: torch.device) -> Task:
+        return DetectTask()
+
+    def evaluator(self, model: Any, loader: Loader, device: torch.device, autocast_dtype: torch.dtype | None,
+                  ema: WeightEma | None) -> Evaluator:
+        shards = self.cfg.data.val_shards
+        # only rank 0 scores, so only rank 0 reads the ground truth
+        ground_truth = coco_ground_truth(shards) if global_rank() == 0 else None
+        split = ClassMap.of_manifest(self.manifests(train=False)["val_shards"])
+        category_ids = split_category_ids(self.classes, split)
+        return lambda: evaluate_detector(model, loader, device, ground_truth, category_ids)
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -69,7 +147,8 @@ def split_category_ids(trained: ClassMap, split: ClassMap) -> list[int | None]:
 # ------------------------------------------------------------------------------------------ loaders
 
 def build_detection_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True) -> tuple[Any, Any]:
-    """(multi-scale train loader or None, evaluation loader or None) over ``data.shards`` / ``data.val_shards``."""
+    """(multi-scale train loader with the ``detect`` section as its recipe, or None; evaluation loader or None)
+    over ``data.shards`` / ``data.val_shards``."""
     from itpn_ds.data import build_detection_loader
 
     d, det = cfg.data, cfg.detect
@@ -79,10 +158,7 @@ def build_detection_loaders(cfg: RunConfig, rank: int, world_size: int, train: b
                   num_threads=d.num_threads)
     train_loader = eval_loader = None
     if train:
-        recipe = DetRecipe(short_sides=tuple(det.short_sides), max_long_side=det.max_long_side,
-                           flip_prob=det.flip_prob, crop_prob=det.crop_prob,
-                           crop_short_sides=tuple(det.crop_short_sides), crop_size=tuple(det.crop_size))
-        train_loader = build_detection_loader(d.shards, train=True, recipe=recipe, **common)
+        train_loader = build_detection_loader(d.shards, train=True, recipe=det, **common)
     if d.val_shards:
         eval_loader = build_detection_loader(d.val_shards, train=False, short_side=det.eval_short_side,
                                              max_long_side=det.eval_max_long_side, **common)

@@ -1,9 +1,11 @@
 """The ``segment`` task: UperNet fine-tuning and mIoU evaluation on the engine (docs/dense.md).
 
+* :class:`SegmentConfig`: the ``segment:`` section, the data pipeline's training recipe (``SegRecipe``) and the
+  task's own keys (class count, loss weight, evaluation);
 * :func:`resolve_config`, :func:`check_class_count`, :func:`check_model`: ``segment.num_classes`` is the one
   class count (the model's ``num_classes`` follows it; the class map trained must agree: data.shards', or the
   one stored with the evaluated weights); crop sizes fit the backbone's stride.
-* :func:`build_loaders`: ``SegTrainLoader`` with the ``segment`` section's recipe, ``SegEvalLoader`` at
+* :func:`build_loaders`: ``SegTrainLoader`` with the ``segment`` section as its recipe, ``SegEvalLoader`` at
   ``segment.scale``.
 * the heads' BatchNorm: SyncBatchNorm on several CUDA ranks, running statistics averaged over the ranks
   elsewhere (``itpn_ds.engine.batch_norm``).
@@ -19,22 +21,123 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from itpn_ds.config import ConfigError, RunConfig
+from itpn_ds.data.annotations import SEGMENTATION
 from itpn_ds.data.batch import Batch, Loader
 from itpn_ds.data.class_map import Alignment, ClassMap
+from itpn_ds.data.seg_transforms import SegRecipe
+from itpn_ds.engine import batch_norm
 from itpn_ds.engine.batch_norm import RankAveragedStats, synchronised
-from itpn_ds.engine.losses import global_mean, global_valid_count, valid_mask
-from itpn_ds.engine.tasks import MicroResult
+from itpn_ds.engine.ema import WeightEma
+from itpn_ds.engine.losses import MicroResult, Task, global_mean, global_valid_count, valid_mask
+from itpn_ds.engine.model import forward_flops_per_image
+from itpn_ds.engine.tasks.base import DenseFamily, Evaluator, Loaders, register_task
+from itpn_ds.errors import ConfigError, check_choice
 from itpn_ds.models.segmentation import IGNORE_INDEX, SegmentationModel, upsample_logits
 
+if TYPE_CHECKING:  # config.py imports the task modules: no import of config (nor runtime) at run time
+    from itpn_ds.config import RunConfig
+    from itpn_ds.engine.runtime import Runtime
+
 BEST_METRIC = "mIoU"
+SEG_EVAL_MODES = ("slide", "whole")
+
+
+@dataclass
+class SegmentConfig(SegRecipe):
+    """Semantic segmentation fine-tuning (``task: segment``, ``itpn-ds segment``; docs/dense.md): the training
+    pipeline's recipe (:class:`~itpn_ds.data.seg_transforms.SegRecipe`: ``crop_size``, ``scale``, ``ratio_range``,
+    ``cat_max_ratio``, ``flip_prob``, ``photometric``) and the task's keys.
+
+    crop_size:       (h, w) training crop in px; sides multiples of the layout's coarsest stride (32).
+    scale:           (long, short) edge bounds of the keep-ratio rescale, train (times ``ratio_range``) and
+                     evaluation (mmseg ADE20K: 2048, 512).
+    init:            checkpoint to start from, as ``finetune.init`` (a pre-training run: its backbone and
+                     pyramid load, the heads start at init; a segmentation run or export: everything loads).
+    num_classes:     classes of the shards' manifest (ADE20K 150); the model's ``num_classes`` follows it.
+    aux_weight:      loss weight of the auxiliary FCN head (published 0.4; 0 leaves it out of the loss).
+    eval_mode:       ``slide`` (windows of ``eval_crop`` every ``eval_stride`` px, logits averaged) or
+                     ``whole`` (the whole rescaled image at once).
+    eval_every_epochs: mIoU on ``data.val_shards`` every this many epochs and at the end; the best is
+                     exported to ``RUN_DIR/best``.
+    sync_bn:         BatchNorm of the heads as SyncBatchNorm over the ranks when there are several and the
+                     device is CUDA (PyTorch's SyncBatchNorm has no CPU kernel: plain BN per rank there).
+    """
+
+    init: str = ""
+    num_classes: int = 150
+    aux_weight: float = 0.4
+    eval_mode: str = "slide"
+    eval_crop: tuple[int, int] = (512, 512)
+    eval_stride: tuple[int, int] = (341, 341)
+    eval_every_epochs: int = 1
+    sync_bn: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("segment.eval_mode", self.eval_mode, SEG_EVAL_MODES)
+        for key in ("eval_crop", "eval_stride"):
+            setattr(self, key, tuple(getattr(self, key)))
+            if len(getattr(self, key)) != 2 or not min(getattr(self, key)) > 0:
+                raise ConfigError(f"segment.{key} must be two positive numbers, got {list(getattr(self, key))}")
+        if self.num_classes < 1:
+            raise ConfigError(f"segment.num_classes must be >= 1, got {self.num_classes}")
+        if self.aux_weight < 0:
+            raise ConfigError(f"segment.aux_weight must be >= 0, got {self.aux_weight}")
+        if any(s > c for s, c in zip(self.eval_stride, self.eval_crop)):
+            raise ConfigError(f"segment.eval_stride {list(self.eval_stride)} must not exceed segment.eval_crop "
+                              f"{list(self.eval_crop)} (windows would leave pixels out)")
+
+
+@register_task("segment")
+class SegmentFamily(DenseFamily):
+    """Semantic segmentation (UperNet + FCN): mIoU / mAcc / aAcc and per-class IoU."""
+
+    best_metric = BEST_METRIC
+    shard_kind = SEGMENTATION
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        self.class_names: list[str] = []
+
+    def section(self) -> SegmentConfig:
+        return self.cfg.segment
+
+    def check(self, train: bool) -> None:
+        super().check(train)
+        resolve_config(self.cfg)  # sets model.kwargs.num_classes, so before the resume check
+        self.class_names = check_class_count(self.cfg, self.classes, self.classes_source)
+
+    def check_model(self, model: nn.Module, runtime: Runtime) -> None:
+        check_model(self.cfg, model, runtime.world_size, runtime.device)
+
+    def flops_per_image(self, model: nn.Module) -> float:
+        return forward_flops_per_image(model, self.section().crop_size)
+
+    def loaders(self, rank: int, world_size: int, train: bool) -> Loaders:
+        return build_loaders(self.cfg, rank, world_size, train)
+
+    def after_engine(self, engine: Any) -> None:
+        batch_norm.norm_buffers_to_param_dtype(engine.module)
+
+    def loss(self, device: torch.device) -> Task:
+        return SegmentTask(aux_weight=self.section().aux_weight)
+
+    def evaluator(self, model: Any, loader: Loader, device: torch.device, autocast_dtype: torch.dtype | None,
+                  ema: WeightEma | None) -> Evaluator:
+        s = self.section()
+        return lambda: evaluate_segmentation(model, loader, device, autocast_dtype, self.class_names,
+                                             s.eval_mode, s.eval_crop, s.eval_stride, self.alignment)
+
+    def report(self, metrics: dict[str, float]) -> str:
+        return (" ".join(f"{k} {metrics[k]:.4f}" for k in ("mIoU", "mAcc", "aAcc")) + "\n"
+                + format_per_class(metrics))
 
 
 # ------------------------------------------------------------------------------------------ configuration
@@ -81,9 +184,9 @@ def check_model(cfg: RunConfig, model: nn.Module, world_size: int, device: torch
 
 def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
                   ) -> tuple[Loader | None, Loader | None]:
-    """(SegTrainLoader, SegEvalLoader) over ``data.shards`` / ``data.val_shards``; either None when not asked."""
+    """(SegTrainLoader with the ``segment`` section as its recipe, SegEvalLoader) over ``data.shards`` /
+    ``data.val_shards``; either None when not asked."""
     from itpn_ds.data import build_segmentation_loader
-    from itpn_ds.data.seg_transforms import SegRecipe
 
     d, s = cfg.data, cfg.segment
     common = dict(rank=rank, world_size=world_size, micro_batch=d.micro_batch, seed=cfg.schedule.seed,
@@ -93,9 +196,7 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, train: bool = True
         if not d.shards:
             raise ConfigError("data.shards is empty: give the segmentation shard directory (itpn-ds make-shards "
                               "--kind segmentation output)")
-        recipe = SegRecipe(crop_size=s.crop_size, scale=s.scale, ratio_range=s.ratio_range,
-                           cat_max_ratio=s.cat_max_ratio, flip_prob=s.flip_prob, photometric=s.photometric)
-        train_loader = build_segmentation_loader(d.shards, train=True, recipe=recipe, **common)
+        train_loader = build_segmentation_loader(d.shards, train=True, recipe=s, **common)
     if d.val_shards:
         eval_loader = build_segmentation_loader(d.val_shards, train=False, scale=s.scale, **common)
     return train_loader, eval_loader
