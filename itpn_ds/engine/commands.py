@@ -249,8 +249,8 @@ def evaluate(cfg: RunConfig, checkpoint: Path) -> int:
 
 def run_tracker(cfg: RunConfig, rank: int, run_dir: Path, dist_env: Any) -> Tracker:
     """The run's tracker (``itpn_ds.tracking``); with the probe on, its top-1 curves are drawn beside the loss."""
-    tracking = dataclasses.replace(cfg.tracking, curve_metrics=(*cfg.tracking.curve_metrics, *curve_metrics(cfg.probe)))
-    return build_tracker(tracking, rank, run_dir, dist_env)
+    curves = (*cfg.tracking.curve_metrics, *curve_metrics(cfg.probe))
+    return build_tracker(dataclasses.replace(cfg.tracking, curve_metrics=curves), rank, run_dir, dist_env)
 
 
 def log_tracking_target(cfg: RunConfig, run_dir: Path, rank: int) -> None:

@@ -18,7 +18,8 @@ from torch import nn
 
 from itpn_ds.data.batch import Batch, Loader
 from itpn_ds.engine.loader_options import loader_options, require_train_shards
-from itpn_ds.engine.losses import MicroResult, Task, clip_distill_per_sample, global_mean, global_valid_count, valid_mask
+from itpn_ds.engine.losses import (MicroResult, Task, clip_distill_per_sample, global_mean, global_valid_count,
+                                   valid_mask)
 from itpn_ds.engine.tasks.base import Loaders, TaskFamily, register_task
 from itpn_ds.errors import ConfigError, check_choice, import_for
 from itpn_ds.models.pixel_mae import ids_from_mask
