@@ -173,6 +173,8 @@ class FinetuneFamily(TaskFamily):
 
 
 class DenseSection(FinetuneSection, Protocol):
+    """A dense task's section (``segment``, ``detect``): also whether its heads' BatchNorm is synchronised."""
+
     sync_bn: bool
 
 
