@@ -89,6 +89,21 @@ def test_detection_layout_is_five_levels_of_256_channels_with_average_pooled_ext
     torch.testing.assert_close(levels[4], torch.nn.functional.avg_pool2d(levels[3], 2))
 
 
+def test_bf16_backbone_autocast_hands_the_heads_fp32_levels_close_to_the_fp32_backbones():
+    """``backbone_autocast: bf16`` (the published detection recipes): the backbone runs under bf16 autocast, the
+    levels reach the heads in fp32 and stay within bf16 rounding of the same weights run in fp32."""
+    body = dense_backbone("itpn", "detection").eval()
+    images = torch.randn(2, 3, 128, 192, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fp32 = PyramidBackbone(body)(images)
+        bf16 = PyramidBackbone(body, autocast="bf16")(images)
+    assert list(bf16) == list(fp32) == list(LEVEL_NAMES)
+    for name in LEVEL_NAMES:
+        assert bf16[name].dtype == torch.float32 and bf16[name].shape == fp32[name].shape
+        assert not torch.equal(bf16[name], fp32[name])  # the autocast region really ran in bf16
+        torch.testing.assert_close(bf16[name], fp32[name], rtol=0.1, atol=0.1)
+
+
 def test_dense_levels_at_the_training_size_are_the_pyramid_maps():
     """At its own square size the dense backbone is the published pyramid (``ITPN.forward_pyramid_maps``, the
     existing path) plus the layout: levels concatenated with the stage features, a max-pooled stride 32."""

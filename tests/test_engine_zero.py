@@ -1,5 +1,5 @@
 """The engine across ZeRO stages and objectives, 2 CPU ranks (real DeepSpeed, DALI, teacher cache), with the
-tiny iTPN on the demo shards:
+tiny iTPN on the demo shards, in bf16 as the published recipes:
 
 * ZeRO-1 and ZeRO-3 pre-training from the teacher cache lower the loss;
 * ZeRO-3 holds about half of ZeRO-0's parameter + optimizer-state bytes per rank (measured from the tensors);
@@ -23,13 +23,14 @@ from tests.fixtures.cli import (itpn_ds_in_process, losses_by_step, run_cli, run
 pytestmark = pytest.mark.dist
 STEPS = 10  # 2 epochs of 40 images at 2 ranks x 4: no padding, so 1 rank x 4 x 2 micro-batches sees the same batches
 GLOBAL_BATCH = "schedule.global_batch=8"  # 2 ranks x 4, or 1 rank x 4 x 2 accumulation steps
+BF16 = "deepspeed.precision=bf16"  # the published recipes' precision (the tiny recipes run fp32 on the CPU)
 
 
 def pretrain_args(run_dir: Path, shards: Path, cache: Path, *overrides: str, config: str = "tiny_pretrain_cpu"
                   ) -> tuple[str, ...]:
-    """The command line of the tiny CLIP pre-training from ``cache`` (tiny teacher: 16 tokens x 32)."""
+    """The command line of the tiny CLIP pre-training from ``cache`` (tiny teacher: 16 tokens x 32), in bf16."""
     return ("pretrain", "--config", config, "--run-dir", str(run_dir), f"data.shards={shards}", f"teacher.cache={cache}",
-            "model.kwargs.teacher_dim=32", "data.micro_batch=4", "schedule.epochs=2", "tracking.enabled=false",
+            "model.kwargs.teacher_dim=32", "data.micro_batch=4", "schedule.epochs=2", "tracking.enabled=false", BF16,
             *overrides)
 
 
