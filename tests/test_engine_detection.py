@@ -141,8 +141,8 @@ def final_eval(stdout: str) -> dict[str, float]:
 
 @pytest.mark.dist
 def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_shards, shapes_pretraining, tmp_path):
-    """The pyramid pre-trained on the shapes images (120 steps) detects better than random init after the same 72
-    fine-tuning steps, in box and mask AP (docs/dense.md gives both figures)."""
+    """The pyramid pre-trained on the shapes images (120 steps) detects clearly better than random init after the
+    same 72 fine-tuning steps (docs/dense.md gives both figures)."""
     pretrained, scratch = tmp_path / "pretrained", tmp_path / "scratch"
     out = itpn_ds_cli(*detect_args(pretrained, det_shards, f"detect.init={shapes_pretraining.run_dir}"), ranks=2)
     report = re.search(r"initialised DenseITPN from \S+: (.*)", out).group(1)
@@ -158,7 +158,7 @@ def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_
         assert metrics["images"] == 16.0
         assert all(0.0 <= metrics[f"{t}_{m}"] <= 100.0 for t in ("bbox", "segm") for m in ("AP", "AP50", "AP75"))
     assert from_scratch["bbox_AP"] > 3  # both learn to find the shapes
-    assert from_pretraining["bbox_AP"] > from_scratch["bbox_AP"], (from_pretraining, from_scratch)  # as the cascade's
+    assert from_pretraining["bbox_AP"] > from_scratch["bbox_AP"] + 3, (from_pretraining, from_scratch)
     assert from_pretraining["segm_AP"] > from_scratch["segm_AP"]  # at this seed (not at seed 1: docs/dense.md)
 
     export = tmp_path / "export"
@@ -230,7 +230,7 @@ def test_cascade_mask_rcnn_fine_tunes_from_the_same_pretraining_better_than_rand
 def test_a_pixel_pretraining_fine_tunes_into_both_detectors_and_upernet(det_shards, dense_shapes, demo_shards, tmp_path):
     """A tiny pixel (MAE-style) pre-training run starts Mask R-CNN, Cascade Mask R-CNN and UperNet by their pixel task
     names (the rows of the dense table from pixel pre-training): the backbone and pyramid load, the decoder is
-    dropped, each trains 2 steps; the detectors' backbones under bf16 autocast, as the published recipes."""
+    dropped, each trains 2 steps."""
     pixel = tmp_path / "pixel"
     itpn_ds_in_process("pretrain", "--config", "tiny_pretrain_pixel_cpu", "--run-dir", str(pixel),
                        f"data.shards={demo_shards}", "schedule.max_steps=2", "tracking.enabled=false")
@@ -239,7 +239,7 @@ def test_a_pixel_pretraining_fine_tunes_into_both_detectors_and_upernet(det_shar
     for name, config in (("mask_rcnn_itpn_pixel_base_3324", "tiny_detect_cpu"),
                          ("cascade_mask_rcnn_itpn_pixel_base_3324", "tiny_cascade_cpu")):
         out = itpn_ds_in_process(*detect_args(tmp_path / name, det_shards, f"detect.init={pixel}", f"model.name={name}",
-                                              "model.kwargs.backbone_autocast=bf16", *tiny, config=config))
+                                              *tiny, config=config))
         report = re.search(r"initialised DenseITPN from \S+: (.*)", out).group(1)
         assert "decoder" in report and "fresh" not in report, report  # every backbone and pyramid key loads
         assert re.search(r"step 2 .*loss_box_reg" + ("_s2" if name.startswith("cascade") else ""), out)

@@ -2,7 +2,7 @@
 fine-tuning"): the session's ``shapes_pretraining`` (``make_dense_shapes``, 48 training / 16 validation images,
 96-160 px; ``tiny_pretrain_cpu`` pre-trained on the training images against the online tiny CLIP teacher), the
 same images sharded as segmentation shards (4 classes, background ignored); then
-``tiny_segment_cpu`` UperNet on 2 ZeRO-2 bf16 ranks, once from that run and once from random init with the same
+``tiny_segment_cpu`` UperNet on 2 ZeRO-2 ranks (fp32), once from that run and once from random init with the same
 steps; a SIGKILLed run of the second resumed bitwise; the export read back by ``features_only`` and by
 ``itpn-ds evaluate``."""
 from __future__ import annotations
@@ -130,5 +130,5 @@ def test_export_loads_back_as_features_only_and_evaluates_as_trained(chain):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     miou = float(re.search(r"^mIoU ([0-9.]+)", out.stdout, re.MULTILINE).group(1))
     assert re.search(r"^IoU circle [0-9.]+, rectangle", out.stdout, re.MULTILINE)
-    trained = evals(chain["pretrained"])[SEG_EPOCHS]["mIoU"]  # the engine's evaluation in bf16
+    trained = evals(chain["pretrained"])[SEG_EPOCHS]["mIoU"]  # the engine's evaluation, in the run's precision
     assert miou == pytest.approx(trained, abs=3.0), (miou, trained)
