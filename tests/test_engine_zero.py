@@ -23,20 +23,22 @@ from tests.fixtures.cli import (itpn_ds_in_process, losses_by_step, run_cli, run
 pytestmark = pytest.mark.dist
 STEPS = 10  # 2 epochs of 40 images at 2 ranks x 4: no padding, so 1 rank x 4 x 2 micro-batches sees the same batches
 GLOBAL_BATCH = "schedule.global_batch=8"  # 2 ranks x 4, or 1 rank x 4 x 2 accumulation steps
-BF16 = "deepspeed.precision=bf16"  # the published recipes' precision (the tiny recipes run fp32 on the CPU)
+BF16 = "bf16"  # the published recipes' precision (the tiny recipes run fp32 on the CPU)
 
 
-def pretrain_args(run_dir: Path, shards: Path, cache: Path, *overrides: str, config: str = "tiny_pretrain_cpu"
-                  ) -> tuple[str, ...]:
-    """The command line of the tiny CLIP pre-training from ``cache`` (tiny teacher: 16 tokens x 32), in bf16."""
+def pretrain_args(run_dir: Path, shards: Path, cache: Path, *overrides: str, config: str = "tiny_pretrain_cpu",
+                  precision: str = BF16) -> tuple[str, ...]:
+    """The command line of the tiny CLIP pre-training from ``cache`` (tiny teacher: 16 tokens x 32), in bf16 unless
+    ``precision`` says otherwise."""
     return ("pretrain", "--config", config, "--run-dir", str(run_dir), f"data.shards={shards}", f"teacher.cache={cache}",
-            "model.kwargs.teacher_dim=32", "data.micro_batch=4", "schedule.epochs=2", "tracking.enabled=false", BF16,
-            *overrides)
+            "model.kwargs.teacher_dim=32", "data.micro_batch=4", "schedule.epochs=2", "tracking.enabled=false",
+            f"deepspeed.precision={precision}", *overrides)
 
 
-def pretrain(run_dir: Path, shards: Path, cache: Path, *overrides: str, ranks: int = 2, config: str = "tiny_pretrain_cpu"):
+def pretrain(run_dir: Path, shards: Path, cache: Path, *overrides: str, ranks: int = 2, config: str = "tiny_pretrain_cpu",
+             precision: str = BF16):
     """``pretrain_args`` as processes (torchrun for several ranks); not checked."""
-    return run_cli(*pretrain_args(run_dir, shards, cache, *overrides, config=config), ranks=ranks)
+    return run_cli(*pretrain_args(run_dir, shards, cache, *overrides, config=config, precision=precision), ranks=ranks)
 
 
 def assert_loss_falls(stdout: str, factor: float = 0.8) -> None:
