@@ -1,7 +1,7 @@
 """The real jobs under SLURM on the local two-node cluster: teacher extraction as an array job, then tiny
-iTPN pre-training from that cache on two nodes, preempted with USR1, requeued, resumed and finished in the
-same MLflow run; then the same jobs losing a rank (SIGKILL) and an extraction task stopped by USR1 in the
-middle of a shard, both requeued and ending where and as an undisturbed job does."""
+iTPN pre-training from that cache on two nodes, preempted with USR1 and then losing a rank (SIGKILL), requeued,
+resumed and finished in the same MLflow run; and an extraction task stopped by USR1 in the middle of a shard,
+requeued and ending where and as an undisturbed job does."""
 from __future__ import annotations
 
 import json
@@ -49,39 +49,6 @@ def test_extraction_array_job_covers_every_shard(array_extraction, demo_shards):
     TeacherCache(cache, shards=demo_shards)  # opens: every shard present, same sha256 and sample count
 
 
-def test_two_node_pretraining_is_preempted_requeued_and_finishes_in_one_mlflow_run(
-        slurm_cluster, array_extraction, demo_shards, tmp_path):
-    cache = array_extraction[0]
-    run = tmp_path / "run"
-    job = slurm_cluster.sbatch(SLURM / "pretrain.sbatch", "--config", "tiny_pretrain_cpu", "--run-dir", str(run),
-                               f"data.shards={demo_shards}", f"teacher.cache={cache}", "schedule.epochs=6",
-                               "checkpoint.every_steps=2", f"tracking.uri=sqlite:///{run}/mlflow.db",
-                               options=("-N", "2", "--ntasks-per-node", "1", f"--output={tmp_path}/%j.out"))
-    log = tmp_path / f"{job}.out"
-    read = lambda: log.read_text() if log.exists() else ""  # noqa: E731
-    assert wait_for(lambda: len(STEP.findall(read())) >= 3, timeout_s=240), read()[-3000:]
-    slurm_cluster.scancel("--batch", "--signal=USR1", job)
-
-    pending = slurm_cluster.wait_state(job, {"PENDING"}, timeout_s=120)  # requeued by the batch script
-    assert pending["Restarts"] == "1", read()[-3000:]
-    info = slurm_cluster.wait_done(job, timeout_s=300)
-    text = read()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
-    assert "preemption signal: checkpointing at step" in text and "requeueing job" in text
-    steps = [int(s) for s in STEP.findall(text)]
-    stopped = int(re.search(r"preemption signal: checkpointing at step (\d+)", text).group(1))
-    first_after_restart = steps[steps.index(stopped) + 1] if stopped in steps else steps[-1]
-    assert first_after_restart == stopped + 1  # resumed exactly where the preempted attempt stopped
-    assert max(steps) == steps[-1] and sorted(set(steps)) == list(range(1, max(steps) + 1))
-
-    client = MlflowClient(f"sqlite:///{run}/mlflow.db")
-    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("itpn-ds").experiment_id])
-    assert mlflow_run.info.status == "FINISHED"
-    assert mlflow_run.data.tags["slurm_restart_count"] == "1" and mlflow_run.data.tags["slurm_job_id"] == job
-    logged = [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "train/loss")]
-    assert sorted(set(logged)) == list(range(1, max(steps) + 1))
-
-
 def test_extraction_task_stopped_by_usr1_mid_shard_is_requeued_and_writes_the_same_bytes(
         slurm_cluster, array_extraction, demo_shards, tmp_path):
     """Task 0 is held (SIGSTOP) once it writes its first shard, so the USR1 lands mid-shard: the task keeps the
@@ -113,32 +80,50 @@ def test_extraction_task_stopped_by_usr1_mid_shard_is_requeued_and_writes_the_sa
         assert (cache / path.name).read_bytes() == path.read_bytes(), path.name
 
 
-def test_a_rank_killed_mid_run_requeues_the_job_which_resumes_from_its_newest_checkpoint(
+def test_two_node_pretraining_preempted_then_losing_a_rank_resumes_each_time_and_finishes_in_one_mlflow_run(
         slurm_cluster, array_extraction, demo_shards, tmp_path):
-    """SIGKILL of rank 1 of a two-node pre-training: the step fails, the job requeues itself, resumes from the
-    newest complete checkpoint, repeats the lost steps with the same losses and ends at the same step as an
-    undisturbed run (3 epochs of 3 steps: 40 images over 2 ranks x 8, the last step short)."""
+    """A two-node pre-training from the array job's cache meets both ways a job stops early: USR1 (preemption: the
+    ranks checkpoint at the same step, the batch script requeues the job), then, in its second attempt, the SIGKILL
+    of rank 1 (the step fails, the job requeues itself and resumes from its newest complete checkpoint). Each attempt
+    starts where the last left off, lost steps repeat with the same losses, and the job ends at an undisturbed run's
+    last step in one MLflow run (4 epochs of 3 steps: 40 images over 2 ranks x 8, each epoch's last step short)."""
     cache, run = array_extraction[0], tmp_path / "run"
     job = slurm_cluster.sbatch(SLURM / "pretrain.sbatch", "--config", "tiny_pretrain_cpu", "--run-dir", str(run),
-                               f"data.shards={demo_shards}", f"teacher.cache={cache}", "schedule.epochs=3",
-                               "checkpoint.every_steps=3",
+                               f"data.shards={demo_shards}", f"teacher.cache={cache}", "schedule.epochs=4",
+                               "checkpoint.every_steps=4", f"tracking.uri=sqlite:///{run}/mlflow.db",
                                options=("-N", "2", "--ntasks-per-node", "1", f"--output={tmp_path}/%j.out"))
     log = tmp_path / f"{job}.out"
     read = lambda: log.read_text() if log.exists() else ""  # noqa: E731
-    assert wait_for(lambda: len(STEP.findall(read())) >= 4, timeout_s=240), read()[-3000:]
-    os.kill(wait_for_task_pid(10, SLURM_JOB_ID=job, SLURM_PROCID="1"), signal.SIGKILL)
+    assert wait_for(lambda: len(STEP.findall(read())) >= 3, timeout_s=240), read()[-3000:]
+    slurm_cluster.scancel("--batch", "--signal=USR1", job)
+    assert slurm_cluster.wait_state(job, {"PENDING"}, timeout_s=120)["Restarts"] == "1", read()[-3000:]
 
-    pending = slurm_cluster.wait_state(job, {"PENDING"}, timeout_s=120)
-    assert pending["Restarts"] == "1", read()[-3000:]
+    # killed after its first step, before its first periodic checkpoint (step 8): its steps are lost and repeated
+    second_attempt = lambda: read().partition("requeueing job")[2]  # noqa: E731
+    assert wait_for(lambda: len(STEP.findall(second_attempt())) >= 1, timeout_s=240), read()[-3000:]
+    os.kill(wait_for_task_pid(10, SLURM_JOB_ID=job, SLURM_PROCID="1"), signal.SIGKILL)
+    assert slurm_cluster.wait_state(job, {"PENDING"}, timeout_s=120)["Restarts"] == "2", read()[-3000:]
     info = slurm_cluster.wait_done(job, timeout_s=300)
     text = read()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
-    assert re.search(r"the step failed with status \d+ .*: requeueing job", text), text[-3000:]
-    before, after = text.split("requeueing job", 1)
-    saved = [int(s) for s in re.findall(r"checkpoint \S+ saved \(step (\d+),", before)]
-    resumed = int(re.search(r"resumed from \S+: step (\d+)", after).group(1))
+    first, second, third = text.split("requeueing job")
+
+    stopped = int(re.search(r"preemption signal: checkpointing at step (\d+)", first).group(1))
+    assert min(int(s) for s in STEP.findall(second)) == stopped + 1  # resumed exactly where the preemption stopped
+    assert re.search(r"the step failed with status \d+ .*$", second, re.MULTILINE), second[-3000:]
+    saved = [int(s) for s in re.findall(r"checkpoint \S+ saved \(step (\d+),", first + second)]
+    resumed = int(re.search(r"resumed from \S+: step (\d+)", third).group(1))
     assert saved and resumed == saved[-1]  # the newest complete checkpoint
-    first, second = dict(STEP_LOSS.findall(before)), dict(STEP_LOSS.findall(after))
-    assert min(int(s) for s in second) == resumed + 1 and max(int(s) for s in second) == 9
-    repeated = set(first) & set(second)
-    assert repeated and all(first[s] == second[s] for s in repeated), (first, second)
+    killed_attempt, last_attempt = dict(STEP_LOSS.findall(second)), dict(STEP_LOSS.findall(third))
+    assert min(int(s) for s in last_attempt) == resumed + 1 and max(int(s) for s in last_attempt) == 12
+    repeated = set(killed_attempt) & set(last_attempt)
+    assert repeated and all(killed_attempt[s] == last_attempt[s] for s in repeated), (killed_attempt, last_attempt)
+    steps = sorted({int(s) for s in STEP.findall(text)})
+    assert steps == list(range(1, 13))
+
+    client = MlflowClient(f"sqlite:///{run}/mlflow.db")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("itpn-ds").experiment_id])
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.tags["slurm_restart_count"] == "2" and mlflow_run.data.tags["slurm_job_id"] == job
+    logged = [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "train/loss")]
+    assert sorted(set(logged)) == steps
