@@ -25,6 +25,7 @@ import ast
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -60,10 +61,16 @@ HEADS = {
 }
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def itpn_ds(*args: str, ranks: int = 1) -> str:
     """``python -m itpn_ds.cli ARGS`` on the CPU (under torchrun for 2 ranks); its stdout (it must succeed)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-                "29611"] if ranks > 1 else [sys.executable]
+                str(free_port())] if ranks > 1 else [sys.executable]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([*launcher, "-m", "itpn_ds.cli", *args], cwd=REPO, env=env, text=True, capture_output=True)
     if done.returncode != 0:
