@@ -23,11 +23,8 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -39,8 +36,10 @@ sys.path.insert(0, str(REPO))
 from data_tools.dense_shapes import DenseShapes, make_dense_shapes  # noqa: E402
 from itpn_ds.data.shards import SourceItem, write_shards  # noqa: E402
 from itpn_ds.teacher.random_clip import write_random_clip_checkpoint  # noqa: E402
+from tests.fixtures.cli import run_cli  # noqa: E402
 
 TEACHER_DIM = 32
+RUN_TIMEOUT_S = 3600  # one run, pre-training or fine-tuning
 EVAL = re.compile(r"eval after epoch (\d+): (\{.*\})")
 
 
@@ -61,18 +60,10 @@ HEADS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def itpn_ds(*args: str, ranks: int = 1) -> str:
-    """``python -m itpn_ds.cli ARGS`` on the CPU (under torchrun for 2 ranks); its stdout (it must succeed)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-                str(free_port())] if ranks > 1 else [sys.executable]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([*launcher, "-m", "itpn_ds.cli", *args], cwd=REPO, env=env, text=True, capture_output=True)
+    """``python -m itpn_ds.cli ARGS`` on the CPU (under torchrun for 2 ranks: ``tests.fixtures.cli.run_cli``); its
+    stdout (it must succeed)."""
+    done = run_cli(*args, ranks=ranks, timeout=RUN_TIMEOUT_S)
     if done.returncode != 0:
         raise RuntimeError(f"itpn-ds {' '.join(args[:3])} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done.stdout

@@ -3,7 +3,7 @@ fine-tuning"): the session's ``tiny_pretrain_run`` starts ``tiny_segment_cpu`` U
 the ``dense_shapes`` images sharded for segmentation (4 classes, background ignored), tracked in MLflow; a SIGKILLed
 run of the same command resumes bitwise; the export reads back through ``features_only`` and ``itpn-ds evaluate``.
 Whether the pre-trained pyramid segments better than random init is measured, over seeds, by
-``benchmarks/dense_pretrained_vs_random.py`` (docs/dense.md, "Proof on this machine")."""
+``benchmarks/dense_pretrained_vs_random.py`` (docs/dense.md, "Pre-trained against random init (benchmark)")."""
 from __future__ import annotations
 
 import ast
