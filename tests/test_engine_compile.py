@@ -1,17 +1,18 @@
 """``model.compile=on`` (regional compilation of the repeated blocks, ``itpn_ds.models.compile``).
 
 Through the real engine (CLI, 2 CPU ranks, DALI, teacher cache, tiny iTPN, fp32): a compiled run under ZeRO-3 (all
-parameters partitioned, so its hooks gather every block's weights inside compiled blocks) with activation
-checkpointing of every block is SIGKILLed mid-run and resumed; its losses agree with the eager ZeRO-2 run's (the
-demo recipes' stage), and the resumed run replays the step after its checkpoint to the killed run's loss (one
-compiled run serves both checks: compilation dominates the time of these tests). In process (``build_model``):
-both objectives under activation checkpointing match eager losses and gradients, parameter names are unchanged,
-and a model without our block lists is refused. ZeRO-0/1/2 change nothing in the module tree (no hooks on the
+parameters partitioned: each compiled block is gathered whole by its hooks, which run outside its graph) with
+activation checkpointing of every block is SIGKILLed mid-run and resumed. Its losses agree with the eager ZeRO-2
+run's (the demo recipes' stage), the resumed run replays the steps after its checkpoint to the killed run's
+losses, and it compiles one graph per block type with no graph break. In process (``build_model``): both
+objectives under activation checkpointing match eager losses and gradients, parameter names are unchanged, and
+a model without our block lists is refused. ZeRO-0/1/2 change nothing in the module tree (no hooks on the
 modules; ZeRO-2's gradient hooks sit on the parameters, outside any compiled graph), so ``build_model``'s model is
 what they run.
 
 Inductor keeps its kernels in the venv (``TORCHINDUCTOR_CACHE_DIR``): the first run of the suite compiles them.
 """
+import re
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,22 @@ def test_sigkilled_compiled_run_resumes_to_the_uninterrupted_losses(killed_and_r
         assert losses[step] == pytest.approx(killed[step], rel=1e-6), (step, losses, killed)
 
 
+@pytest.mark.dist
+def test_zero3_gathers_compiled_blocks_outside_their_graphs(killed_and_resumed):
+    """Each compiled block is a ZeRO-3 leaf module and only its ``forward`` is compiled, so no DeepSpeed hook is
+    traced: no graph break, and one graph per block type of the CLIP-distillation model (7; the checkpointed
+    recompute reruns the same graph), not one per hooked layer."""
+    _, _, resumed = killed_and_resumed
+    report = re.search(r"compile: (\d+) graphs, (\d+) graph breaks", resumed)
+    assert report, resumed[-3000:]
+    assert tuple(map(int, report.groups())) == (7, 0), report.group(0)
+
+
+def forward_is_compiled(block: torch.nn.Module) -> bool:
+    """The block's ``forward`` is an instance attribute made by ``torch.compile``."""
+    return hasattr(vars(block).get("forward"), "_torchdynamo_orig_callable")
+
+
 def built(recipe: str, *overrides: str) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model(load_config(recipe, ["model.drop_path_rate=0", *overrides]))
@@ -96,8 +113,9 @@ def test_build_model_compiles_every_repeated_block_and_keeps_the_parameter_names
     eager, compiled = built("tiny_pretrain_cpu"), built("tiny_pretrain_cpu", "model.compile=on")
     blocks = list(repeated_blocks(compiled))
     # 1 + 1 MLP blocks, 4 main blocks, 3 + 1 + 1 pyramid blocks, 2 auxiliary blocks
-    assert len(blocks) == 13 and all(b._compiled_call_impl is not None for b in blocks)
-    assert not any(b._compiled_call_impl is not None for b in repeated_blocks(eager))
+    assert len(blocks) == 13 and all(forward_is_compiled(b) for b in blocks)
+    assert not any(forward_is_compiled(b) for b in repeated_blocks(eager))
+    assert all(b._compiled_call_impl is None for b in blocks)  # the blocks' hooks run eagerly, outside the graph
     assert list(compiled.state_dict()) == list(eager.state_dict())
     assert torch._dynamo.config.recompile_limit >= 2 * len(blocks)
 

@@ -92,6 +92,8 @@ def build_engine(model: nn.Module, cfg: RunConfig, runtime: Runtime, ds_config: 
     o = cfg.optim
     groups = param_groups(model, o.layer_decay, o.layer_decay_depth, o.layer_decay_rule, o.layer_decay_layers)
     optimizer = build_optimizer(groups, cfg.optim, kind)
+    if stage == 3 and cfg.model.compile == "on":
+        gather_compiled_blocks_whole(model)
     try:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     except pydantic.ValidationError as exc:
@@ -103,6 +105,19 @@ def build_engine(model: nn.Module, cfg: RunConfig, runtime: Runtime, ds_config: 
                  cfg.deepspeed.precision, kind, type(optimizer).__name__, len(optimizer.param_groups),
                  runtime.world_size)
     return engine
+
+
+def gather_compiled_blocks_whole(model: nn.Module) -> None:
+    """ZeRO-3 gathers each compiled block's parameters at the block's boundary, not at each of its layers: the
+    blocks become ZeRO-3 leaf modules (``deepspeed.utils.set_z3_leaf_module``), so DeepSpeed hooks none of their
+    submodules and no hook of its runs inside a compiled forward (traced there, its parameter fetches break the
+    graph and recompile it at every layer)."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    from itpn_ds.models.compile import repeated_blocks
+
+    for block in repeated_blocks(model):
+        set_z3_leaf_module(block, True)
 
 
 def check_precision_supported(precision: str) -> None:

@@ -41,6 +41,7 @@ from itpn_ds.engine.runtime import seed_everything
 from itpn_ds.engine.schedule import CosineSchedule
 from itpn_ds.engine.telemetry import StepTimer, device_peak_tflops, format_metrics, step_metrics
 from itpn_ds.errors import UserError
+from itpn_ds.models.compile import compile_report
 from itpn_ds.tracking.base import Tracker
 
 log = logging.getLogger("itpn_ds.engine")
@@ -202,6 +203,8 @@ class Trainer:
             if self.p.checkpoints.latest() is None or self.p.checkpoints.latest().meta["step"] != self.state.step:
                 self.save()
             self._maybe_evaluate(final=True)
+            if self.cfg.model.compile == "on":
+                self._info("compile: %s", compile_report())
         finally:
             self.preemption.restore()
         return self.last_metrics
