@@ -14,8 +14,8 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export TORCHINDUCTOR_CACHE_DIR ?= $(abspath $(VENV))/inductor_cache
 # The fast tier: no multi-process runs, no SLURM, no MLflow server, no Inductor compilation.
 FAST_TIER := not dist and not slurm and not mlflow_server and not compile
-# Both tiers run in pytest-xdist workers, one per core; tests/conftest.py groups the tests into work units
-# (a module, or every SLURM test) and hands out the heaviest first.
+# Both tiers run in pytest-xdist workers, one per core; tests/conftest.py schedules the tests by work units
+# (a module, or the SLURM modules together) and hands out the heaviest first.
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 from tests.fixtures.cli import rendezvous_env_kept
 
@@ -45,21 +46,44 @@ def mlflow_store_of_the_session(tmp_path_factory) -> str:
 
 # Markers of the tests whose cost is processes, a cluster, a server or compilation (seconds, not milliseconds).
 HEAVY_MARKERS = ("slurm", "dist", "compile", "mlflow_server")
+# The modules holding SLURM tests: one work unit, on one worker (they share the one local cluster).
+SLURM_MODULES = ("tests/test_distributed.py", "tests/test_slurm.py", "tests/test_slurm_training.py")
 
 
-def work_unit(item: pytest.Item) -> str:
-    """The tests pytest-xdist keeps on one worker (``--dist loadgroup``): a module's tests (they share its
-    module-scoped fixtures), and every SLURM test (they share the one local cluster)."""
-    return "slurm" if item.get_closest_marker("slurm") else item.module.__name__
+def work_unit(nodeid: str) -> str:
+    """The unit of tests one worker runs in a row (``make test``'s ``--dist loadgroup``): a module, whose tests
+    share its module-scoped fixtures, or every SLURM module together."""
+    module = nodeid.split("::", 1)[0]
+    return "slurm" if module in SLURM_MODULES else module
+
+
+class WorkUnitScheduling(LoadScopeScheduling):
+    """pytest-xdist's scope scheduling over ``work_unit``s: each goes whole to one worker, in collection order.
+
+    xdist's own ``loadgroup`` reads ``xdist_group`` marks through an item attribute pytest 9 no longer uses
+    (``_nodeid``), so under it every test was its own unit: a module's tests went to both workers, each
+    building the module's fixtures, and two workers could share the SLURM cluster.
+    tests/test_conftest.py runs a module under two workers and checks that one of them ran it all."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return work_unit(nodeid)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadScopeScheduling | None:
+    return WorkUnitScheduling(config, log) if config.getvalue("dist") == "loadgroup" else None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups the tests into work units and puts the heaviest units first (a test carrying a marker of
-    ``HEAVY_MARKERS`` weighs 10, any other 1), so that the workers of ``make test`` finish close together."""
+    """Puts the heaviest work units first (a test carrying a marker of ``HEAVY_MARKERS`` weighs 10, any other
+    1), so that the workers of ``make test`` finish close together; refuses a SLURM test outside
+    ``SLURM_MODULES`` (it would not share the cluster's worker)."""
     weight: dict[str, int] = {}
     for item in items:
-        unit = work_unit(item)
-        item.add_marker(pytest.mark.xdist_group(unit))
+        unit = work_unit(item.nodeid)
+        if item.get_closest_marker("slurm") and unit != "slurm":
+            raise pytest.UsageError(f"{item.nodeid} is a SLURM test outside tests/conftest.py SLURM_MODULES: add "
+                                    "its module there")
         heavy = any(item.get_closest_marker(name) for name in HEAVY_MARKERS)
         weight[unit] = weight.get(unit, 0) + (10 if heavy else 1)
-    items.sort(key=lambda item: -weight[work_unit(item)])
+    items.sort(key=lambda item: -weight[work_unit(item.nodeid)])
