@@ -37,5 +37,5 @@ setup(
         # detection shards and loaders decode COCO masks (RLE / polygons) with pycocotools
         "dense": ["pycocotools"],
     },
-    entry_points={"console_scripts": ["itpn-ds = itpn_ds.cli:main"]},
+    entry_points={"console_scripts": ["itpn-ds = itpn_ds.cli:run"]},
 )

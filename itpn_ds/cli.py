@@ -11,11 +11,12 @@ Every subcommand runs inside one error boundary (``itpn_ds.errors``): an anticip
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import sys
 import traceback
-from typing import Callable
+from typing import Callable, NoReturn
 
 from itpn_ds.errors import DEBUG_ENV, USER_ERROR_EXIT_CODE, debug_enabled, print_error_line, user_message
 
@@ -80,5 +81,19 @@ def run_reporting_errors(name: str, command_main: Callable[[argparse.Namespace],
         return USER_ERROR_EXIT_CODE
 
 
+def run() -> NoReturn:
+    """The ``itpn-ds`` process: ``main()``, then exit with its code.
+
+    Before exiting, ``gc.freeze()`` takes every object alive out of the cyclic collector's reach: torch, DeepSpeed,
+    dynamo and timm leave a few million of them, and the interpreter's teardown would otherwise walk them in full
+    collections, about 2 s of CPU per process on this 2-core machine kind (a 2-step tiny pre-training process:
+    8 s -> 6 s). Nothing else changes: atexit handlers (logging, MLflow), thread joins and flushes run as before.
+    ``main`` itself leaves the collector alone, as it also runs inside other processes (the tests).
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

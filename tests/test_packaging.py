@@ -47,3 +47,17 @@ def test_installed_package_finds_its_recipes_and_deepspeed_configs(installed, tm
     module, config, stage = proc.stdout.split()
     assert module.startswith(str(target)) and config.startswith(str(target)), proc.stdout
     assert stage == "3"
+
+
+@pytest.mark.parametrize("argv, code, stream", [(["plan-cache", "--images", "1000"], 0, "stdout"),
+                                                (["plan-cache", "--nodes", "0"], 2, "stderr")])
+def test_installed_console_script_exits_with_the_commands_code(installed, tmp_path, argv, code, stream):
+    """``itpn-ds`` as pip installs it (``itpn_ds.cli:run``): the command's output and exit code, a user error in one
+    line."""
+    _, target = installed
+    proc = subprocess.run([str(target / "bin" / "itpn-ds"), *argv], cwd=tmp_path, env={"PYTHONPATH": str(target)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert getattr(proc, stream).strip(), proc
+    if code:
+        assert proc.stderr.startswith("itpn-ds plan-cache: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
