@@ -10,7 +10,11 @@ a model without our block lists is refused. ZeRO-0/1/2 change nothing in the mod
 modules; ZeRO-2's gradient hooks sit on the parameters, outside any compiled graph), so ``build_model``'s model is
 what they run.
 
-Inductor keeps its kernels in the venv (``TORCHINDUCTOR_CACHE_DIR``): the first run of the suite compiles them.
+Inductor keeps its kernels in the venv (``TORCHINDUCTOR_CACHE_DIR``): the first run of the suite compiles them
+(about 55 s of CPU for the two in-process models, 5 s from the cache). The in-process tests come first in this
+file (a module runs in file order, on one worker), and the CLIP one compiles the 2-rank runs' block graphs: on a
+fresh venv their ranks read those from the cache (the resumed run reports the hits) instead of each compiling
+all of them at once.
 """
 import re
 from pathlib import Path
@@ -23,13 +27,74 @@ from itpn_ds.engine.model import build_model
 from itpn_ds.models.compile import repeated_blocks
 from itpn_ds.models.pixel_mae import random_masking
 from tests.fixtures.cli import losses_by_step, succeeded, zero3_config_partitioning_all
-from tests.test_engine_zero import pretrain
+from tests.test_engine_zero import MICRO_BATCH, TEACHER_DIM, pretrain
 
 pytestmark = pytest.mark.compile
 STEPS = 4
 CHECKPOINT_EVERY = 2
 KILL_BEFORE = 4  # rank 1 SIGKILLs itself before this step: the run holds the checkpoint of step 2
 FP32_REL = 1e-4  # compiled kernels sum in other orders than eager ones; ZeRO-3 reduces the gradients otherwise
+
+
+def forward_is_compiled(block: torch.nn.Module) -> bool:
+    """The block's ``forward`` is an instance attribute made by ``torch.compile``."""
+    return hasattr(vars(block).get("forward"), "_torchdynamo_orig_callable")
+
+
+def built(recipe: str, *overrides: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(load_config(recipe, ["model.drop_path_rate=0", *overrides]))
+
+
+def assert_same_loss_and_grads(eager: torch.nn.Module, compiled: torch.nn.Module, loss_of) -> None:
+    want, got = loss_of(eager), loss_of(compiled)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_build_model_compiles_every_repeated_block_and_keeps_the_parameter_names():
+    eager, compiled = built("tiny_pretrain_cpu"), built("tiny_pretrain_cpu", "model.compile=on")
+    blocks = list(repeated_blocks(compiled))
+    # 1 + 1 MLP blocks, 4 main blocks, 3 + 1 + 1 pyramid blocks, 2 auxiliary blocks
+    assert len(blocks) == 13 and all(forward_is_compiled(b) for b in blocks)
+    assert not any(forward_is_compiled(b) for b in repeated_blocks(eager))
+    assert all(b._compiled_call_impl is None for b in blocks)  # the blocks' hooks run eagerly, outside the graph
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert torch._dynamo.config.recompile_limit >= 2 * len(blocks)
+
+
+def test_compiled_clip_distillation_with_its_mask_and_checkpointing_matches_eager():
+    """At the 2-rank runs' shapes (their micro-batch and teacher width): the graphs compiled here are the ones their
+    ranks then read from Inductor's cache, instead of each rank compiling all of them."""
+    ckpt = ("model.grad_checkpointing=every_k", "model.checkpoint_every_k=2", f"model.kwargs.teacher_dim={TEACHER_DIM}")
+    eager, compiled = built("tiny_pretrain_cpu", *ckpt), built("tiny_pretrain_cpu", *ckpt, "model.compile=on")
+    images = torch.randn(MICRO_BATCH, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(MICRO_BATCH, 16, dtype=torch.bool)
+    mask[:, 1::3] = True
+    target = torch.randn(MICRO_BATCH, 16, TEACHER_DIM, generator=torch.Generator().manual_seed(2))
+
+    def loss_of(model):
+        main, aux = model(images, mask)
+        return (main - target).square().mean() + (aux - target).square().mean()
+
+    assert_same_loss_and_grads(eager, compiled, loss_of)
+
+
+def test_compiled_pixel_objective_with_checkpointing_matches_eager():
+    ckpt = ("model.grad_checkpointing=every",)
+    eager, compiled = built("tiny_pretrain_pixel_cpu", *ckpt), built("tiny_pretrain_pixel_cpu", *ckpt, "model.compile=on")
+    size = eager.img_size
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    ids_keep, ids_restore, _ = random_masking(2, eager.grid ** 2, 0.75, generator=torch.Generator().manual_seed(3))
+    assert_same_loss_and_grads(eager, compiled, lambda model: model(images, ids_keep=ids_keep, ids_restore=ids_restore)[0])
+
+
+def test_compiling_a_model_without_our_block_lists_is_refused():
+    with pytest.raises(ConfigError, match=r"model.compile=on with model.name='resnet18'.*no repeated blocks"):
+        build_model(load_config("tiny_finetune_cpu", ["model.name=resnet18", "model.kwargs={}", "model.compile=on"]))
 
 
 def run(run_dir: Path, shards: Path, cache: Path, *overrides: str):
@@ -88,62 +153,3 @@ def test_zero3_gathers_compiled_blocks_outside_their_graphs(killed_and_resumed):
     report = re.search(r"compile: (\d+) graphs, (\d+) graph breaks", resumed)
     assert report, resumed[-3000:]
     assert tuple(map(int, report.groups())) == (7, 0), report.group(0)
-
-
-def forward_is_compiled(block: torch.nn.Module) -> bool:
-    """The block's ``forward`` is an instance attribute made by ``torch.compile``."""
-    return hasattr(vars(block).get("forward"), "_torchdynamo_orig_callable")
-
-
-def built(recipe: str, *overrides: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model(load_config(recipe, ["model.drop_path_rate=0", *overrides]))
-
-
-def assert_same_loss_and_grads(eager: torch.nn.Module, compiled: torch.nn.Module, loss_of) -> None:
-    want, got = loss_of(eager), loss_of(compiled)
-    want.backward()
-    got.backward()
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
-
-
-def test_build_model_compiles_every_repeated_block_and_keeps_the_parameter_names():
-    eager, compiled = built("tiny_pretrain_cpu"), built("tiny_pretrain_cpu", "model.compile=on")
-    blocks = list(repeated_blocks(compiled))
-    # 1 + 1 MLP blocks, 4 main blocks, 3 + 1 + 1 pyramid blocks, 2 auxiliary blocks
-    assert len(blocks) == 13 and all(forward_is_compiled(b) for b in blocks)
-    assert not any(forward_is_compiled(b) for b in repeated_blocks(eager))
-    assert all(b._compiled_call_impl is None for b in blocks)  # the blocks' hooks run eagerly, outside the graph
-    assert list(compiled.state_dict()) == list(eager.state_dict())
-    assert torch._dynamo.config.recompile_limit >= 2 * len(blocks)
-
-
-def test_compiled_clip_distillation_with_its_mask_and_checkpointing_matches_eager():
-    ckpt = ("model.grad_checkpointing=every_k", "model.checkpoint_every_k=2")
-    eager, compiled = built("tiny_pretrain_cpu", *ckpt), built("tiny_pretrain_cpu", *ckpt, "model.compile=on")
-    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    mask = torch.zeros(3, 16, dtype=torch.bool)
-    mask[:, 1::3] = True
-    target = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(2))
-
-    def loss_of(model):
-        main, aux = model(images, mask)
-        return (main - target).square().mean() + (aux - target).square().mean()
-
-    assert_same_loss_and_grads(eager, compiled, loss_of)
-
-
-def test_compiled_pixel_objective_with_checkpointing_matches_eager():
-    ckpt = ("model.grad_checkpointing=every",)
-    eager, compiled = built("tiny_pretrain_pixel_cpu", *ckpt), built("tiny_pretrain_pixel_cpu", *ckpt, "model.compile=on")
-    size = eager.img_size
-    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    ids_keep, ids_restore, _ = random_masking(2, eager.grid ** 2, 0.75, generator=torch.Generator().manual_seed(3))
-    assert_same_loss_and_grads(eager, compiled, lambda model: model(images, ids_keep=ids_keep, ids_restore=ids_restore)[0])
-
-
-def test_compiling_a_model_without_our_block_lists_is_refused():
-    with pytest.raises(ConfigError, match=r"model.compile=on with model.name='resnet18'.*no repeated blocks"):
-        build_model(load_config("tiny_finetune_cpu", ["model.name=resnet18", "model.kwargs={}", "model.compile=on"]))

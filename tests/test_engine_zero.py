@@ -24,6 +24,8 @@ pytestmark = pytest.mark.dist
 STEPS = 10  # 2 epochs of 40 images at 2 ranks x 4: no padding, so 1 rank x 4 x 2 micro-batches sees the same batches
 GLOBAL_BATCH = "schedule.global_batch=8"  # 2 ranks x 4, or 1 rank x 4 x 2 accumulation steps
 BF16 = "bf16"  # the published recipes' precision (the tiny recipes run fp32 on the CPU)
+MICRO_BATCH = 4  # per rank
+TEACHER_DIM = 32  # the tiny test teacher's embedding width (tests/fixtures/teacher.py)
 
 
 def pretrain_args(run_dir: Path, shards: Path, cache: Path, *overrides: str, config: str = "tiny_pretrain_cpu",
@@ -31,8 +33,8 @@ def pretrain_args(run_dir: Path, shards: Path, cache: Path, *overrides: str, con
     """The command line of the tiny CLIP pre-training from ``cache`` (tiny teacher: 16 tokens x 32), in bf16 unless
     ``precision`` says otherwise."""
     return ("pretrain", "--config", config, "--run-dir", str(run_dir), f"data.shards={shards}", f"teacher.cache={cache}",
-            "model.kwargs.teacher_dim=32", "data.micro_batch=4", "schedule.epochs=2", "tracking.enabled=false",
-            f"deepspeed.precision={precision}", *overrides)
+            f"model.kwargs.teacher_dim={TEACHER_DIM}", f"data.micro_batch={MICRO_BATCH}", "schedule.epochs=2",
+            "tracking.enabled=false", f"deepspeed.precision={precision}", *overrides)
 
 
 def pretrain(run_dir: Path, shards: Path, cache: Path, *overrides: str, ranks: int = 2, config: str = "tiny_pretrain_cpu",
@@ -189,7 +191,7 @@ def test_pixel_objective_lowers_its_loss(demo_shards, tmp_path):
 def test_online_clip_teacher_trains_and_times_the_teacher(demo_shards, tiny_clip_checkpoint, tmp_path):
     out = itpn_ds_in_process("pretrain", "--config", "tiny_pretrain_cpu", "--run-dir", str(tmp_path),
                              f"data.shards={demo_shards}", "teacher.mode=online",
-                             f"teacher.checkpoint={tiny_clip_checkpoint}", "model.kwargs.teacher_dim=32",
+                             f"teacher.checkpoint={tiny_clip_checkpoint}", f"model.kwargs.teacher_dim={TEACHER_DIM}",
                              "schedule.epochs=3", "tracking.enabled=false")
     assert_loss_falls(out)
     assert all(m["targets_s"] > 0 for m in step_metrics(out).values())
