@@ -3,7 +3,7 @@
 Through the real engine (CLI, 2 CPU ranks, DALI, teacher cache, tiny iTPN, fp32): a compiled run under ZeRO-3 (all
 parameters partitioned: each compiled block is gathered whole by its hooks, which run outside its graph) with
 activation checkpointing of every block is SIGKILLed mid-run and resumed. Its losses agree with the eager ZeRO-2
-run's (the demo recipes' stage), the resumed run replays the steps after its checkpoint to the killed run's
+run's (the demo recipes' stage; one rank in the test process, accumulating the same global batch), the resumed run replays the steps after its checkpoint to the killed run's
 losses, and it compiles one graph per block type with no graph break. In process (``build_model``): both
 objectives under activation checkpointing match eager losses and gradients, parameter names are unchanged, and
 a model without our block lists is refused. ZeRO-0/1/2 change nothing in the module tree (no hooks on the
@@ -26,14 +26,14 @@ from itpn_ds.config import ConfigError, load_config
 from itpn_ds.engine.model import build_model
 from itpn_ds.models.compile import repeated_blocks
 from itpn_ds.models.pixel_mae import random_masking
-from tests.fixtures.cli import losses_by_step, succeeded, zero3_config_partitioning_all
-from tests.test_engine_zero import MICRO_BATCH, TEACHER_DIM, pretrain
+from tests.fixtures.cli import losses_by_step, run_cli, run_in_process, succeeded, zero3_config_partitioning_all
+from tests.test_engine_zero import GLOBAL_BATCH, MICRO_BATCH, TEACHER_DIM, pretrain_args
 
 pytestmark = pytest.mark.compile
 STEPS = 4
 CHECKPOINT_EVERY = 2
 KILL_BEFORE = 4  # rank 1 SIGKILLs itself before this step: the run holds the checkpoint of step 2
-FP32_REL = 1e-4  # compiled kernels sum in other orders than eager ones; ZeRO-3 reduces the gradients otherwise
+FP32_REL = 1e-4  # compiled kernels sum in other orders than eager ones; 2 ZeRO-3 ranks reduce the gradients otherwise
 
 
 def forward_is_compiled(block: torch.nn.Module) -> bool:
@@ -97,14 +97,25 @@ def test_compiling_a_model_without_our_block_lists_is_refused():
         build_model(load_config("tiny_finetune_cpu", ["model.name=resnet18", "model.kwargs={}", "model.compile=on"]))
 
 
+def run_args(run_dir: Path, shards: Path, cache: Path, *overrides: str) -> tuple[str, ...]:
+    """``STEPS`` steps of the tiny CLIP pre-training in fp32 at a global batch of 8, checkpointing every
+    ``CHECKPOINT_EVERY``."""
+    return pretrain_args(run_dir, shards, cache, f"schedule.max_steps={STEPS}", GLOBAL_BATCH,
+                         f"checkpoint.every_steps={CHECKPOINT_EVERY}", "checkpoint.keep_last=3", *overrides,
+                         precision="fp32")
+
+
 def run(run_dir: Path, shards: Path, cache: Path, *overrides: str):
-    return pretrain(run_dir, shards, cache, f"schedule.max_steps={STEPS}", f"checkpoint.every_steps={CHECKPOINT_EVERY}",
-                    "checkpoint.keep_last=3", *overrides, precision="fp32")
+    """``run_args`` on 2 ranks; not checked."""
+    return run_cli(*run_args(run_dir, shards, cache, *overrides), ranks=2)
 
 
 @pytest.fixture(scope="module")
 def eager_losses(demo_shards, demo_cache, tmp_path_factory) -> dict[int, float]:
-    out = succeeded(run(tmp_path_factory.mktemp("eager"), demo_shards, demo_cache, "deepspeed.config=zero2"))
+    """The eager reference under ZeRO-2, one rank in this process: the same batches as the 2 ranks' (its global
+    batch of 8 is 2 accumulated micro-batches of 4), the gradients summed in another order."""
+    out = succeeded(run_in_process(*run_args(tmp_path_factory.mktemp("eager"), demo_shards, demo_cache,
+                                             "deepspeed.config=zero2")))
     return losses_by_step(out)
 
 
