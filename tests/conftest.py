@@ -16,6 +16,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_exte
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(sys.prefix) / "inductor_cache"))
 
 pytest_plugins = [
+    "tests.cpu_report",
     "tests.fixtures.images",
     "tests.fixtures.mlflow",
     "tests.fixtures.runs",
