@@ -3,8 +3,9 @@
 Through the real engine (CLI, 2 CPU ranks, DALI, teacher cache, tiny iTPN, fp32): a compiled run under ZeRO-3 (all
 parameters partitioned: each compiled block is gathered whole by its hooks, which run outside its graph) with
 activation checkpointing of every block is SIGKILLed mid-run and resumed. Its losses agree with the eager ZeRO-2
-run's (the demo recipes' stage; one rank in the test process, accumulating the same global batch), the resumed run replays the steps after its checkpoint to the killed run's
-losses, and it compiles one graph per block type with no graph break. In process (``build_model``): both
+run's (the demo recipes' stage; one rank in the test process, accumulating the same global batch), the resumed
+run replays the steps after its checkpoint to the killed run's losses, and it compiles one graph per block type
+with no graph break. In process (``build_model``): both
 objectives under activation checkpointing match eager losses and gradients, parameter names are unchanged, and
 a model without our block lists is refused. ZeRO-0/1/2 change nothing in the module tree (no hooks on the
 modules; ZeRO-2's gradient hooks sit on the parameters, outside any compiled graph), so ``build_model``'s model is
