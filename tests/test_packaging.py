@@ -60,4 +60,4 @@ def test_installed_console_script_exits_with_the_commands_code(installed, tmp_pa
     assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert getattr(proc, stream).strip(), proc
     if code:
-        assert proc.stderr.startswith("itpn-ds plan-cache: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("itpn-ds plan-cache: ") and len(proc.stderr.splitlines()) == 1, proc.stderr
