@@ -30,7 +30,7 @@ from torch import nn
 import itpn_ds  # noqa: F401  (registers the iTPN names)
 from itpn_ds.data.masking import BlockMaskGenerator
 from itpn_ds.models import create_model, layers
-from itpn_ds.models.compile import compile_repeated_blocks
+from itpn_ds.models.compile import compile_forward, compile_repeated_blocks
 from itpn_ds.models.flops import forward_flops
 
 IMG_SIZE = 224
@@ -59,7 +59,7 @@ def seconds_per_step(model: nn.Module, inputs: Inputs, iters: int) -> tuple[floa
 def compile_vit_blocks(model: nn.Module) -> None:
     """timm ViT's ``blocks`` compiled in place, as ``compile_repeated_blocks`` does ours (their ``forward``)."""
     for block in model.blocks:
-        block.forward = torch.compile(block.forward, dynamic=False)
+        compile_forward(block)
 
 
 def eager_and_compiled(build: Callable[[], nn.Module], compile_model: Callable[[nn.Module], object],

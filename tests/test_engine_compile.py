@@ -5,11 +5,10 @@ parameters partitioned: each compiled block is gathered whole by its hooks, whic
 activation checkpointing of every block is SIGKILLed mid-run and resumed. Its losses agree with the eager ZeRO-2
 run's (the demo recipes' stage; one rank in the test process, accumulating the same global batch), the resumed
 run replays the steps after its checkpoint to the killed run's losses, and it compiles one graph per block type
-with no graph break. In process (``build_model``): both
-objectives under activation checkpointing match eager losses and gradients, parameter names are unchanged, and
-a model without our block lists is refused. ZeRO-0/1/2 change nothing in the module tree (no hooks on the
-modules; ZeRO-2's gradient hooks sit on the parameters, outside any compiled graph), so ``build_model``'s model is
-what they run.
+with no graph break. In process (``build_model``): both objectives under activation checkpointing match eager
+losses and gradients, parameter names are unchanged, and a model without our block lists is refused. ZeRO-0/1/2
+change nothing in the module tree (no hooks on the modules; ZeRO-2's gradient hooks sit on the parameters, outside
+any compiled graph), so ``build_model``'s model is what they run.
 
 Inductor keeps its kernels in the venv (``TORCHINDUCTOR_CACHE_DIR``): the first run of the suite compiles them
 (about 55 s of CPU for the two in-process models, 5 s from the cache). The 2-rank runs do not find the in-process

@@ -67,8 +67,13 @@ def compile_repeated_blocks(model: nn.Module) -> int:
         raise ValueError(f"{type(model).__name__} has no repeated blocks in {', '.join(BLOCK_LISTS)} to compile")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks))
     for block in blocks:
-        block.forward = torch.compile(block.forward, dynamic=False)
+        compile_forward(block)
     return len(blocks)
+
+
+def compile_forward(block: nn.Module) -> None:
+    """Compile ``block``'s ``forward`` in place (static shapes, inductor); its hooks stay outside the graph."""
+    block.forward = torch.compile(block.forward, dynamic=False)
 
 
 def compile_report() -> str:
