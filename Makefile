@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.installed
 OPS    := $(VENV)/.ds_ops_built
 export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
+# The venv's tools first, as in an activated shell: DeepSpeed's JIT ops are built with the venv's ninja, and a
+# build by another ninja (the system's, another version) would not count as built and start over.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 # Compiled code that belongs to this venv's torch lives in the venv, built or compiled once, kept between runs:
 # DeepSpeed's JIT ops (torch_extensions) and Inductor's kernels and graphs (inductor_cache).
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
@@ -18,6 +21,9 @@ FAST_TIER := not dist and not slurm and not mlflow_server and not compile
 # (a module, or the SLURM modules together) and hands out the heaviest first.
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+# One worker per core, so one intra-op thread per worker and per process it starts, as the ranks already run:
+# a second thread finds no free core and its OpenMP spin-waits cost CPU time (docs/testing.md).
+test test-fast: export OMP_NUM_THREADS ?= 1
 
 .PHONY: venv demo test test-fast bench clean-demo
 
