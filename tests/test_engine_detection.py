@@ -1,7 +1,7 @@
 """Detection fine-tuning on the engine (docs/dense.md, "Detection fine-tuning"): the step schedule, COCO
 box / mask AP on hand-made detections with known answers and on the loader's own targets mapped back to
-the original images, and the chains: the session's tiny pre-training -> Mask R-CNN / Cascade Mask R-CNN fine-tuning
-on 2 ranks -> evaluate -> export -> timm ``features_only``. Whether the pre-trained pyramid detects better than random
+the original images, and the chains: the session's tiny pre-training -> Mask R-CNN fine-tuning on 2 ranks (Cascade Mask R-CNN: one rank
+at the same global batch) -> evaluate -> export -> timm ``features_only``. Whether the pre-trained pyramid detects better than random
 init is measured, over seeds, by ``benchmarks/dense_pretrained_vs_random.py`` (docs/dense.md)."""
 from __future__ import annotations
 
@@ -189,15 +189,15 @@ def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_
     assert [tuple(level.shape[-2:]) for level in levels] == [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)]
 
 
-@pytest.mark.dist
-def test_cascade_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports_every_stage(
-        det_shards, tiny_pretrain_run, tmp_path):
-    """Cascade Mask R-CNN (tiny_cascade_cpu: the published cascade heads) from the same pre-training on 2 ranks:
-    its third stage trains, it learns the shapes, ``itpn-ds evaluate`` reproduces the run's AP, and the export
-    holds every stage and reads back through ``features_only``."""
+def test_cascade_mask_rcnn_fine_tunes_from_a_pretraining_run_and_exports_every_stage(det_shards, tiny_pretrain_run,
+                                                                                     tmp_path):
+    """Cascade Mask R-CNN (tiny_cascade_cpu: the published cascade heads) from the same pre-training, one rank in the
+    test process at the 2-rank run's global batch (2 accumulated micro-batches of 2; the Mask R-CNN chain above
+    holds the 2-rank detection run): its third stage trains, it learns the shapes, ``itpn-ds evaluate``
+    reproduces the run's AP, and the export holds every stage and reads back through ``features_only``."""
     run_dir = tmp_path / "run"
-    out = itpn_ds_cli(*detect_args(run_dir, det_shards, f"detect.init={tiny_pretrain_run}", config="tiny_cascade_cpu"),
-                      ranks=2)
+    out = itpn_ds_in_process(*detect_args(run_dir, det_shards, f"detect.init={tiny_pretrain_run}",
+                                          "schedule.global_batch=4", config="tiny_cascade_cpu"))
     assert re.search(r"initialised DenseITPN from \S+: .*dropped", out)
     assert "loss_box_reg_s2" in out  # the third stage trains
     metrics = final_eval(out)

@@ -69,23 +69,32 @@ def test_sigkilled_rank_resumes_to_bitwise_identical_weights_seeing_each_sample_
         assert Counter(keys) == Counter(f"e{epoch}-{i}" for i in range(64))
 
 
-def test_nan_steps_are_skipped_then_rolled_back_and_their_batches_skipped(tmp_path):
-    out = run_ranks(tmp_path, "debug.inject_nan_at_steps=[6, 7, 8, 13]", "nonfinite.max_consecutive=3")
-    res = result(out)
+@pytest.fixture(scope="module")
+def odd_model_through_nan_steps(tmp_path_factory):
+    """One 2-rank ZeRO-2 run for two tests: the 5-class SmallNet (an odd parameter count) with non-finite losses
+    injected at steps 6, 7, 8 (a rollback after 3 in a row) and 13 (skipped alone). (run dir, stdout, RESULT)."""
+    run_dir = tmp_path_factory.mktemp("odd_nan")
+    out = run_ranks(run_dir, "finetune.num_classes=5", "debug.inject_nan_at_steps=[6, 7, 8, 13]",
+                    "nonfinite.max_consecutive=3")
+    return run_dir, out.stdout, result(out)
+
+
+def test_nan_steps_are_skipped_then_rolled_back_and_their_batches_skipped(odd_model_through_nan_steps):
+    run_dir, stdout, res = odd_model_through_nan_steps
     assert res["state"]["skipped_steps"] == 4 and res["state"]["rollbacks"] == 1
     assert res["state"]["skip_steps"] == [5, 6, 7]  # 0-based steps 6..8
-    assert "rolling back to" in out.stdout and "step 6: batches skipped" in out.stdout
-    weights = torch.load(tmp_path / "final_weights.pt")
+    assert "rolling back to" in stdout and "step 6: batches skipped" in stdout
+    weights = torch.load(run_dir / "final_weights.pt")
     assert all(torch.isfinite(v).all() for v in weights.values())
-    attempts = Counter(json.loads(line)["step"] for line in (tmp_path / "seen_rank0.jsonl").read_text().splitlines())
+    attempts = Counter(json.loads(line)["step"] for line in (run_dir / "seen_rank0.jsonl").read_text().splitlines())
     assert attempts[4] == 2  # replayed after the rollback to step_00000004
     assert attempts[5] == attempts[6] == attempts[7] == 1  # the failed attempts only: skipped after the rollback
     assert attempts[12] == 1 and attempts[15] == 1  # the lone NaN at step 13 was skipped without a rollback
 
 
-def test_zero2_starts_a_model_with_an_odd_parameter_count(tmp_path):
+def test_zero2_starts_a_model_with_an_odd_parameter_count(odd_model_through_nan_steps):
     from tests.fixtures.engine import SmallNet
 
     assert sum(p.numel() for p in SmallNet(5).parameters()) % 2 == 1
-    out = result(run_ranks(tmp_path, "finetune.num_classes=5", "schedule.epochs=1"))
-    assert out["state"]["step"] == 8 and out["loss"] > 0
+    _, _, res = odd_model_through_nan_steps
+    assert res["state"]["step"] == 16 and res["loss"] > 0
