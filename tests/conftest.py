@@ -14,6 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # venv, so a pytest started by hand finds them too and no test builds an op or recompiles a kernel it has had.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(sys.prefix) / "inductor_cache"))
+# The venv's tools first, as in an activated shell and under make: an op built by another ninja would be rebuilt.
+if not os.environ.get("PATH", "").startswith(str(Path(sys.prefix) / "bin") + os.pathsep):
+    os.environ["PATH"] = str(Path(sys.prefix) / "bin") + os.pathsep + os.environ.get("PATH", "")
 
 pytest_plugins = [
     "tests.cpu_report",
