@@ -1,8 +1,9 @@
 """Detection fine-tuning on the engine (docs/dense.md, "Detection fine-tuning"): the step schedule, COCO
 box / mask AP on hand-made detections with known answers and on the loader's own targets mapped back to
-the original images, and the chains: the session's tiny pre-training -> Mask R-CNN fine-tuning on 2 ranks (Cascade Mask R-CNN: one rank
-at the same global batch) -> evaluate -> export -> timm ``features_only``. Whether the pre-trained pyramid detects better than random
-init is measured, over seeds, by ``benchmarks/dense_pretrained_vs_random.py`` (docs/dense.md)."""
+the original images, and the chains: the session's tiny pre-training -> Mask R-CNN fine-tuning on 2 ranks
+(Cascade Mask R-CNN: one rank at the same global batch) -> evaluate -> export -> timm ``features_only``. Whether the
+pre-trained pyramid detects better than random init is measured, over seeds, by
+``benchmarks/dense_pretrained_vs_random.py`` (docs/dense.md)."""
 from __future__ import annotations
 
 import json

@@ -157,8 +157,8 @@ def test_zero3_lowers_the_loss_and_holds_half_of_zero0s_state_per_rank(demo_shar
     zero3 = succeeded(pretrain(tmp_path / "zero3", demo_shards, demo_cache, f"deepspeed.config={zero3_json}"))
     assert_loss_falls(zero3)
     # ZeRO-0 partitions nothing, so a rank holds the same bytes on 1 rank as on 2: one rank, in the test process
-    zero0 = succeeded(run_in_process(*pretrain_args(tmp_path / "zero0", demo_shards, demo_cache, "deepspeed.config=zero0",
-                                                    "schedule.max_steps=1")))
+    zero0 = succeeded(run_in_process(*pretrain_args(tmp_path / "zero0", demo_shards, demo_cache,
+                                                    "deepspeed.config=zero0", "schedule.max_steps=1")))
     ratio = state_mib(zero3) / state_mib(zero0)
     assert 0.45 < ratio < 0.6, (state_mib(zero3), state_mib(zero0))
     assert_classifier_initialises_from(tmp_path / "zero3")
@@ -201,7 +201,7 @@ def test_online_clip_teacher_trains_and_times_the_teacher(demo_shards, tiny_clip
 def test_zero3_with_optimizer_offload_trains_with_deepspeed_cpu_adam(demo_shards, demo_cache, tmp_path):
     # one rank, a process (ZeRO-3 patches torch.nn.functional.linear for the rest of its process): the 2-rank ZeRO-3
     # runs are the test above and the compiled and EMA ones
-    out = succeeded(pretrain(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero3_offload", "schedule.max_steps=3",
-                             ranks=1))
+    out = succeeded(pretrain(tmp_path, demo_shards, demo_cache, "deepspeed.config=zero3_offload",
+                             "schedule.max_steps=3", ranks=1))
     assert "ZeRO stage 3, bf16, optimizer cpu_adam (DeepSpeedCPUAdam)" in out
     assert sorted(losses_by_step(out)) == [1, 2, 3]
