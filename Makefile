@@ -15,8 +15,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # DeepSpeed's JIT ops (torch_extensions) and Inductor's kernels and graphs (inductor_cache).
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export TORCHINDUCTOR_CACHE_DIR ?= $(abspath $(VENV))/inductor_cache
-# The fast tier: no multi-process runs, no SLURM, no MLflow server, no Inductor compilation.
-FAST_TIER := not dist and not slurm and not mlflow_server and not compile
+# The fast tier: no multi-process runs, no SLURM, no MLflow server, no Inductor compilation, no multi-epoch chain.
+FAST_TIER := not dist and not slurm and not mlflow_server and not compile and not chain
 # Both tiers run in pytest-xdist workers, one per core; tests/conftest.py schedules the tests by work units
 # (a module, or the SLURM modules together) and hands out the heaviest first.
 TEST_WORKERS ?= 2

@@ -49,7 +49,7 @@ def mlflow_store_of_the_session(tmp_path_factory) -> str:
 
 
 # Markers of the tests whose cost is processes, a cluster, a server or compilation (seconds, not milliseconds).
-HEAVY_MARKERS = ("slurm", "dist", "compile", "mlflow_server")
+HEAVY_MARKERS = ("slurm", "dist", "compile", "mlflow_server", "chain")
 # The modules holding SLURM tests: one work unit, on one worker (they share the one local cluster).
 SLURM_MODULES = ("tests/test_distributed.py", "tests/test_slurm.py", "tests/test_slurm_training.py")
 

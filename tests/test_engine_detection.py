@@ -190,6 +190,7 @@ def test_mask_rcnn_fine_tunes_from_a_pretraining_run_on_2_ranks_and_exports(det_
     assert [tuple(level.shape[-2:]) for level in levels] == [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)]
 
 
+@pytest.mark.chain  # 6 epochs of Cascade Mask R-CNN in this process: about a minute
 def test_cascade_mask_rcnn_fine_tunes_from_a_pretraining_run_and_exports_every_stage(det_shards, tiny_pretrain_run,
                                                                                      tmp_path):
     """Cascade Mask R-CNN (tiny_cascade_cpu: the published cascade heads) from the same pre-training, one rank in the
