@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slurm
 SLURM = REPO / "launch" / "slurm"
 STEP = re.compile(r"step (\d+) epoch \d+ loss")
 STEP_LOSS = re.compile(r"step (\d+) epoch \d+ loss (\S+)")
+EVERY = 5  # the pre-training's periodic checkpoints: steps 5 and 10 of its 12
 
 
 def submit_extraction(slurm_cluster, shards, out, clip, logs):
@@ -90,7 +91,7 @@ def test_two_node_pretraining_preempted_then_losing_a_rank_resumes_each_time_and
     cache, run = array_extraction[0], tmp_path / "run"
     job = slurm_cluster.sbatch(SLURM / "pretrain.sbatch", "--config", "tiny_pretrain_cpu", "--run-dir", str(run),
                                f"data.shards={demo_shards}", f"teacher.cache={cache}", "schedule.epochs=4",
-                               "checkpoint.every_steps=4", f"tracking.uri=sqlite:///{run}/mlflow.db",
+                               f"checkpoint.every_steps={EVERY}", f"tracking.uri=sqlite:///{run}/mlflow.db",
                                options=("-N", "2", "--ntasks-per-node", "1", f"--output={tmp_path}/%j.out"))
     log = tmp_path / f"{job}.out"
     read = lambda: log.read_text() if log.exists() else ""  # noqa: E731
@@ -98,7 +99,8 @@ def test_two_node_pretraining_preempted_then_losing_a_rank_resumes_each_time_and
     slurm_cluster.scancel("--batch", "--signal=USR1", job)
     assert slurm_cluster.wait_state(job, {"PENDING"}, timeout_s=120)["Restarts"] == "1", read()[-3000:]
 
-    # killed after its first step, before its first periodic checkpoint (step 8): its steps are lost and repeated
+    # killed after its first step, most often before its next periodic checkpoint (2 to 4 steps of 0.1 s later):
+    # then its steps are lost and repeated; else it resumes from that checkpoint
     second_attempt = lambda: read().partition("requeueing job")[2]  # noqa: E731
     assert wait_for(lambda: len(STEP.findall(second_attempt())) >= 1, timeout_s=240), read()[-3000:]
     os.kill(wait_for_task_pid(10, SLURM_JOB_ID=job, SLURM_PROCID="1"), signal.SIGKILL)
@@ -113,11 +115,14 @@ def test_two_node_pretraining_preempted_then_losing_a_rank_resumes_each_time_and
     assert re.search(r"the step failed with status \d+ .*$", second, re.MULTILINE), second[-3000:]
     saved = [int(s) for s in re.findall(r"checkpoint \S+ saved \(step (\d+),", first + second)]
     resumed = int(re.search(r"resumed from \S+: step (\d+)", third).group(1))
-    assert saved and resumed == saved[-1]  # the newest complete checkpoint
+    assert saved and resumed == saved[-1]  # the newest complete checkpoint (said once published, on rank 0)
     killed_attempt, last_attempt = dict(STEP_LOSS.findall(second)), dict(STEP_LOSS.findall(third))
     assert min(int(s) for s in last_attempt) == resumed + 1 and max(int(s) for s in last_attempt) == 12
-    repeated = set(killed_attempt) & set(last_attempt)
-    assert repeated and all(killed_attempt[s] == last_attempt[s] for s in repeated), (killed_attempt, last_attempt)
+    if resumed != stopped:  # killed after publishing its periodic checkpoint
+        assert resumed % EVERY == 0 and str(resumed) in killed_attempt, (resumed, killed_attempt)
+    repeated = set(killed_attempt) & set(last_attempt)  # its lost steps, taken again with the same losses
+    assert repeated or resumed != stopped, (killed_attempt, last_attempt)
+    assert all(killed_attempt[s] == last_attempt[s] for s in repeated), (killed_attempt, last_attempt)
     steps = sorted({int(s) for s in STEP.findall(text)})
     assert steps == list(range(1, 13))
 

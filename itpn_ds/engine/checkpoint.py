@@ -151,6 +151,8 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp_dir, final)
             _atomic_write_text(self.root / LATEST, tag + "\n")
+            # said when published, before the last barrier: a rank lost there leaves this checkpoint complete
+            log.info("checkpoint %s saved (step %d, %d ranks)", final, step, self.world_size)
             self._prune()
         _barrier()
         return CheckpointRef(self.root, tag, full_meta)

@@ -138,9 +138,7 @@ class Trainer:
         rank_state = {"loader": self.p.loader.state_dict(), "epoch": self.state.epoch}
         if self.p.ema is not None:
             rank_state["ema"] = self.p.ema.state_dict()
-        ref = self.p.checkpoints.save(self.p.engine, self.state.step, meta, rank_state)
-        self._info("checkpoint %s saved (step %d, epoch %d)", ref.path, self.state.step, self.state.epoch)
-        return ref
+        return self.p.checkpoints.save(self.p.engine, self.state.step, meta, rank_state)
 
     def restore(self, ref: CheckpointRef) -> None:
         """Load engine, counters, loader position and RNG from ``ref`` (all ranks)."""
