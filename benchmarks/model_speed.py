@@ -27,7 +27,7 @@ import timm
 import torch
 from torch import nn
 
-import itpn_ds  # noqa: F401  (registers the iTPN names)
+import itpn_ds.models  # noqa: F401  (registers the iTPN names)
 from itpn_ds.data.masking import BlockMaskGenerator
 from itpn_ds.models import create_model, layers
 from itpn_ds.models.compile import compile_forward, compile_repeated_blocks

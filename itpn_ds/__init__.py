@@ -4,8 +4,8 @@ Data flow: shards (``itpn_ds.data``) -> DALI pipeline -> (teacher cache, ``itpn_
 -> model (``itpn_ds.models``) -> engine (``itpn_ds.engine``) -> checkpoints / tracking
 (``itpn_ds.tracking``).
 
-Importing the package registers the iTPN models with timm (``timm.create_model("itpn_base_...")``).
+``import itpn_ds.models`` registers the iTPN classifiers with timm (``timm.create_model("itpn_base_...")``).
+The package itself imports nothing: a launcher helper (``itpn_ds.torchrun``, ``itpn_ds.distributed``) or a data
+tool starts without torch, timm and the model zoo.
 """
-from itpn_ds import models  # noqa: F401  (registers the timm model names)
-
 __version__ = "0.1.0"

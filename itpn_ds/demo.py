@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
           f"MLflow store:  {out / 'mlflow.db'}\n"
           f"MLflow UI:     .venv/bin/mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --port 5000\n"
           f"load in timm:  timm.create_model('local-dir:{export_dir}', pretrained=True)  "
-          f"(size, classes and weights from the folder; `import itpn_ds` first)")
+          f"(size, classes and weights from the folder; `import itpn_ds.models` first)")
     return 0
 
 

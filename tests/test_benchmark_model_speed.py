@@ -3,7 +3,7 @@ the same outputs as SDPA on a tiny iTPN with a random position bias, and the SDP
 import timm
 import torch
 
-import itpn_ds  # noqa: F401  (registers the iTPN names)
+import itpn_ds.models  # noqa: F401  (registers the iTPN names)
 from benchmarks.model_speed import plain_math_attention, plain_math_sdpa
 from itpn_ds.models import layers
 

@@ -3,7 +3,7 @@ pre-training checkpoint, UperNet, Mask R-CNN on torchvision, layer decay and exp
 import pytest
 import torch
 
-import itpn_ds  # noqa: F401  (registers the timm names)
+import itpn_ds.models  # noqa: F401  (registers the timm names)
 from itpn_ds.engine.export import write_export
 from itpn_ds.engine.optim import param_groups
 from itpn_ds.models import create_model, ITPN, FastITPNClipDistill, ITPNClipDistill, ITPNPixelMAE, load_weights

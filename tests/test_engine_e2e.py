@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-import itpn_ds  # noqa: F401
+import itpn_ds.models  # noqa: F401  (registers the timm names)
 from itpn_ds.data import build_eval_loader
 from itpn_ds.engine.tasks.classify import evaluate_classifier
 from itpn_ds.teacher.extract import ExtractConfig, extract_cache

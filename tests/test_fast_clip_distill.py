@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import itpn_ds  # noqa: F401  (registers the timm names)
+import itpn_ds.models  # noqa: F401  (registers the timm names)
 from itpn_ds.config import ConfigError, load_config
 from itpn_ds.engine.model import build_model
 from itpn_ds.engine.tasks.pretrain import check_objective

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import itpn_ds  # noqa: F401  (registers the timm names)
+import itpn_ds.models  # noqa: F401  (registers the timm names)
 from itpn_ds.models import (create_model, CheckpointMismatchError, FastITPN, ITPN, ITPNClipDistill, ITPNPixelMAE,
                             load_weights)
 from itpn_ds.models.flops import forward_flops

@@ -12,7 +12,7 @@ import torch
 from timm.models import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-import itpn_ds  # noqa: F401  (registers the timm names)
+import itpn_ds.models  # noqa: F401  (registers the timm names)
 from itpn_ds.engine.export import model_metadata, write_export
 from itpn_ds.engine.optim import param_groups
 from itpn_ds.models import CLASSIFIER_CONFIGS, create_model, list_models

@@ -13,7 +13,7 @@ Output (``OUT`` is a directory, timm's ``local-dir`` format for the classifiers)
 
 Loading::
 
-    import itpn_ds, timm
+    import itpn_ds.models, timm
     model = timm.create_model("local-dir:OUT", pretrained=True)        # a classifier: size, classes, weights
     model = itpn_ds.models.create_model(meta["architecture"], pretrained=True,   # any export
                                         pretrained_cfg_overlay=dict(file="OUT/model.safetensors"),

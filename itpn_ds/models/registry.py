@@ -1,6 +1,6 @@
 """Model registries: timm's for the classifiers, ours for the pre-training and dense task models.
 
-timm (``timm.create_model(NAME)`` after ``import itpn_ds``): the classifiers ``itpn_*_patch16_*`` and
+timm (``timm.create_model(NAME)`` after ``import itpn_ds.models``): the classifiers ``itpn_*_patch16_*`` and
 ``fast_itpn_*`` (``CLASSIFIER_CONFIGS``), built by timm's ``build_model_with_cfg`` with a pretrained cfg per
 published checkpoint (``default_cfgs``: input size, mean / std, crop_pct, interpolation of the published
 evaluation, tags such as ``.clip_b16_in1k``), so ``timm.list_models()`` lists only what timm's tools run and
