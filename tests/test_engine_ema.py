@@ -1,5 +1,6 @@
 """Weight EMA for fine-tuning: the average itself, then 2 ZeRO-3 ranks (every parameter partitioned) where the
-EMA is evaluated, exported, and survives a SIGKILL bitwise."""
+EMA is evaluated, exported, and resumed bitwise from a mid-run checkpoint (the state a run killed after it leaves:
+the SIGKILL itself is tests/test_engine_resume.py's and tests/test_engine_zero.py's)."""
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -9,6 +10,7 @@ from itpn_ds.engine.checkpoint import read_checkpoint
 from itpn_ds.engine.ema import WeightEma
 from itpn_ds.engine.export import consolidated_state_dict
 from tests.fixtures.cli import run_cli, zero3_config_partitioning_all
+from tests.fixtures.runs import copy_checkpoint
 
 
 def test_ema_averages_swaps_in_and_restores_the_weights():
@@ -51,7 +53,7 @@ def finetune(run_dir, shards, zero3_json, *overrides):
     return run_cli("finetune", "--config", "tiny_finetune_cpu", "--run-dir", str(run_dir), f"data.shards={shards}",
                    f"data.val_shards={shards}", "finetune.ema_decay=0.8", f"deepspeed.config={zero3_json}",
                    "data.micro_batch=4", "schedule.epochs=2", "finetune.eval_every_epochs=1",
-                   "checkpoint.every_steps=4", "checkpoint.keep_last=2", "data.rand_augment_ops=0",
+                   "checkpoint.every_steps=4", "checkpoint.keep_last=3", "data.rand_augment_ops=0",
                    "data.reprob=0", "tracking.enabled=false", *overrides, ranks=2)
 
 
@@ -66,11 +68,10 @@ def test_zero3_ema_is_evaluated_exported_and_resumed_bitwise(demo_shards, tmp_pa
     assert averaged.keys() == trained.keys()
     assert any(not torch.equal(averaged[k], trained[k]) for k in averaged)
 
-    killed = finetune(tmp_path / "killed", demo_shards, zero3_json, "debug.kill_at_step=[0, 7]")
-    assert killed.returncode != 0
-    resumed = finetune(tmp_path / "killed", demo_shards, zero3_json)
+    copy_checkpoint(tmp_path / "ref", "step_00000004", tmp_path / "resumed")  # before the first epoch's evaluation
+    resumed = finetune(tmp_path / "resumed", demo_shards, zero3_json)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    again = load_file(tmp_path / "killed" / "ema" / "model.safetensors")
+    assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
+    again = load_file(tmp_path / "resumed" / "ema" / "model.safetensors")
     for name in averaged:
         assert torch.equal(averaged[name], again[name]), name

@@ -1,7 +1,7 @@
 """Pre-training -> segmentation, the whole chain on the CPU with real components (docs/dense.md, "Segmentation
 fine-tuning"): the session's ``tiny_pretrain_run`` starts ``tiny_segment_cpu`` UperNet on 2 ZeRO-2 ranks (fp32) on
-the ``dense_shapes`` images sharded for segmentation (4 classes, background ignored), tracked in MLflow; a SIGKILLed
-run of the same command resumes bitwise; the export reads back through ``features_only`` and ``itpn-ds evaluate``.
+the ``dense_shapes`` images sharded for segmentation (4 classes, background ignored), tracked in MLflow; a run
+resumed from its mid-run checkpoint ends bitwise the same (the SIGKILL itself is tests/test_engine_resume.py's); the export reads back through ``features_only`` and ``itpn-ds evaluate``.
 Whether the pre-trained pyramid segments better than random init is measured, over seeds, by
 ``benchmarks/dense_pretrained_vs_random.py`` (docs/dense.md, "Pre-trained against random init (benchmark)")."""
 from __future__ import annotations
@@ -23,7 +23,8 @@ from itpn_ds.engine.checkpoint import read_checkpoint
 from itpn_ds.engine.export import consolidated_state_dict
 from itpn_ds.models.loading import load_target, load_weights
 from itpn_ds.models.pyramid import PYRAMID_PREFIXES
-from tests.fixtures.cli import itpn_ds_cli, itpn_ds_in_process, losses_by_step, run_cli, run_in_process
+from tests.fixtures.cli import itpn_ds_cli, itpn_ds_in_process, losses_by_step, run_in_process
+from tests.fixtures.runs import copy_checkpoint
 
 pytestmark = pytest.mark.dist
 
@@ -87,20 +88,20 @@ def test_best_mIoU_export_and_mlflow_per_class_curves(chain):
         assert len(client.get_metric_history(run.info.run_id, f"eval/IoU/{name}")) == 2
 
 
-def test_sigkilled_segment_run_resumes_to_bitwise_identical_weights(chain):
+def test_segment_run_resumed_from_its_checkpoint_ends_with_bitwise_identical_weights(chain):
+    """From step 9 of the chain's run (of 36; its first evaluation comes at step 18), as a run killed after that
+    checkpoint resumes."""
     root = chain["root"]
-    args = segment_args(root, "killed", f"segment.init={chain['pretrain']}", "tracking.enabled=false")
-    killed = run_cli(*args, "debug.kill_at_step=[1, 14]", ranks=2)
-    assert killed.returncode != 0 and "SIGKILL" in killed.stdout + killed.stderr
-    assert (root / "killed" / "checkpoints" / "latest").read_text().strip() == "step_00000009"
-    resumed = itpn_ds_cli(*args, ranks=2)
+    copy_checkpoint(root / "pretrained", "step_00000009", root / "resumed")
+    resumed = itpn_ds_cli(*segment_args(root, "resumed", f"segment.init={chain['pretrain']}", "tracking.enabled=false"),
+                          ranks=2)
     assert "resumed from" in resumed
     want, got = losses_by_step(chain["run"]), losses_by_step(resumed)
     assert sorted(got) == list(range(10, SEG_EPOCHS * 6 + 1))
     assert all(got[step] == want[step] for step in got)
     assert evals(resumed)[6]["mIoU"] == evals(chain["run"])[6]["mIoU"]
     ref = consolidated_state_dict(read_checkpoint(root / "pretrained"))
-    again = consolidated_state_dict(read_checkpoint(root / "killed"))
+    again = consolidated_state_dict(read_checkpoint(root / "resumed"))
     assert ref.keys() == again.keys()
     for name in ref:
         assert torch.equal(ref[name], again[name]), name

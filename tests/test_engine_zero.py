@@ -9,7 +9,6 @@ tiny iTPN on the demo shards, in bf16 as the published recipes:
 """
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from itpn_ds.engine.checkpoint import read_checkpoint
 from itpn_ds.engine.export import consolidated_state_dict
 from tests.fixtures.cli import (itpn_ds_in_process, losses_by_step, run_cli, run_in_process, step_metrics,
                                 succeeded, zero3_config_partitioning_all)
+from tests.fixtures.runs import copy_checkpoint
 
 pytestmark = pytest.mark.dist
 STEPS = 10  # 2 epochs of 40 images at 2 ranks x 4: no padding, so 1 rank x 4 x 2 micro-batches sees the same batches
@@ -119,13 +119,6 @@ def test_sigkilled_rank_resumes_itpn_with_dali_to_bitwise_identical_weights_and_
     assert probed[10] == reference[10]
     best = read_checkpoint(tmp_path).meta["trainer"]["probe_best"]
     assert best and best == read_checkpoint(ref_dir).meta["trainer"]["probe_best"]
-
-
-def copy_checkpoint(run_dir: Path, tag: str, dest: Path) -> None:
-    """A run directory whose latest checkpoint is ``run_dir``'s ``tag``."""
-    (dest / "checkpoints").mkdir(parents=True)
-    shutil.copytree(run_dir / "checkpoints" / tag, dest / "checkpoints" / tag)
-    (dest / "checkpoints" / "latest").write_text(tag + "\n")
 
 
 def test_two_rank_zero1_checkpoint_resumes_on_one_rank_under_zero2(zero1_run, demo_shards, demo_cache, tmp_path):
