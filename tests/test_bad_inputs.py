@@ -768,6 +768,17 @@ def test_the_local_launcher_refuses_in_one_line(args, expect, ws):
     assert not ws.run.exists()
 
 
+@pytest.mark.parametrize("knob", ["ITPN_DS_MAX_REQUEUES", "ITPN_DS_MAX_FAILURES"])
+def test_a_requeue_bound_that_is_not_a_whole_number_is_refused_in_one_line(knob):
+    """launch/slurm/lib.sh's environment check, as a one-task job's batch shell runs it (no step is started)."""
+    env = {**os.environ, "ITPN_DS_PYTHON": sys.executable, knob: "three", "SLURM_NTASKS": "1"}
+    proc = subprocess.run(["bash", "-c", f"source {LOCAL_SH.parent / 'slurm' / 'lib.sh'} && itpn_setup_env"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert f"{knob}='three': set a whole number" in line, line
+
+
 def test_a_multi_line_message_is_reported_on_one_line(monkeypatch, capsys):
     """Library messages wrapped into a user error (DALI's, pydantic's) span lines; the report never does."""
     import itpn_ds.engine.commands as commands

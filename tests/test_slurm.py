@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -99,3 +101,24 @@ def test_an_input_error_ends_the_job_unrequeued_and_a_one_process_command_refuse
         assert len([line for line in text.splitlines() if error in line]) == 1 and "Traceback" not in text, text
     assert "not requeued" in (tmp_path / f"{bad}.out").read_text()
     assert not (tmp_path / "out").exists()
+
+
+def test_a_step_that_keeps_failing_is_requeued_at_most_max_failures_times_and_keeps_the_jobs_comment(slurm_cluster,
+                                                                                                   tmp_path):
+    """A step that exits 3 at every attempt (a bug, not a lost node) under ITPN_DS_MAX_FAILURES=1: requeued
+    once, then the job ends FAILED with the step's status; the count lives in the job's Comment, beside the
+    submitter's own."""
+    script = tmp_path / "always_fails.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --requeue\n#SBATCH --open-mode=append\nset -uo pipefail\n"
+                      f"source {SLURM / 'lib.sh'}\n"
+                      "itpn_job -c 'import sys; print(\"attempt\", flush=True); sys.exit(3)'\n")
+    job = slurm_cluster.sbatch(script, options=("-n", "1", "--comment=team-x", "--export=ALL,ITPN_DS_MAX_FAILURES=1",
+                                                f"--output={tmp_path}/%j.out"))
+    info = slurm_cluster.wait_done(job, timeout_s=120)
+    text = (tmp_path / f"{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0" and info["Restarts"] == "1", text
+    assert text.count("attempt") == 2 and text.count("requeueing job") == 1, text
+    assert "failed step 2, past ITPN_DS_MAX_FAILURES=1" in text, text
+    shown = subprocess.run(["scontrol", "show", "job", job], env=slurm_cluster.env, capture_output=True, text=True,
+                           timeout=30, check=True).stdout  # the multi-line form: one field per line holds spaces
+    assert re.search(r"^\s*Comment=team-x itpn-ds-failures=2\s*$", shown, re.M), shown

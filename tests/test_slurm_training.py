@@ -112,7 +112,7 @@ def test_two_node_pretraining_preempted_then_losing_a_rank_resumes_each_time_and
 
     stopped = int(re.search(r"preemption signal: checkpointing at step (\d+)", first).group(1))
     assert min(int(s) for s in STEP.findall(second)) == stopped + 1  # resumed exactly where the preemption stopped
-    assert re.search(r"the step failed with status \d+ .*$", second, re.MULTILINE), second[-3000:]
+    assert re.search(r"the step failed with status \d+ .*\(the job's failed step 1; .*$", second, re.MULTILINE), second[-3000:]
     saved = [int(s) for s in re.findall(r"checkpoint \S+ saved \(step (\d+),", first + second)]
     resumed = int(re.search(r"resumed from \S+: step (\d+)", third).group(1))
     assert saved and resumed == saved[-1]  # the newest complete checkpoint (said once published, on rank 0)

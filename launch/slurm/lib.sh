@@ -15,10 +15,13 @@
 #    with 2; any other status requeues the job (`scontrol requeue`, needs `--requeue`): after USR1 the
 #    program saved a checkpoint (or had none to save), otherwise a rank or a node died. The requeued job runs
 #    the same command, which resumes from its newest complete checkpoint. At most ITPN_DS_MAX_REQUEUES
-#    restarts (SLURM_RESTART_COUNT) whatever their cause; past it the job ends with the step's status.
+#    restarts (SLURM_RESTART_COUNT) whatever their cause, and at most ITPN_DS_MAX_FAILURES of them after a
+#    failed step (not after USR1: a crash that repeats is a bug or a bad node, which a restart does not
+#    mend), counted in the job's Comment (`itpn-ds-failures=N`, the rest of the comment kept); past either
+#    the job ends with the step's status.
 #
 # Errors of this layer are one line (`[itpn-ds launch ...] what, and what to do`) and exit status 2.
-# Environment knobs (see docs/launch.md): ITPN_DS_PYTHON, ITPN_DS_MAX_REQUEUES, ITPN_DS_STEP_WAIT_S,
+# Environment knobs (see docs/launch.md): ITPN_DS_PYTHON, ITPN_DS_MAX_REQUEUES, ITPN_DS_MAX_FAILURES, ITPN_DS_STEP_WAIT_S,
 # ITPN_DS_SRUN_ARGS and the usual OMP_NUM_THREADS, NCCL_*, DS_ACCELERATOR, MASTER_ADDR/MASTER_PORT (both
 # set: they override the rendezvous).
 
@@ -67,6 +70,8 @@ itpn_setup_env() {
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
   [[ "${ITPN_DS_MAX_REQUEUES:-20}" =~ ^[0-9]+$ ]] ||
     itpn_fail "ITPN_DS_MAX_REQUEUES='$ITPN_DS_MAX_REQUEUES': set a whole number of restarts (default 20)"
+  [[ "${ITPN_DS_MAX_FAILURES:-3}" =~ ^[0-9]+$ ]] ||
+    itpn_fail "ITPN_DS_MAX_FAILURES='$ITPN_DS_MAX_FAILURES': set a whole number of restarts after a failed step (default 3)"
   if [ -n "${SLURM_GPUS_ON_NODE:-}" ] && [ -n "${SLURM_NTASKS_PER_NODE:-}" ] &&
      [ "$SLURM_GPUS_ON_NODE" != "$SLURM_NTASKS_PER_NODE" ]; then
     itpn_fail "--ntasks-per-node=$SLURM_NTASKS_PER_NODE but $SLURM_GPUS_ON_NODE GPUs per node: submit one task per GPU"
@@ -107,6 +112,31 @@ itpn_requeue() {  # $1: why, $2: the job's status if it is not requeued; never r
   exit 0
 }
 
+itpn_count_failure() {  # prints the job's failed steps, this one included, kept in its Comment across requeues
+  local comment count
+  comment=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Comment=\(.*[^ ]\) *$/\1/p' | head -1)
+  [ "$comment" = "(null)" ] && comment=""
+  count=$(( $(sed -n 's/.*itpn-ds-failures=\([0-9]*\).*/\1/p' <<<"$comment") + 1 ))
+  if [[ "$comment" == *itpn-ds-failures=* ]]; then
+    comment=$(sed "s/itpn-ds-failures=[0-9]*/itpn-ds-failures=$count/" <<<"$comment")
+  else
+    comment="${comment:+$comment }itpn-ds-failures=$count"
+  fi
+  scontrol update JobId="$SLURM_JOB_ID" Comment="$comment" >&2 ||
+    itpn_log "cannot record the failure in the job's Comment: only ITPN_DS_MAX_REQUEUES bounds the restarts"
+  echo "$count"
+}
+
+itpn_requeue_failure() {  # $1: why, $2: the step's status; never returns
+  local failures limit=${ITPN_DS_MAX_FAILURES:-3}
+  failures=$(itpn_count_failure)
+  if [ "$failures" -gt "$limit" ]; then
+    itpn_log "$1; not requeued: failed step $failures, past ITPN_DS_MAX_FAILURES=$limit (a crash that repeats is a bug or a bad node: see above; raise it to allow more)"
+    exit "$2"
+  fi
+  itpn_requeue "$1 (the job's failed step $failures; requeued after at most $limit)" "$2"
+}
+
 itpn_job() {
   trap itpn_on_usr1 USR1
   itpn_setup_env
@@ -123,7 +153,7 @@ itpn_job() {
     exit "$rc"
   fi
   [ "$ITPN_USR1_RECEIVED" = 1 ] && itpn_requeue "the step stopped after USR1 with status $rc" "$rc"
-  itpn_requeue "the step failed with status $rc (a rank or a node died, or a bug: see above)" "$rc"
+  itpn_requeue_failure "the step failed with status $rc (a rank or a node died, or a bug: see above)" "$rc"
 }
 
 itpn_command() {  # COMMAND ARGS...: `itpn-ds COMMAND ARGS...` as the job's step
