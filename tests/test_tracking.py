@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,7 +12,9 @@ from mlflow.tracking import MlflowClient
 from itpn_ds.distributed import DistEnv
 from itpn_ds.tracking import NoOpTracker, TrackingConfig, build_tracker
 from itpn_ds.tracking.context import flatten_params
+from itpn_ds.tracking.journal import Journal
 from itpn_ds.tracking.mlflow_tracker import MLflowTracker, TrackingUnavailable
+from itpn_ds.tracking.sender import HTTP_TIMEOUT_ENV, MLflowSender, _http_timeout
 
 FAST = dict(request_timeout_s=1, retry_interval_s=0.2, max_retry_interval_s=1.0, close_timeout_s=60,
             curve_metrics=("train/loss", "train/lr"))
@@ -65,6 +68,20 @@ def without_tracking_env(monkeypatch, home: Path) -> Path:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(home))
     return home.resolve() / "itpn-ds" / "mlflow.db"
+
+
+def test_the_sender_thread_never_adds_or_removes_an_environment_variable(tmp_path, monkeypatch):
+    """A request's timeout replaces the value of a variable the sender set when it was made: adding or removing
+    one from the sender thread reallocates the C environment under a process another thread is spawning (an
+    ``mlflow server`` started by a test failed so, EFAULT)."""
+    monkeypatch.delenv(HTTP_TIMEOUT_ENV, raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    MLflowSender(f"sqlite:///{tmp_path / 'mlflow.db'}", Journal(tmp_path / "journal"), "e", "r", request_timeout_s=5)
+    names = set(os.environ)
+    assert os.environ[HTTP_TIMEOUT_ENV] == "5"
+    with _http_timeout(600):
+        assert set(os.environ) == names and os.environ[HTTP_TIMEOUT_ENV] == "600"
+    assert set(os.environ) == names and os.environ[HTTP_TIMEOUT_ENV] == "5"
 
 
 def test_sqlite_default_logs_everything_and_a_resumed_run_reattaches(tmp_path, monkeypatch):

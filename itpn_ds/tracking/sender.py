@@ -75,19 +75,26 @@ def _mlflow_errors() -> Iterator[None]:
         raise
 
 
+HTTP_TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"  # MLflow's REST client reads it at each request (whole seconds)
+
+
+def _set_http_timeout(seconds: float) -> None:
+    os.environ[HTTP_TIMEOUT_ENV] = str(max(1, math.ceil(seconds)))
+
+
 @contextmanager
 def _http_timeout(seconds: float) -> Iterator[None]:
-    """MLflow's REST client reads its timeout from the environment at each request (whole seconds)."""
-    key = "MLFLOW_HTTP_REQUEST_TIMEOUT"
-    previous = os.environ.get(key)
-    os.environ[key] = str(max(1, math.ceil(seconds)))
+    """MLflow's requests in this block time out after ``seconds``. The sender thread only replaces the value of
+    the variable, which ``MLflowSender`` sets before that thread starts: adding or removing a variable
+    reallocates the process's C environment, and a process that another thread spawns meanwhile (vfork, then
+    exec of that environment) can then fail with EFAULT ("Bad address"), as an ``mlflow server`` started by a
+    test did while the sender retried."""
+    previous = os.environ[HTTP_TIMEOUT_ENV]
+    _set_http_timeout(seconds)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = previous
+        os.environ[HTTP_TIMEOUT_ENV] = previous
 
 
 class MLflowSender:
@@ -106,8 +113,11 @@ class MLflowSender:
         self.state_path = journal.directory / "run.json"
         self.run_id: str | None = None
         self._client = None
-        # MLflow's own retry loop would block for minutes; this sender retries itself, between sends.
+        # MLflow's own retry loop would block for minutes; this sender retries itself, between sends. Both
+        # variables are set here, in the thread that makes the sender, and never added or removed by the sender
+        # thread (``_http_timeout``).
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        _set_http_timeout(request_timeout_s)
 
     def check_run_record(self) -> RunRecord | None:
         """The stored run, if any; a clear error when it was tracked at another URI."""
