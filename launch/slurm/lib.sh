@@ -21,9 +21,9 @@
 #    the job ends with the step's status.
 #
 # Errors of this layer are one line (`[itpn-ds launch ...] what, and what to do`) and exit status 2.
-# Environment knobs (see docs/launch.md): ITPN_DS_PYTHON, ITPN_DS_MAX_REQUEUES, ITPN_DS_MAX_FAILURES, ITPN_DS_STEP_WAIT_S,
-# ITPN_DS_SRUN_ARGS and the usual OMP_NUM_THREADS, NCCL_*, DS_ACCELERATOR, MASTER_ADDR/MASTER_PORT (both
-# set: they override the rendezvous).
+# Environment knobs (see docs/launch.md): ITPN_DS_PYTHON, ITPN_DS_MAX_REQUEUES, ITPN_DS_MAX_FAILURES,
+# ITPN_DS_STEP_WAIT_S, ITPN_DS_SRUN_ARGS and the usual OMP_NUM_THREADS, NCCL_*, DS_ACCELERATOR,
+# MASTER_ADDR/MASTER_PORT (both set: they override the rendezvous).
 
 ITPN_INPUT_ERROR_STATUS=2  # the CLI's exit status for bad input (USER_ERROR_EXIT_CODE, itpn_ds/errors.py)
 # commands that run as one process (their own --workers); every other command runs one rank per task
@@ -71,7 +71,7 @@ itpn_setup_env() {
   [[ "${ITPN_DS_MAX_REQUEUES:-20}" =~ ^[0-9]+$ ]] ||
     itpn_fail "ITPN_DS_MAX_REQUEUES='$ITPN_DS_MAX_REQUEUES': set a whole number of restarts (default 20)"
   [[ "${ITPN_DS_MAX_FAILURES:-3}" =~ ^[0-9]+$ ]] ||
-    itpn_fail "ITPN_DS_MAX_FAILURES='$ITPN_DS_MAX_FAILURES': set a whole number of restarts after a failed step (default 3)"
+    itpn_fail "ITPN_DS_MAX_FAILURES='$ITPN_DS_MAX_FAILURES': set a whole number of restarts (default 3)"
   if [ -n "${SLURM_GPUS_ON_NODE:-}" ] && [ -n "${SLURM_NTASKS_PER_NODE:-}" ] &&
      [ "$SLURM_GPUS_ON_NODE" != "$SLURM_NTASKS_PER_NODE" ]; then
     itpn_fail "--ntasks-per-node=$SLURM_NTASKS_PER_NODE but $SLURM_GPUS_ON_NODE GPUs per node: submit one task per GPU"
@@ -113,12 +113,13 @@ itpn_requeue() {  # $1: why, $2: the job's status if it is not requeued; never r
 }
 
 itpn_count_failure() {  # prints the job's failed steps, this one included, kept in its Comment across requeues
-  local comment count
+  local comment before count
   comment=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Comment=\(.*[^ ]\) *$/\1/p' | head -1)
   [ "$comment" = "(null)" ] && comment=""
-  count=$(( $(sed -n 's/.*itpn-ds-failures=\([0-9]*\).*/\1/p' <<<"$comment") + 1 ))
-  if [[ "$comment" == *itpn-ds-failures=* ]]; then
-    comment=$(sed "s/itpn-ds-failures=[0-9]*/itpn-ds-failures=$count/" <<<"$comment")
+  before=$(sed -n 's/.*itpn-ds-failures=\([0-9]*\).*/\1/p' <<<"$comment")
+  count=$(( ${before:-0} + 1 ))
+  if [ -n "$before" ]; then
+    comment=${comment/itpn-ds-failures=$before/itpn-ds-failures=$count}
   else
     comment="${comment:+$comment }itpn-ds-failures=$count"
   fi
@@ -131,7 +132,8 @@ itpn_requeue_failure() {  # $1: why, $2: the step's status; never returns
   local failures limit=${ITPN_DS_MAX_FAILURES:-3}
   failures=$(itpn_count_failure)
   if [ "$failures" -gt "$limit" ]; then
-    itpn_log "$1; not requeued: failed step $failures, past ITPN_DS_MAX_FAILURES=$limit (a crash that repeats is a bug or a bad node: see above; raise it to allow more)"
+    itpn_log "$1; not requeued: failed step $failures, past ITPN_DS_MAX_FAILURES=$limit" \
+      "(a crash that repeats is a bug or a bad node: see above; raise it to allow more)"
     exit "$2"
   fi
   itpn_requeue "$1 (the job's failed step $failures; requeued after at most $limit)" "$2"
