@@ -25,11 +25,13 @@ def test_a_tests_cpu_counts_its_child_processes_and_not_its_waiting(tmp_path):
                            "--rootdir", str(tmp_path), f"--junitxml={junit}", str(tmp_path)], cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    listed = {name: float(seconds) for seconds, name in
-              re.findall(r"^\s*([\d.]+)s cpu  test_work\.py::(\w+)$", proc.stdout, re.MULTILINE)}
-    assert listed.keys() == {"test_spins_in_a_child_process", "test_sleeps"}, proc.stdout[-3000:]
-    assert listed["test_spins_in_a_child_process"] > 0.2 and listed["test_sleeps"] < 0.1, listed
+    printed = {name: seconds for seconds, name in
+               re.findall(r"^\s*([\d.]+)s cpu  test_work\.py::(\w+)$", proc.stdout, re.MULTILINE)}
+    assert printed.keys() == {"test_spins_in_a_child_process", "test_sleeps"}, proc.stdout[-3000:]
+    assert float(printed["test_spins_in_a_child_process"]) > 0.2 and float(printed["test_sleeps"]) < 0.1, printed
     recorded = {case.get("name"): float(case.find("properties/property[@name='cpu_s']").get("value"))
                 for case in ET.parse(junit).getroot().iter("testcase")}
-    assert recorded.keys() == listed.keys()
-    assert all(abs(recorded[name] - listed[name]) <= 0.005 for name in listed), (recorded, listed)  # printed to 0.01 s
+    assert recorded.keys() == printed.keys()
+    # the report prints the recorded seconds to 0.01 s (0.455 recorded is 0.46 printed: a difference of 0.005
+    # that a float subtraction makes a hair larger, as a run of 2026-12-07 did)
+    assert all(f"{recorded[name]:.2f}" == printed[name] for name in printed), (recorded, printed)
